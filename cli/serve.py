@@ -1,0 +1,108 @@
+"""`lorabay serve`: the vLLM engine (supervised child) behind the OpenAI-compatible gateway.
+
+The Helm chart builds its container command from these options (tests/deploy reads
+them from this click command), so an option added here is an option the chart knows.
+"""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command()
+@click.option(
+    "--base", required=True, help="Base model: a local folder or a Hugging Face model id."
+)
+@click.option(
+    "--served-name",
+    default=None,
+    help="Name clients use for the base itself (default: the folder or id's last part).",
+)
+@click.option(
+    "--quantization",
+    type=click.Choice(["nf4", "awq", "gptq", "none"]),
+    default="none",
+    show_default=True,
+    help="nf4: bitsandbytes 4-bit, quantized while loading; awq/gptq: a pre-quantized base.",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+    default="auto",
+    show_default=True,
+)
+@click.option(
+    "--registry",
+    default=None,
+    help="Registry URL (file://DIR or s3://BUCKET/PREFIX). Default: $LORABAY_REGISTRY or the embedded one.",
+)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Gateway address. Anything but loopback needs --api-keys or --insecure.",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8000,
+    show_default=True,
+    help="Gateway port (0: any free port).",
+)
+@click.option(
+    "--api-keys",
+    "api_keys",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="YAML/JSON file mapping API keys to the adapter name patterns each may use.",
+)
+@click.option(
+    "--insecure", is_flag=True, help="Allow binding a non-loopback address without --api-keys."
+)
+@click.option(
+    "--max-loras",
+    type=click.IntRange(1),
+    default=8,
+    show_default=True,
+    help="Adapters in one engine batch.",
+)
+@click.option(
+    "--max-cpu-loras",
+    type=click.IntRange(1),
+    default=None,
+    help="Adapters the engine keeps in host memory (default: max(--max-loras, --max-loaded)).",
+)
+@click.option(
+    "--max-lora-rank",
+    type=click.Choice(["8", "16", "32", "64", "128", "256"]),
+    default="16",
+    show_default=True,
+    help="Highest adapter rank the engine accepts.",
+)
+@click.option(
+    "--max-loaded",
+    type=click.IntRange(1),
+    default=32,
+    show_default=True,
+    help="Adapters loaded in the engine at once; the least recently used is unloaded past it.",
+)
+@click.option(
+    "--max-model-len",
+    type=click.IntRange(16),
+    default=None,
+    help="Context length (default: the base's).",
+)
+@click.option("--json-logs", is_flag=True, help="Log one JSON object per line.")
+def serve(**options) -> None:
+    """Serve one base and the registry's adapters on an OpenAI-compatible endpoint.
+
+    \b
+    Example:
+      lorabay serve --base ./tiny --quantization nf4 --port 8000
+      curl localhost:8000/v1/chat/completions -H 'content-type: application/json' \\
+        -d '{"model": "team/summarize:prod", "messages": [{"role": "user", "content": "hi"}]}'
+    """
+    from lorabay.serve.server import ServeOptions, run_server
+
+    options["max_lora_rank"] = int(options["max_lora_rank"])
+    run_server(ServeOptions(**options))
