@@ -114,3 +114,83 @@ class Conflict(LorabayError):
 class EngineUnavailable(LorabayError):
     http_status = 503
     code = "engine_unavailable"
+
+
+class DamagedRecord(LorabayError):
+    """A stored manifest, alias table or blob cannot be read as what it should be."""
+
+    http_status = 502
+    code = "adapter_corrupted"
+
+    def __init__(self, where: str, reason: str):
+        self.where = where
+        self.reason = reason
+        super().__init__(
+            f"{where} is damaged: {reason}",
+            "run `lorabay hub verify` to list every damaged record",
+        )
+
+
+class MissingBlob(LorabayError):
+    """A manifest names a blob the store does not hold (deleted by hand, or a bad copy)."""
+
+    http_status = 502
+    code = "adapter_corrupted"
+
+    def __init__(self, path: str, digest: str):
+        self.path = path
+        self.digest = digest
+        super().__init__(
+            f"{path}: the store has no blob {digest}",
+            "run `lorabay hub verify`, then push the adapter again",
+        )
+
+
+class YankedVersion(LorabayError):
+    """An operation that needs a servable version was given a yanked one."""
+
+    code = "adapter_yanked"
+
+    def __init__(self, ref: str):
+        self.ref = ref
+        super().__init__(f"{ref} is yanked", f"undo it first with `lorabay hub yank {ref} --undo`")
+
+
+class Unauthorized(LorabayError):
+    """No API key, or one the gateway does not know."""
+
+    http_status = 401
+    code = "invalid_api_key"
+
+    def __init__(self, reason: str = "missing or unknown API key"):
+        self.reason = reason
+        super().__init__(reason, "send `Authorization: Bearer <key>` with a key from --api-keys")
+
+
+class InvalidRequest(LorabayError):
+    """A request body the gateway refuses before it reaches the engine."""
+
+    def __init__(self, message: str, param: str | None = None, http_status: int = 400):
+        self.param = param
+        self.http_status = http_status
+        super().__init__(message)
+
+
+class EngineStartFailed(LorabayError):
+    """The vLLM engine exited, or never answered, while starting; ``output`` is its own error."""
+
+    http_status = 503
+    code = "engine_unavailable"
+
+    def __init__(self, exit_code: int | None, output: str, log_path: str | None = None):
+        self.exit_code = exit_code
+        self.output = output
+        self.log_path = log_path
+        how = f"exited with code {exit_code}" if exit_code is not None else "did not start"
+        indented = "\n".join("    " + line for line in output.splitlines())
+        super().__init__(
+            f"the vLLM engine {how} before it was ready; its error:\n{indented}\n",
+            f"fix the cause above; the whole engine log is {log_path}"
+            if log_path
+            else "fix the cause above",
+        )
