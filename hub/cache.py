@@ -1,0 +1,146 @@
+"""The pull cache: verified adapter folders at ``$LORABAY_HOME/cache/<digest-hex>/``.
+
+A pull fetches every file of a manifest into a temporary folder beside the cache,
+checking each file's size and sha256 while it streams, and renames the folder
+into place only when all of them match, under a per-digest file lock: concurrent
+pulls of one adapter fetch it once, and a reader never sees half a folder. A
+cached folder is re-hashed on every pull; one that was changed is moved away and
+fetched again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock
+from lorabay.hub.content import check_relative_path, sha256_file
+from lorabay.hub.errors import DigestMismatch, InvalidAdapter, MissingBlob
+from lorabay.hub.manifest import Manifest
+
+log = logging.getLogger("lorabay.hub")
+Progress = Callable[[int], None]
+
+
+def blob_key(sha256: str) -> str:
+    return f"blobs/sha256/{sha256}"
+
+
+@dataclass
+class PullStats:
+    """What pulls did in this process (the concurrency tests count fetches with it)."""
+
+    fetched: int = 0
+    cache_hits: int = 0
+    refetched: int = 0
+
+
+def find_damage(folder: Path, manifest: Manifest) -> str | None:
+    """Why ``folder`` is not exactly ``manifest``'s files, or None when it is."""
+    expected = {f["path"]: f for f in manifest.files}
+    present = {
+        p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() or p.is_symlink()
+    }
+    extra = sorted(present - set(expected))
+    if extra:
+        return f"{extra[0]} is not in the manifest"
+    for path, entry in expected.items():
+        file = folder / path
+        if file.is_symlink() or not file.is_file():
+            return f"{path} is missing"
+        if file.stat().st_size != entry["size"]:
+            return f"{path} has {file.stat().st_size} bytes, the manifest says {entry['size']}"
+        if sha256_file(file) != entry["sha256"]:
+            return f"{path} does not match sha256:{entry['sha256']}"
+    return None
+
+
+def fetch_file(store, entry: dict, dest: Path, progress: Progress | None) -> None:
+    """Stream one blob to ``dest``, checking its digest on the way."""
+    digest = hashlib.sha256()
+    try:
+        with open(dest, "wb") as out:
+            for chunk in store.read_chunks(blob_key(entry["sha256"])):
+                digest.update(chunk)
+                out.write(chunk)
+                if progress:
+                    progress(len(chunk))
+    except FileNotFoundError:
+        raise MissingBlob(entry["path"], "sha256:" + entry["sha256"]) from None
+    actual = digest.hexdigest()
+    if actual != entry["sha256"]:
+        raise DigestMismatch(entry["path"], "sha256:" + entry["sha256"], "sha256:" + actual)
+
+
+def fetch_folder(store, manifest: Manifest, dest: Path, progress: Progress | None) -> None:
+    for entry in manifest.files:
+        path = check_relative_path(entry["path"], f"manifest {manifest.ref}")
+        target = dest / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fetch_file(store, entry, target, progress)
+        os.chmod(target, 0o444)  # the cache is read-only by intent
+
+
+def discard(folder: Path) -> None:
+    """Move ``folder`` out of sight first (one rename), then delete it."""
+    aside = folder.parent / f".trash-{uuid.uuid4().hex}"
+    try:
+        os.rename(folder, aside)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def pull_into_cache(
+    store,
+    manifest: Manifest,
+    cache: Path,
+    stats: PullStats,
+    progress: Progress | None = None,
+) -> Path:
+    """The verified folder for ``manifest`` in ``cache``, fetched at most once at a time."""
+    final = cache / manifest.digest_hex
+    (cache / ".locks").mkdir(parents=True, exist_ok=True)
+    with FileLock(cache / ".locks" / f"{manifest.digest_hex}.lock"):
+        if final.is_dir():
+            damage = find_damage(final, manifest)
+            if damage is None:
+                stats.cache_hits += 1
+                return final
+            log.warning("cached %s was changed (%s); fetching it again", manifest.ref, damage)
+            discard(final)
+            stats.refetched += 1
+        tmp = cache / f".tmp-{manifest.digest_hex}-{uuid.uuid4().hex}"
+        tmp.mkdir()
+        try:
+            fetch_folder(store, manifest, tmp, progress)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        stats.fetched += 1
+        return final
+
+
+def copy_out(source: Path, to: Path) -> Path:
+    """Copy a verified cache folder to ``to`` (absent or empty) via a temporary sibling."""
+    to = to.expanduser().absolute()
+    if to.exists() and (not to.is_dir() or any(to.iterdir())):
+        raise InvalidAdapter(str(to), "exists and is not an empty folder", "pick another --to")
+    to.parent.mkdir(parents=True, exist_ok=True)
+    tmp = to.parent / f".{to.name}.tmp-{uuid.uuid4().hex}"
+    try:
+        shutil.copytree(source, tmp, copy_function=shutil.copyfile)
+        if to.exists():
+            to.rmdir()
+        os.rename(tmp, to)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return to

@@ -1,0 +1,114 @@
+"""The version manifest: an immutable JSON record of one adapter version.
+
+The digest of a version is the sha256 of its canonical file list
+(``[{path, size, sha256}]`` sorted by path, compact JSON with sorted keys), so the
+same files give the same digest whatever their names in a store, and a manifest
+whose files were edited no longer matches its own digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+from lorabay.hub.errors import DamagedRecord
+
+SCHEMA = 1
+KINDS = ("lora", "reward", "prm", "value")
+PEFT_KEYS = ("peft_type", "r", "lora_alpha", "target_modules", "modules_to_save")
+BASE_KEYS = (
+    "id",
+    "revision",
+    "architecture",
+    "hidden_size",
+    "num_hidden_layers",
+    "vocab_size",
+    "config_digest",
+)
+LINEAGE_KEYS = ("method", "dataset_digest", "parent_digest", "hyperparameters", "metrics")
+
+
+def canonical_json(value) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def digest_files(files: list[dict]) -> str:
+    """``sha256:<hex>`` of the canonical file list (sorted by path)."""
+    canonical = [
+        {"path": f["path"], "size": int(f["size"]), "sha256": f["sha256"]}
+        for f in sorted(files, key=lambda f: f["path"])
+    ]
+    return "sha256:" + hashlib.sha256(canonical_json(canonical)).hexdigest()
+
+
+def empty_base() -> dict:
+    return dict.fromkeys(BASE_KEYS)
+
+
+def empty_lineage() -> dict:
+    return {
+        "method": None,
+        "dataset_digest": None,
+        "parent_digest": None,
+        "hyperparameters": {},
+        "metrics": {},
+    }
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """One immutable adapter version. ``files`` is sorted by path."""
+
+    name: str
+    version: int
+    digest: str
+    files: list[dict]
+    peft: dict
+    base: dict = field(default_factory=empty_base)
+    lineage: dict = field(default_factory=empty_lineage)
+    kind: str = "lora"
+    created_at: str = ""
+    created_by: str = ""
+    description: str = ""
+    labels: dict = field(default_factory=dict)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}:{self.version}"
+
+    @property
+    def digest_hex(self) -> str:
+        return self.digest.split(":", 1)[1]
+
+    @property
+    def size(self) -> int:
+        return sum(int(f["size"]) for f in self.files)
+
+    def to_dict(self) -> dict:
+        return {"schema": SCHEMA, **asdict(self)}
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True).encode() + b"\n"
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Manifest:
+        names = [f.name for f in fields(cls)]
+        missing = [n for n in ("name", "version", "digest", "files", "peft") if n not in data]
+        if missing:
+            raise ValueError(f"missing fields {missing}")
+        return cls(**{n: data[n] for n in names if n in data})
+
+    @classmethod
+    def from_json(cls, raw: bytes, where: str = "?") -> Manifest:
+        """Parse and check a stored manifest: its files must hash to its digest."""
+        try:
+            data = json.loads(raw)
+            if data.get("schema", SCHEMA) > SCHEMA:
+                raise ValueError(f"schema {data['schema']} is newer than this lorabay reads")
+            manifest = cls.from_dict(data)
+            if digest_files(manifest.files) != manifest.digest:
+                raise ValueError("its file list does not match its digest")
+        except (ValueError, TypeError, KeyError, AttributeError) as error:
+            raise DamagedRecord(f"manifest {where}", str(error)) from None
+        return manifest

@@ -1,0 +1,646 @@
+"""The registry: versions, aliases, yanks, the event log, pull, verify and gc.
+
+Written once against the small ``store.Store`` interface, so ``file://`` and
+``s3://`` registries behave the same.
+
+    from lorabay.hub import Registry
+    reg = Registry.open("file:///tmp/reg")          # or s3://bucket/prefix, or None
+    m = reg.push("./my-adapter", "team/summarize", aliases=["prod"])
+    path = reg.pull("team/summarize:prod")
+
+A registry that does not exist yet is created by the first push. Opening one
+never writes; reading a missing one raises RegistryUnavailable, except the
+default registry (``$LORABAY_HOME/registry``), which reads as empty until then.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import os
+import random
+import socket
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from lorabay.hub import faults
+from lorabay.hub.cache import PullStats, blob_key, copy_out, pull_into_cache
+from lorabay.hub.content import find_base, scan_adapter
+from lorabay.hub.errors import (
+    AdapterNotFound,
+    ConfigError,
+    Conflict,
+    DamagedRecord,
+    IncompatibleBase,
+    LorabayError,
+    RegistryUnavailable,
+    YankedVersion,
+)
+from lorabay.hub.manifest import KINDS, LINEAGE_KEYS, Manifest, empty_lineage
+from lorabay.hub.reference import (
+    LATEST,
+    Reference,
+    parse_reference,
+    validate_alias,
+    validate_digest,
+    validate_name,
+)
+from lorabay.hub.settings import cache_dir, default_registry_url
+from lorabay.hub.store import PreconditionFailed, Store, open_store
+
+log = logging.getLogger("lorabay.hub")
+Progress = Callable[[int], None]
+CAS_ATTEMPTS = 200
+
+
+class YankedWarning(UserWarning):
+    """Pulling a yanked version: allowed by exact version or digest, but said out loud."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing ``verify`` found wrong."""
+
+    kind: str  # "mismatch" | "missing" | "damaged"
+    where: str  # the adapter file, or the store key of a damaged record
+    refs: tuple[str, ...] = ()  # the versions that use it
+    expected: str | None = None
+    actual: str | None = None
+    message: str = ""
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "refs": list(self.refs)}
+
+
+@dataclass
+class GcReport:
+    blobs: list[str] = field(default_factory=list)  # "sha256:<hex>" removed (or to remove)
+    bytes: int = 0
+    temporary: list[str] = field(default_factory=list)
+    dry_run: bool = False
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class NameState:
+    """What one listing of ``adapters/<name>/`` says: versions, yanked ones, aliases file."""
+
+    versions: list[int] = field(default_factory=list)
+    yanked: set[int] = field(default_factory=set)
+
+    @property
+    def latest(self) -> int | None:
+        live = [v for v in self.versions if v not in self.yanked]
+        return max(live) if live else None
+
+
+def name_prefix(name: str) -> str:
+    namespace, _, short = name.rpartition("/")
+    return f"adapters/{namespace or '_'}/{short}/"
+
+
+def name_from_prefix(key: str) -> tuple[str, str]:
+    """``adapters/ns/name/3.json`` -> (``ns/name``, ``3.json``)."""
+    _, namespace, short, leaf = key.split("/", 3)
+    return (short if namespace == "_" else f"{namespace}/{short}"), leaf
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def current_user() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def check_push_options(
+    name: str, aliases: Iterable[str], kind: str, labels: Mapping, lineage: Mapping | None
+) -> tuple[list[str], dict, dict]:
+    validate_name(name)
+    aliases = list(aliases)
+    for alias in aliases:
+        validate_alias(alias, f"{name}:{alias}")
+        if alias == LATEST:
+            raise ConfigError(
+                "'latest' is implicit (the highest version not yanked)", "pick another alias"
+            )
+    problems = []
+    if kind not in KINDS:
+        problems.append(f"kind {kind!r} is not one of {', '.join(KINDS)}")
+    if not isinstance(labels, Mapping) or not all(
+        isinstance(k, str) and k and isinstance(v, str) for k, v in labels.items()
+    ):
+        problems.append("labels must map non-empty strings to strings (--label key=value)")
+    merged = empty_lineage()
+    if lineage is not None:
+        unknown = sorted(set(lineage) - set(LINEAGE_KEYS))
+        if unknown:
+            problems.append(f"unknown lineage fields {unknown} (known: {', '.join(LINEAGE_KEYS)})")
+        merged.update({k: v for k, v in lineage.items() if k in LINEAGE_KEYS})
+        if merged.get("parent_digest"):
+            validate_digest(merged["parent_digest"], "lineage.parent_digest")
+        for key in ("hyperparameters", "metrics"):
+            merged[key] = dict(merged.get(key) or {})
+        try:
+            json.dumps(merged, allow_nan=False)
+        except (TypeError, ValueError) as error:
+            problems.append(f"lineage is not plain JSON ({error})")
+    if problems:
+        raise ConfigError(problems, "fix the push options")
+    return aliases, dict(labels), merged
+
+
+class Registry:
+    """A registry of versioned, verified adapters on one store."""
+
+    def __init__(self, store: Store, *, missing_is_empty: bool = False):
+        self.store = store
+        self.url = store.url
+        self.missing_is_empty = missing_is_empty
+        self.pull_stats = PullStats()
+        self._manifests: dict[tuple[str, int], Manifest] = {}  # immutable: cached forever
+
+    # -- opening ---------------------------------------------------------------------
+    @classmethod
+    def open(cls, url: str | None = None) -> Registry:
+        """Open ``file://DIR`` or ``s3://BUCKET/PREFIX`` (None: ``$LORABAY_REGISTRY``, else
+        ``file://$LORABAY_HOME/registry``). Raises RegistryUnavailable when the store cannot
+        be reached or is something else; a registry not created yet opens (nothing is
+        written) and is created by the first push."""
+        default = default_registry_url()
+        store = open_store(url or default)
+        store.check_reachable()
+        return cls(store, missing_is_empty=url is None or url == default)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.url!r})"
+
+    def _readable(self) -> bool:
+        """True when there is a registry to read; False for the not-yet-created default."""
+        if self.store.exists():
+            return True
+        if self.missing_is_empty:
+            return False
+        raise RegistryUnavailable(
+            self.url, "no registry here yet (push an adapter to create it, or fix the URL)"
+        )
+
+    # -- reading ---------------------------------------------------------------------
+    def _state(self, name: str) -> NameState:
+        state = NameState()
+        for info in self.store.list(name_prefix(name)):
+            leaf = info.key.rsplit("/", 1)[1]
+            stem, _, suffix = leaf.partition(".")
+            if stem.isdigit() and suffix == "json":
+                state.versions.append(int(stem))
+            elif stem.isdigit() and suffix == "yanked":
+                state.yanked.add(int(stem))
+        state.versions.sort()
+        return state
+
+    def _manifest(self, name: str, version: int) -> Manifest | None:
+        cached = self._manifests.get((name, version))
+        if cached is not None:
+            return cached
+        key = f"{name_prefix(name)}{version}.json"
+        raw = self.store.read(key)
+        if raw is None:
+            return None
+        manifest = Manifest.from_json(raw, key)
+        if (manifest.name, manifest.version) != (name, version):
+            raise DamagedRecord(f"manifest {key}", f"it describes {manifest.ref}")
+        self._manifests[(name, version)] = manifest
+        return manifest
+
+    def _manifests_of(self, pairs: list[tuple[str, int]]) -> list[Manifest]:
+        missing = [p for p in pairs if p not in self._manifests]
+        workers = getattr(self.store, "concurrent_reads", 1)
+        if len(missing) > 4 and workers > 1:
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(lambda p: self._manifest(*p), missing))
+        return [m for m in (self._manifest(*p) for p in pairs) if m is not None]
+
+    def _read_aliases(self, name: str) -> tuple[dict[str, int], str | None]:
+        key = f"{name_prefix(name)}aliases.json"
+        tagged = self.store.read_tagged(key)
+        if tagged is None:
+            return {}, None
+        try:
+            table = json.loads(tagged[0])
+            if not isinstance(table, dict):
+                raise ValueError("not a JSON object")
+            return {str(k): int(v) for k, v in table.items()}, tagged[1]
+        except (ValueError, TypeError) as error:
+            raise DamagedRecord(f"alias table {key}", str(error)) from None
+
+    def resolve(self, ref: str | Reference) -> Manifest:
+        """The manifest ``ref`` names: ``name``, ``name:3``, ``name:alias``, ``name@sha256:hex``."""
+        parsed = ref if isinstance(ref, Reference) else parse_reference(ref)
+        shown = str(ref)
+        if not self._readable():
+            raise AdapterNotFound(shown, "the registry is empty; push an adapter first")
+        name = parsed.name
+        if parsed.version is not None:
+            manifest = self._manifest(name, parsed.version)
+            if manifest is None:
+                raise AdapterNotFound(shown, f"run `lorabay hub list {name}` to see its versions")
+            return manifest
+        if parsed.digest is not None:
+            state = self._state(name)
+            for manifest in self._manifests_of([(name, v) for v in state.versions]):
+                if manifest.digest == parsed.digest:
+                    return manifest
+            raise AdapterNotFound(shown, f"run `lorabay hub list {name}` to see its digests")
+        if parsed.is_latest:
+            state = self._state(name)
+            if state.latest is None:
+                hint = (
+                    f"every version is yanked; pull one by number or undo a yank "
+                    f"(`lorabay hub list {name} --all`)"
+                    if state.versions
+                    else "run `lorabay hub list` to see what exists"
+                )
+                raise AdapterNotFound(shown, hint)
+            return self._manifest(name, state.latest)
+        table, _ = self._read_aliases(name)
+        if parsed.alias not in table:
+            raise AdapterNotFound(shown, f"run `lorabay hub show {name}` to see its aliases")
+        manifest = self._manifest(name, table[parsed.alias])
+        if manifest is None:
+            raise DamagedRecord(shown, f"the alias points to missing version {table[parsed.alias]}")
+        return manifest
+
+    def _as_manifest(self, ref_or_manifest: str | Manifest) -> Manifest:
+        return (
+            ref_or_manifest
+            if isinstance(ref_or_manifest, Manifest)
+            else self.resolve(ref_or_manifest)
+        )
+
+    def is_yanked(self, ref_or_manifest: str | Manifest) -> bool:
+        manifest = self._as_manifest(ref_or_manifest)
+        return self.store.has(f"{name_prefix(manifest.name)}{manifest.version}.yanked")
+
+    def names(self) -> list[str]:
+        if not self._readable():
+            return []
+        return sorted({name_from_prefix(i.key)[0] for i in self.store.list("adapters/")})
+
+    def _scan(self, name: str | None) -> dict[str, NameState]:
+        states: dict[str, NameState] = {}
+        prefix = name_prefix(name) if name else "adapters/"
+        for info in self.store.list(prefix):
+            key_name, leaf = name_from_prefix(info.key)
+            stem, _, suffix = leaf.partition(".")
+            state = states.setdefault(key_name, NameState())
+            if stem.isdigit() and suffix == "json":
+                state.versions.append(int(stem))
+            elif stem.isdigit() and suffix == "yanked":
+                state.yanked.add(int(stem))
+        return states
+
+    def list(self, name: str | None = None, include_yanked: bool = False) -> list[Manifest]:
+        """Every version (of ``name``), oldest first per name; yanked ones only if asked."""
+        if name is not None:
+            validate_name(name)
+        if not self._readable():
+            return []
+        pairs = [
+            (n, v)
+            for n, state in sorted(self._scan(name).items())
+            for v in sorted(state.versions)
+            if include_yanked or v not in state.yanked
+        ]
+        return self._manifests_of(pairs)
+
+    def yanked_versions(self, name: str) -> set[int]:
+        validate_name(name)
+        return self._state(name).yanked if self._readable() else set()
+
+    def aliases(self, name: str) -> dict[str, int]:
+        validate_name(name)
+        if not self._readable():
+            return {}
+        return dict(sorted(self._read_aliases(name)[0].items()))
+
+    def events(self, name: str | None = None) -> list[dict]:
+        """The event log, oldest first: pushed, aliased, unaliased, yanked, unyanked."""
+        if not self._readable():
+            return []
+        keys = sorted(i.key for i in self.store.list("events/"))
+        workers = getattr(self.store, "concurrent_reads", 1)
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            raws = list(pool.map(self.store.read, keys))
+        events = [json.loads(raw) for raw in raws if raw is not None]
+        return [e for e in events if name is None or e.get("name") == name]
+
+    # -- writing ---------------------------------------------------------------------
+    def _log(self, event: str, **facts) -> None:
+        record = {"event": event, "at": now_iso(), "by": current_user(), **facts}
+        key = f"events/{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.json"
+        self.store.create(key, json.dumps(record, sort_keys=True).encode())
+
+    def _ensure_created(self) -> None:
+        self.store.check_reachable()
+        self.store.initialize()
+
+    def push(
+        self,
+        folder: str | os.PathLike,
+        name: str,
+        *,
+        aliases: Iterable[str] = (),
+        description: str = "",
+        labels: Mapping[str, str] | None = None,
+        base: str | os.PathLike | None = None,
+        lineage: Mapping | None = None,
+        kind: str = "lora",
+        progress: Progress | None = None,
+        _links_within: Path | None = None,
+    ) -> Manifest:
+        """Check ``folder`` completely, then store it as the next version of ``name``.
+
+        Content identical to an existing version of ``name`` returns that version and
+        creates nothing (the aliases still move to it). Nothing is written before every
+        check has passed.
+        """
+        aliases, labels, lineage = check_push_options(name, aliases, kind, labels or {}, lineage)
+        content = scan_adapter(folder, links_within=_links_within, progress=progress)
+        base_record = find_base(content.config, base)
+        if base is not None:
+            from lorabay.hub.compat import check_content_against_base
+
+            reasons = check_content_against_base(content, base)
+            if reasons:
+                raise IncompatibleBase(name, str(base), reasons)
+        self._ensure_created()
+        digest = content.digest
+        existing = self._find_digest(name, digest)
+        if existing is not None:
+            log.info("%s already holds this content as %s", name, existing.ref)
+            for alias in aliases:
+                self.set_alias(name, alias, existing.version)
+            return existing
+
+        for index, f in enumerate(content.files):
+            self.store.put_file(blob_key(f.sha256), f.source, f.sha256)
+            if index == 0:
+                faults.checkpoint("push:blob")
+        faults.checkpoint("push:blobs")
+
+        manifest = None
+        for _ in range(CAS_ATTEMPTS):
+            state = self._state(name)
+            # A concurrent push of the same content may have won meanwhile.
+            existing = self._find_digest(name, digest, state)
+            if existing is not None:
+                manifest = existing
+                break
+            candidate = Manifest(
+                name=name,
+                version=(state.versions[-1] if state.versions else 0) + 1,
+                digest=digest,
+                files=[f.entry() for f in content.files],
+                peft=content.peft(),
+                base=base_record,
+                lineage=lineage,
+                kind=kind,
+                created_at=now_iso(),
+                created_by=current_user(),
+                description=description,
+                labels=labels,
+            )
+            key = f"{name_prefix(name)}{candidate.version}.json"
+            if self.store.create(key, candidate.to_json()):
+                manifest = candidate
+                self._manifests[(name, candidate.version)] = candidate
+                faults.checkpoint("push:manifest")
+                # A gc that ran between the blob writes and the manifest may have taken a
+                # blob that already existed (and was unreferenced): put it back.
+                for f in content.files:
+                    if not self.store.has(blob_key(f.sha256)):
+                        self.store.put_file(blob_key(f.sha256), f.source, f.sha256)
+                self._log("pushed", name=name, version=candidate.version, digest=digest)
+                break
+            time.sleep(random.uniform(0, 0.01))
+        if manifest is None:
+            raise Conflict(
+                f"could not create a version of {name} after {CAS_ATTEMPTS} attempts",
+                "too many concurrent pushes; try again",
+            )
+        for alias in aliases:
+            self.set_alias(name, alias, manifest.version)
+        return manifest
+
+    def _find_digest(
+        self, name: str, digest: str, state: NameState | None = None
+    ) -> Manifest | None:
+        state = state or self._state(name)
+        for manifest in self._manifests_of([(name, v) for v in state.versions]):
+            if manifest.digest == digest:
+                return manifest
+        return None
+
+    def _move_alias(self, name: str, alias: str, version: int | None) -> int | None:
+        """Compare-and-swap the alias table; returns the previous version of ``alias``."""
+        key = f"{name_prefix(name)}aliases.json"
+        for attempt in range(CAS_ATTEMPTS):
+            table, etag = self._read_aliases(name)
+            previous = table.get(alias)
+            if version is None:
+                if previous is None:
+                    raise AdapterNotFound(
+                        f"{name}:{alias}", f"run `lorabay hub show {name}` to see its aliases"
+                    )
+                table.pop(alias)
+            else:
+                table[alias] = version
+            try:
+                self.store.swap(key, json.dumps(table, sort_keys=True).encode(), etag)
+                return previous
+            except PreconditionFailed:
+                # Another writer moved an alias of this name: re-read and retry, with a
+                # growing random backoff so 8 writers do not keep colliding.
+                time.sleep(random.uniform(0, min(0.2, 0.005 * (attempt + 1))))
+        raise Conflict(
+            f"could not move {name}:{alias} after {CAS_ATTEMPTS} attempts",
+            "too many concurrent alias moves; try again",
+        )
+
+    def set_alias(self, name: str, alias: str, version: int) -> None:
+        """Point ``name:alias`` at ``version`` (compare-and-swap, logged)."""
+        validate_name(name)
+        validate_alias(alias, f"{name}:{alias}")
+        if alias == LATEST:
+            raise ConfigError("'latest' is implicit and cannot be set", "pick another alias")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise ConfigError(f"version {version!r} is not a whole number from 1")
+        self._readable_or_raise(f"{name}:{version}")
+        if self._manifest(name, version) is None:
+            raise AdapterNotFound(f"{name}:{version}", f"run `lorabay hub list {name}`")
+        if self.is_yanked(self._manifest(name, version)):
+            raise YankedVersion(f"{name}:{version}")
+        previous = self._move_alias(name, alias, version)
+        self._log("aliased", name=name, alias=alias, version=version, previous=previous)
+
+    def remove_alias(self, name: str, alias: str) -> None:
+        validate_name(name)
+        validate_alias(alias, f"{name}:{alias}")
+        self._readable_or_raise(f"{name}:{alias}")
+        previous = self._move_alias(name, alias, None)
+        self._log("unaliased", name=name, alias=alias, previous=previous)
+
+    def _readable_or_raise(self, shown: str) -> None:
+        if not self._readable():
+            raise AdapterNotFound(shown, "the registry is empty; push an adapter first")
+
+    def yank(self, ref: str, undo: bool = False, reason: str = "") -> Manifest:
+        """Hide a version from ``latest`` and ``list`` (still pullable by version or digest)."""
+        manifest = self.resolve(ref)
+        key = f"{name_prefix(manifest.name)}{manifest.version}.yanked"
+        if undo:
+            self.store.delete(key)
+        else:
+            record = {"at": now_iso(), "by": current_user(), "reason": reason}
+            self.store.create(key, json.dumps(record).encode())
+        self._log(
+            "unyanked" if undo else "yanked",
+            name=manifest.name,
+            version=manifest.version,
+            digest=manifest.digest,
+            reason=reason,
+        )
+        return manifest
+
+    # -- pulling ---------------------------------------------------------------------
+    def pull(
+        self,
+        ref_or_manifest: str | Manifest,
+        to: str | os.PathLike | None = None,
+        *,
+        progress: Progress | None = None,
+    ) -> Path:
+        """A verified local folder with the adapter's files (cached by digest)."""
+        manifest = self._as_manifest(ref_or_manifest)
+        if self.is_yanked(manifest):
+            warnings.warn(
+                f"{manifest.ref} is yanked; pulled because it was named exactly",
+                YankedWarning,
+                stacklevel=2,
+            )
+        path = pull_into_cache(self.store, manifest, cache_dir(), self.pull_stats, progress)
+        return copy_out(path, Path(to)) if to is not None else path
+
+    # -- upkeep ----------------------------------------------------------------------
+    def verify(self, ref: str | None = None, progress: Progress | None = None) -> list[Problem]:
+        """Re-hash the stored blobs (of ``ref``, or all); every mismatch, missing blob and
+        damaged manifest."""
+        import hashlib
+
+        problems: list[Problem] = []
+        if ref is not None:
+            manifests = [self.resolve(ref)]
+        else:
+            manifests = []
+            if not self._readable():
+                return []
+            for name, state in sorted(self._scan(None).items()):
+                for version in state.versions:
+                    try:
+                        manifests.append(self._manifest(name, version))
+                    except LorabayError as error:
+                        where = f"{name_prefix(name)}{version}.json"
+                        problems.append(Problem("damaged", where, (), message=str(error)))
+        users: dict[str, list[tuple[str, str]]] = {}
+        for manifest in manifests:
+            for entry in manifest.files:
+                users.setdefault(entry["sha256"], []).append((manifest.ref, entry["path"]))
+        for sha256, uses in sorted(users.items()):
+            refs = tuple(sorted({r for r, _ in uses}))
+            where = ", ".join(sorted({p for _, p in uses}))
+            digest = hashlib.sha256()
+            try:
+                for chunk in self.store.read_chunks(blob_key(sha256)):
+                    digest.update(chunk)
+                    if progress:
+                        progress(len(chunk))
+            except FileNotFoundError:
+                problems.append(
+                    Problem(
+                        "missing",
+                        where,
+                        refs,
+                        f"sha256:{sha256}",
+                        None,
+                        f"{where} ({', '.join(refs)}): blob sha256:{sha256} is missing",
+                    )
+                )
+                continue
+            if digest.hexdigest() != sha256:
+                actual = f"sha256:{digest.hexdigest()}"
+                problems.append(
+                    Problem(
+                        "mismatch",
+                        where,
+                        refs,
+                        f"sha256:{sha256}",
+                        actual,
+                        f"{where} ({', '.join(refs)}): expected sha256:{sha256}, stored "
+                        f"content is {actual}",
+                    )
+                )
+        return problems
+
+    def gc(self, grace_seconds: float, dry_run: bool = False) -> GcReport:
+        """Remove blobs no manifest references and leftovers of interrupted writes, when
+        older than ``grace_seconds`` (so a push in flight keeps its fresh blobs)."""
+        report = GcReport(dry_run=dry_run)
+        if not self._readable():
+            return report
+        referenced: set[str] = set()
+        for name, state in self._scan(None).items():
+            for version in state.versions:
+                # A damaged manifest aborts gc: its blobs cannot be told from garbage.
+                manifest = self._manifest(name, version)
+                referenced.update(f["sha256"] for f in manifest.files)
+        cutoff = time.time() - grace_seconds
+        for info in self.store.list("blobs/sha256/"):
+            sha256 = info.key.rsplit("/", 1)[1]
+            if sha256 in referenced or info.mtime > cutoff:
+                continue
+            report.blobs.append(f"sha256:{sha256}")
+            report.bytes += info.size
+            if not dry_run:
+                self.store.delete(info.key)
+        for info in self.store.list_temporary():
+            if info.mtime <= cutoff:
+                report.temporary.append(info.key)
+                if not dry_run:
+                    self.store.delete_temporary(info.key)
+        return report
+
+    def check(
+        self,
+        ref_or_manifest: str | Manifest,
+        base_path: str | os.PathLike,
+        max_rank: int | None = None,
+    ) -> list[str]:
+        """Every reason the adapter does not fit the base at ``base_path``; [] when it fits."""
+        from lorabay.hub.compat import check_manifest_against_base
+
+        manifest = self._as_manifest(ref_or_manifest)
+        folder = self.pull(manifest)
+        return check_manifest_against_base(manifest, folder, base_path, max_rank)

@@ -1,0 +1,106 @@
+"""The small interface every registry store implements, and ``open_store(url)``.
+
+The registry logic (versions, aliases, yanks, events, gc) is written once in
+``registry.py`` against this protocol; a store only moves bytes under string keys
+with three atomic primitives:
+
+- ``create(key, data)``: create if absent (``O_EXCL``/link, or S3 ``If-None-Match: *``);
+- ``swap(key, data, etag)``: replace only if the current etag matches (``None``: only
+  if absent), else :class:`PreconditionFailed` (file lock + ``os.replace``, or S3
+  ``If-Match``);
+- ``put_file(key, source, sha256)``: write a blob once, verifying its bytes.
+
+Keys (the same in every store)::
+
+    lorabay-registry.json                     marker: this is a registry
+    blobs/sha256/<hex>                        file contents, written once
+    adapters/<ns or _>/<name>/<version>.json  immutable manifests
+    adapters/<ns or _>/<name>/<version>.yanked   the yanked flag, beside the manifest
+    adapters/<ns or _>/<name>/aliases.json    {alias: version}, moved by compare-and-swap
+    events/<time-ns>-<random>.json            append-only event log, one object per event
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlparse
+
+from lorabay.hub.errors import ConfigError
+
+MARKER = "lorabay-registry.json"
+
+
+class PreconditionFailed(Exception):
+    """A conditional write lost to another writer (S3 412); the caller re-reads and retries."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    mtime: float  # seconds since the epoch
+
+
+class Store(Protocol):
+    url: str
+
+    def exists(self) -> bool:
+        """Whether the registry marker is there (a registry was created here)."""
+
+    def initialize(self) -> None:
+        """Create the registry here if it is not there yet (idempotent)."""
+
+    def read(self, key: str) -> bytes | None: ...
+
+    def read_tagged(self, key: str) -> tuple[bytes, str] | None:
+        """The content and its etag, or None when absent."""
+
+    def create(self, key: str, data: bytes) -> bool:
+        """Atomically create ``key``; False (and nothing written) when it exists."""
+
+    def swap(self, key: str, data: bytes, etag: str | None) -> str:
+        """Replace ``key`` if its etag is ``etag`` (None: if absent); return the new etag."""
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``; absent is fine."""
+
+    def list(self, prefix: str) -> list[ObjectInfo]:
+        """Every key under ``prefix`` (a folder-like prefix ending in '/')."""
+
+    def has(self, key: str) -> bool: ...
+
+    def put_file(self, key: str, source: Path, sha256: str) -> bool:
+        """Store ``source`` under ``key`` once, checking its sha256; False when it was there."""
+
+    def read_chunks(self, key: str) -> Iterator[bytes]:
+        """Stream ``key``'s content; raises FileNotFoundError when absent."""
+
+    def list_temporary(self) -> list[ObjectInfo]:
+        """Leftovers of interrupted writes (temporary files, unfinished uploads)."""
+
+    def delete_temporary(self, key: str) -> None: ...
+
+
+def open_store(url: str) -> Store:
+    """A store for ``file://DIR`` (or a plain path) or ``s3://BUCKET/PREFIX``."""
+    parsed = urlparse(url)
+    if parsed.scheme in ("", "file"):
+        from lorabay.hub.stores.local import LocalStore
+
+        path = url[len("file://") :] if parsed.scheme == "file" else url
+        if not path:
+            raise ConfigError(f"registry URL {url!r} names no folder", "use file:///abs/path")
+        return LocalStore(Path(path).expanduser())
+    if parsed.scheme == "s3":
+        from lorabay.hub.stores.s3 import S3Store
+
+        if not parsed.netloc:
+            raise ConfigError(f"registry URL {url!r} names no bucket", "use s3://BUCKET/PREFIX")
+        return S3Store(parsed.netloc, parsed.path.strip("/"))
+    raise ConfigError(
+        f"unsupported registry URL {url!r}",
+        "use file:///path/to/registry or s3://bucket/prefix",
+    )

@@ -1,0 +1,200 @@
+"""The ``file://DIR`` store: the same guarantees as S3 from POSIX primitives.
+
+- create-if-absent: write a temporary file, then ``os.link`` it to the key (fails
+  with EEXIST when the key exists), so a reader sees all of it or nothing;
+- compare-and-swap: under a per-key file lock (``filelock``: an ``flock`` that the
+  kernel drops when the holder dies, so a SIGKILLed writer blocks nobody), compare
+  the content's md5 with the expected etag, then ``os.replace``;
+- temporary files live in ``DIR/.tmp`` (same filesystem, so link and replace are
+  atomic); ``gc`` removes the ones an interrupted writer left.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from filelock import FileLock
+from lorabay.hub.errors import InvalidAdapter, RegistryUnavailable
+from lorabay.hub.store import MARKER, ObjectInfo, PreconditionFailed
+
+CHUNK = 1 << 20
+_TMP = ".tmp"
+_LOCKS = ".locks"
+
+
+def etag_of(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+class LocalStore:
+    def __init__(self, root: Path):
+        self.root = root.absolute()
+        self.url = f"file://{self.root}"
+        self._exists = False
+
+    # -- the registry itself --------------------------------------------------------
+    def exists(self) -> bool:
+        if not self._exists:
+            self._exists = (self.root / MARKER).is_file()
+        return self._exists
+
+    def check_reachable(self) -> None:
+        """Refuse a path that cannot hold a registry (a file, or a folder of something else)."""
+        if self.root.exists() and not self.root.is_dir():
+            raise RegistryUnavailable(self.url, f"{self.root} is a file, not a folder")
+        if self.root.is_dir() and not self.exists() and any(self.root.iterdir()):
+            raise RegistryUnavailable(
+                self.url, f"{self.root} is a non-empty folder that is not a lorabay registry"
+            )
+
+    def initialize(self) -> None:
+        if self.exists():
+            return
+        self.check_reachable()
+        try:
+            for sub in (_TMP, _LOCKS):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise RegistryUnavailable(self.url, f"cannot create {self.root}: {error}") from None
+        self.create(MARKER, b'{"format": "lorabay-registry", "layout": 1}\n')
+        self._exists = True
+
+    # -- small objects ---------------------------------------------------------------
+    def _path(self, key: str) -> Path:
+        return self.root / key
+
+    def _temporary(self) -> Path:
+        return self.root / _TMP / f"{os.getpid()}-{uuid.uuid4().hex}"
+
+    def _write_temporary(self, data: bytes) -> Path:
+        tmp = self._temporary()
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())  # small records: make them durable, not only atomic
+        return tmp
+
+    def read(self, key: str) -> bytes | None:
+        try:
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def read_tagged(self, key: str) -> tuple[bytes, str] | None:
+        data = self.read(key)
+        return None if data is None else (data, etag_of(data))
+
+    def has(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def create(self, key: str, data: bytes) -> bool:
+        final = self._path(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._write_temporary(data)
+        try:
+            os.link(tmp, final)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _lock(self, key: str) -> FileLock:
+        name = hashlib.sha1(key.encode(), usedforsecurity=False).hexdigest()
+        return FileLock(self.root / _LOCKS / f"{name}.lock", timeout=60)
+
+    def swap(self, key: str, data: bytes, etag: str | None) -> str:
+        final = self._path(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock(key):
+            current = self.read_tagged(key)
+            if (current[1] if current else None) != etag:
+                raise PreconditionFailed(key)
+            tmp = self._write_temporary(data)
+            os.replace(tmp, final)
+        return etag_of(data)
+
+    def delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink()
+        except FileNotFoundError:
+            pass
+
+    def list(self, prefix: str) -> list[ObjectInfo]:
+        found: list[ObjectInfo] = []
+        start = self._path(prefix.rstrip("/"))
+
+        def walk(folder: Path, rel: str) -> None:
+            try:
+                entries = list(os.scandir(folder))
+            except (FileNotFoundError, NotADirectoryError):
+                return
+            for entry in entries:
+                key = f"{rel}/{entry.name}" if rel else entry.name
+                if entry.is_dir(follow_symlinks=False):
+                    walk(Path(entry.path), key)
+                elif entry.is_file(follow_symlinks=False):
+                    info = entry.stat(follow_symlinks=False)
+                    found.append(ObjectInfo(key, info.st_size, info.st_mtime))
+
+        walk(start, prefix.rstrip("/"))
+        return found
+
+    # -- blobs -----------------------------------------------------------------------
+    def put_file(self, key: str, source: Path, sha256: str) -> bool:
+        final = self._path(key)
+        if final.is_file():
+            # Refresh its age so a gc running now does not take a blob this push reuses.
+            os.utime(final)
+            return False
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._temporary()
+        digest = hashlib.sha256()
+        try:
+            with open(source, "rb", buffering=0) as src, open(tmp, "wb") as dst:
+                while chunk := src.read(CHUNK):
+                    digest.update(chunk)
+                    dst.write(chunk)
+            if digest.hexdigest() != sha256:
+                raise InvalidAdapter(
+                    str(source),
+                    "changed while it was being pushed",
+                    "push again once nothing writes to the folder",
+                )
+            try:
+                os.link(tmp, final)
+            except FileExistsError:
+                return False
+            except OSError as error:  # a filesystem without hard links
+                if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV):
+                    raise
+                os.replace(tmp, final)
+            return True
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def read_chunks(self, key: str) -> Iterator[bytes]:
+        with open(self._path(key), "rb", buffering=0) as handle:
+            while chunk := handle.read(CHUNK):
+                yield chunk
+
+    def local_path(self, key: str) -> Path:
+        """Where ``key`` lies on disk (lets a pull copy in the kernel)."""
+        return self._path(key)
+
+    # -- leftovers -------------------------------------------------------------------
+    def list_temporary(self) -> list[ObjectInfo]:
+        return self.list(_TMP + "/")
+
+    def delete_temporary(self, key: str) -> None:
+        path = self._path(key)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
