@@ -21,6 +21,7 @@ from deploy_render import (
     CHART_DIR,
     NAMESPACE,
     PROMETHEUS_OPERATOR_APIS,
+    REPO,
     env_of,
     kinds,
     load_chart,
@@ -612,3 +613,16 @@ def test_schema_covers_every_default_value():
                 walk(value, child, f"{at}/{key}")
 
     walk(copy.deepcopy(defaults), schema, "")
+
+
+def test_readme_values_file_renders(tmp_path):
+    """The values file the README's Kubernetes section shows is valid and does what it says."""
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"```yaml\n# gpu\.yaml\n(.*?)```", readme, re.S)
+    assert block, "README.md lost its Kubernetes values example (```yaml # gpu.yaml)"
+    objects = render(yaml.safe_load(block.group(1)))
+    container = server_container(objects)
+    params = parse_serve_args(container, tmp_path).params
+    assert params["quantization"] == "nf4" and params["registry"].startswith("s3://")
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert "PersistentVolumeClaim" in kinds(objects)
