@@ -194,3 +194,18 @@ class EngineStartFailed(LorabayError):
             if log_path
             else "fix the cause above",
         )
+
+
+class AdapterLoadFailed(LorabayError):
+    """The engine refused to load an adapter that passed verification (its own reason)."""
+
+    http_status = 502
+    code = "adapter_load_failed"
+
+    def __init__(self, adapter: str, reason: str):
+        self.adapter = adapter
+        self.reason = reason
+        super().__init__(
+            f"the engine could not load adapter {adapter!r}: {reason}",
+            "check the adapter with `lorabay hub verify` and its rank against --max-lora-rank",
+        )
