@@ -171,6 +171,7 @@ class Registry:
         self.url = store.url
         self.missing_is_empty = missing_is_empty
         self.pull_stats = PullStats()
+        self.last_push_created = False  # whether the last push made a new version
         self._manifests: dict[tuple[str, int], Manifest] = {}  # immutable: cached forever
 
     # -- opening ---------------------------------------------------------------------
@@ -194,9 +195,9 @@ class Registry:
             return True
         if self.missing_is_empty:
             return False
-        raise RegistryUnavailable(
-            self.url, "no registry here yet (push an adapter to create it, or fix the URL)"
-        )
+        error = RegistryUnavailable(self.url, "there is no registry here yet")
+        error.hint = "push an adapter to create it, or fix --registry / LORABAY_REGISTRY"
+        raise error
 
     # -- reading ---------------------------------------------------------------------
     def _state(self, name: str) -> NameState:
@@ -369,7 +370,6 @@ class Registry:
         lineage: Mapping | None = None,
         kind: str = "lora",
         progress: Progress | None = None,
-        _links_within: Path | None = None,
     ) -> Manifest:
         """Check ``folder`` completely, then store it as the next version of ``name``.
 
@@ -378,7 +378,8 @@ class Registry:
         check has passed.
         """
         aliases, labels, lineage = check_push_options(name, aliases, kind, labels or {}, lineage)
-        content = scan_adapter(folder, links_within=_links_within, progress=progress)
+        content = scan_adapter(folder, progress=progress)
+        self.last_push_created = False
         base_record = find_base(content.config, base)
         if base is not None:
             from lorabay.hub.compat import check_content_against_base
@@ -426,6 +427,7 @@ class Registry:
             key = f"{name_prefix(name)}{candidate.version}.json"
             if self.store.create(key, candidate.to_json()):
                 manifest = candidate
+                self.last_push_created = True
                 self._manifests[(name, candidate.version)] = candidate
                 faults.checkpoint("push:manifest")
                 # A gc that ran between the blob writes and the manifest may have taken a
