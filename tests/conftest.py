@@ -107,3 +107,19 @@ def make_lora(tiny_base):
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 server (SeaweedFS ``weed mini``) on 127.0.0.1, free ports, for the session.
+
+    Bucket ``adapters``; ``s3_server.env()`` gives the variables a lorabay process needs
+    (LORABAY_S3_ENDPOINT and the AWS credentials). Always stopped. See tests/s3server.py.
+    """
+    from s3server import start_s3_server
+
+    server = start_s3_server(_SESSION_DIR / "s3")
+    try:
+        yield server
+    finally:
+        server.stop()
