@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,16 @@ def registry_url(tmp_path) -> str:
     return f"file://{tmp_path / 'registry'}"
 
 
-@pytest.fixture(params=["file"])
+@pytest.fixture
+def s3_registry_url(s3_server, monkeypatch, request) -> str:
+    """A fresh s3:// registry (its own prefix) on the session's S3 server, with the
+    environment pointing at it (LORABAY_S3_ENDPOINT and the AWS variables)."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    return f"s3://{s3_server.bucket}/{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(params=["file", pytest.param("s3", marks=pytest.mark.s3)])
 def store_url(request, tmp_path) -> str:
     """A fresh registry URL per test, for every store kind (the contract suite)."""
     if request.param == "file":

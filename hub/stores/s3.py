@@ -1,0 +1,255 @@
+"""The ``s3://BUCKET/PREFIX`` store, through boto3.
+
+- create-if-absent: ``PutObject`` with ``If-None-Match: *`` (412 when the key exists);
+- compare-and-swap: ``PutObject`` with ``If-Match: <etag>`` (412 when another writer
+  moved it; the registry re-reads and retries);
+- blobs are checked against their sha256 before upload; big ones go up in parts,
+  and ``gc`` aborts the multipart uploads an interrupted push left behind.
+
+The endpoint comes from ``LORABAY_S3_ENDPOINT`` (else boto3's own ``AWS_ENDPOINT_URL``
+or AWS itself), credentials and region from the usual AWS variables and files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from lorabay.hub.errors import InvalidAdapter, RegistryUnavailable
+from lorabay.hub.store import MARKER, ObjectInfo, PreconditionFailed
+
+CHUNK = 1 << 20
+SINGLE_PUT_LIMIT = 64 << 20  # bigger blobs go up in parts, several at once
+
+
+def error_code(error) -> str:
+    response = getattr(error, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", ""))
+
+
+class S3Store:
+    concurrent_reads = 16  # manifests are read in parallel when many are needed
+
+    def __init__(self, bucket: str, prefix: str = ""):
+        import boto3
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self.endpoint = os.environ.get("LORABAY_S3_ENDPOINT") or None
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        self.client = boto3.session.Session().client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name=region or "us-east-1",
+            config=Config(
+                retries={"max_attempts": 3, "mode": "standard"},
+                connect_timeout=3,
+                read_timeout=60,
+                max_pool_connections=32,
+            ),
+        )
+        self._exists = False
+
+    def key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    @contextlib.contextmanager
+    def _reachable(self) -> Iterator[None]:
+        """Turn transport and permission failures into RegistryUnavailable (one line)."""
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+        try:
+            yield
+        except NoCredentialsError:
+            raise RegistryUnavailable(
+                self.url, "no AWS credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
+            ) from None
+        except ClientError as error:
+            code = error_code(error)
+            if code in ("NoSuchBucket",):
+                raise RegistryUnavailable(
+                    self.url, f"bucket {self.bucket} does not exist"
+                ) from None
+            if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                raise RegistryUnavailable(
+                    self.url, f"access denied ({code}); check the AWS credentials"
+                ) from None
+            raise
+        except BotoCoreError as error:
+            where = self.endpoint or "AWS S3"
+            raise RegistryUnavailable(self.url, f"cannot reach {where}: {error}") from None
+
+    # -- the registry itself --------------------------------------------------------
+    def check_reachable(self) -> None:
+        from botocore.exceptions import ClientError
+
+        with self._reachable():
+            try:
+                self.client.head_bucket(Bucket=self.bucket)
+            except ClientError as error:
+                if error_code(error) in ("404", "NoSuchBucket", "NotFound"):
+                    raise RegistryUnavailable(
+                        self.url, f"bucket {self.bucket} does not exist (create it first)"
+                    ) from None
+                raise
+
+    def exists(self) -> bool:
+        if not self._exists:
+            self._exists = self.has(MARKER)
+        return self._exists
+
+    def initialize(self) -> None:
+        if not self.exists():
+            self.create(MARKER, b'{"format": "lorabay-registry", "layout": 1}\n')
+            self._exists = True
+
+    # -- small objects ---------------------------------------------------------------
+    def read_tagged(self, key: str) -> tuple[bytes, str] | None:
+        from botocore.exceptions import ClientError
+
+        with self._reachable():
+            try:
+                response = self.client.get_object(Bucket=self.bucket, Key=self.key(key))
+            except ClientError as error:
+                if error_code(error) in ("NoSuchKey", "404"):
+                    return None
+                raise
+            return response["Body"].read(), response["ETag"]
+
+    def read(self, key: str) -> bytes | None:
+        tagged = self.read_tagged(key)
+        return None if tagged is None else tagged[0]
+
+    def has(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        with self._reachable():
+            try:
+                self.client.head_object(Bucket=self.bucket, Key=self.key(key))
+                return True
+            except ClientError as error:
+                if error_code(error) in ("404", "NoSuchKey", "NotFound"):
+                    return False
+                raise
+
+    def _put(self, key: str, data: bytes, **conditions) -> str:
+        """PutObject with conditions; PreconditionFailed on 412 (or 409 conflict)."""
+        from botocore.exceptions import ClientError
+
+        with self._reachable():
+            try:
+                response = self.client.put_object(
+                    Bucket=self.bucket, Key=self.key(key), Body=data, **conditions
+                )
+            except ClientError as error:
+                code = error_code(error)
+                if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                    raise PreconditionFailed(key) from None
+                if code in ("NoSuchKey", "404") and "IfMatch" in conditions:
+                    raise PreconditionFailed(key) from None  # it was deleted meanwhile
+                raise
+            return response["ETag"]
+
+    def create(self, key: str, data: bytes) -> bool:
+        try:
+            self._put(key, data, IfNoneMatch="*")
+            return True
+        except PreconditionFailed:
+            return False
+
+    def swap(self, key: str, data: bytes, etag: str | None) -> str:
+        if etag is None:
+            return self._put(key, data, IfNoneMatch="*")
+        return self._put(key, data, IfMatch=etag)
+
+    def delete(self, key: str) -> None:
+        with self._reachable():
+            self.client.delete_object(Bucket=self.bucket, Key=self.key(key))
+
+    def list(self, prefix: str) -> list[ObjectInfo]:
+        found: list[ObjectInfo] = []
+        strip = len(self.key(""))
+        with self._reachable():
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self.key(prefix)
+            )
+            for page in pages:
+                for item in page.get("Contents", []):
+                    found.append(
+                        ObjectInfo(
+                            item["Key"][strip:], item["Size"], item["LastModified"].timestamp()
+                        )
+                    )
+        return found
+
+    # -- blobs -----------------------------------------------------------------------
+    def put_file(self, key: str, source: Path, sha256: str) -> bool:
+        if self.has(key):
+            return False
+        size = source.stat().st_size
+        if size <= SINGLE_PUT_LIMIT:
+            data = source.read_bytes()
+            if hashlib.sha256(data).hexdigest() != sha256:
+                raise changed_while_pushing(source)
+            try:
+                self._put(key, data, IfNoneMatch="*")
+                return True
+            except PreconditionFailed:
+                return False  # a concurrent push stored the same bytes
+        from boto3.s3.transfer import TransferConfig
+
+        with open(source, "rb") as handle:
+            digest = hashlib.sha256()
+            while chunk := handle.read(CHUNK):
+                digest.update(chunk)
+        if digest.hexdigest() != sha256:
+            raise changed_while_pushing(source)
+        config = TransferConfig(multipart_threshold=SINGLE_PUT_LIMIT, multipart_chunksize=16 << 20)
+        with self._reachable():
+            self.client.upload_file(str(source), self.bucket, self.key(key), Config=config)
+        return True
+
+    def read_chunks(self, key: str) -> Iterator[bytes]:
+        from botocore.exceptions import ClientError
+
+        with self._reachable():
+            try:
+                response = self.client.get_object(Bucket=self.bucket, Key=self.key(key))
+            except ClientError as error:
+                if error_code(error) in ("NoSuchKey", "404"):
+                    raise FileNotFoundError(key) from None
+                raise
+            yield from response["Body"].iter_chunks(CHUNK)
+
+    # -- leftovers -------------------------------------------------------------------
+    def list_temporary(self) -> list[ObjectInfo]:
+        """Unfinished multipart uploads under the prefix (a push killed mid-upload)."""
+        found = []
+        strip = len(self.key(""))
+        with self._reachable():
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=self.key("")
+            )
+            for page in pages:
+                for upload in page.get("Uploads", []):
+                    key = f"{upload['Key'][strip:]}?uploadId={upload['UploadId']}"
+                    found.append(ObjectInfo(key, 0, upload["Initiated"].timestamp()))
+        return found
+
+    def delete_temporary(self, key: str) -> None:
+        name, _, upload_id = key.partition("?uploadId=")
+        with self._reachable():
+            self.client.abort_multipart_upload(
+                Bucket=self.bucket, Key=self.key(name), UploadId=upload_id
+            )
+
+
+def changed_while_pushing(source: Path) -> InvalidAdapter:
+    return InvalidAdapter(
+        str(source), "changed while it was being pushed", "push again once nothing writes to it"
+    )
