@@ -92,9 +92,40 @@ import click
     default=None,
     help="Context length (default: the base's).",
 )
+@click.option(
+    "--max-num-seqs",
+    type=click.IntRange(1),
+    default=128,
+    show_default=True,
+    help="Sequences the engine batches at once.",
+)
+@click.option(
+    "--max-body-bytes",
+    type=click.IntRange(1024),
+    default=4 * 1024 * 1024,
+    show_default=True,
+    help="Request bodies larger than this get 400.",
+)
+@click.option(
+    "--engine-start-timeout",
+    type=click.FloatRange(1),
+    default=900.0,
+    show_default=True,
+    help="Seconds to wait for the engine to be ready.",
+)
+@click.option(
+    "--engine-arg",
+    "engine_args",
+    multiple=True,
+    help="An extra vLLM server flag, verbatim (repeatable), e.g. --engine-arg=--seed=1.",
+)
 @click.option("--json-logs", is_flag=True, help="Log one JSON object per line.")
 def serve(**options) -> None:
     """Serve one base and the registry's adapters on an OpenAI-compatible endpoint.
+
+    \b
+    SIGINT/SIGTERM stop the gateway and the engine. Without --api-keys only a
+    loopback --host is allowed (unless --insecure).
 
     \b
     Example:
@@ -105,4 +136,5 @@ def serve(**options) -> None:
     from lorabay.serve.server import ServeOptions, run_server
 
     options["max_lora_rank"] = int(options["max_lora_rank"])
+    options["engine_args"] = tuple(options["engine_args"])
     run_server(ServeOptions(**options))

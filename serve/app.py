@@ -1,0 +1,254 @@
+"""The gateway's HTTP surface (FastAPI): OpenAI-compatible routes, health and metrics.
+
+    /v1/chat/completions, /v1/completions   generation (stream=true: SSE)
+    /v1/models                              the base and the adapters the key may use
+    /health                                 the gateway is alive
+    /ready                                  the engine answers
+    /metrics                                Prometheus
+
+Every error is an OpenAI-style body ``{"error": {"message", "type", "param", "code"}}``
+built from the :class:`~lorabay.hub.errors.LorabayError` raised (``http_status``,
+``code``); nothing a client sends stops the gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from contextlib import asynccontextmanager
+from datetime import datetime
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from lorabay.hub.errors import LorabayError
+from lorabay.serve.gateway import (
+    Gateway,
+    RequestTimer,
+    engine_down,
+    engine_error_message,
+    error_event,
+    relay_events,
+)
+from lorabay.serve.validate import CHAT, COMPLETIONS, parse_request
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("lorabay.serve")
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    409: "conflict_error",
+    422: "invalid_request_error",
+}
+
+
+def error_response(status: int, message: str, code: str | None, param: str | None = None):
+    error_type = ERROR_TYPES.get(
+        status, "server_error" if status >= 500 else "invalid_request_error"
+    )
+    body = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def lorabay_error_response(error: LorabayError) -> JSONResponse:
+    return error_response(error.http_status, str(error), error.code, getattr(error, "param", None))
+
+
+def create_app(gateway: Gateway) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await gateway.close()
+
+    app = FastAPI(title="lorabay gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.gateway = gateway
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException):
+        return error_response(error.status_code, str(error.detail), None)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        if gateway.supervisor.ready:
+            return {"status": "ready"}
+        return error_response(503, "the engine is not ready", "engine_unavailable")
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(gateway.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        try:
+            grant = gateway.authenticate(request.headers.get("authorization"))
+            return {"object": "list", "data": await list_models(gateway, grant)}
+        except LorabayError as error:
+            return lorabay_error_response(error)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await generate(gateway, request, CHAT)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await generate(gateway, request, COMPLETIONS)
+
+    return app
+
+
+async def list_models(gateway: Gateway, grant) -> list[dict]:
+    resolver = gateway.resolver
+    cards = [
+        {
+            "id": resolver.served_name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "lorabay",
+            "kind": "base",
+            "max_model_len": gateway.max_model_len,
+        }
+    ]
+    registry = resolver.registry
+
+    def read() -> list[tuple]:
+        manifests = [m for m in registry.list() if grant.allows(m.name)]
+        aliases = {name: registry.aliases(name) for name in {m.name for m in manifests}}
+        return manifests, aliases
+
+    manifests, aliases = await asyncio.to_thread(read)
+    latest = {}
+    for manifest in manifests:
+        latest[manifest.name] = max(latest.get(manifest.name, 0), manifest.version)
+    for manifest in sorted(manifests, key=lambda m: (m.name, m.version)):
+        if not resolver.fits(manifest):
+            continue
+        names = sorted(a for a, v in aliases[manifest.name].items() if v == manifest.version)
+        if latest[manifest.name] == manifest.version:
+            names.append("latest")
+        cards.append(
+            {
+                "id": manifest.ref,
+                "object": "model",
+                "created": epoch_seconds(manifest.created_at),
+                "owned_by": manifest.created_by or "lorabay",
+                "parent": resolver.served_name,
+                "kind": manifest.kind,
+                "name": manifest.name,
+                "version": manifest.version,
+                "digest": manifest.digest,
+                "aliases": names,
+                "description": manifest.description,
+            }
+        )
+    return cards
+
+
+def epoch_seconds(iso: str) -> int:
+    try:
+        return int(datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp())
+    except (ValueError, AttributeError):
+        return 0
+
+
+async def generate(gateway: Gateway, request: Request, endpoint: str):
+    timer = RequestTimer(gateway.metrics, endpoint)
+    lease = None
+    try:
+        grant = gateway.authenticate(request.headers.get("authorization"))
+        body = parse_request(await gateway.read_body(request), endpoint, gateway.max_model_len)
+        target, lease = await gateway.open_target(body, grant)
+        timer.labels = target.labels
+        body["model"] = target.engine_name
+        stream = body.get("stream") is True
+        wants_usage = False
+        if stream:
+            options = body.get("stream_options") or {}
+            wants_usage = options.get("include_usage") is True
+            body["stream_options"] = {**options, "include_usage": True}
+        response = await gateway.send(endpoint, body, stream)
+        if response.status_code == 404 and lease is not None:
+            # The engine lost the adapter (it never should): load it again, once.
+            await response.aclose()
+            gateway.pool.forget(lease.key)
+            gateway.pool.release(lease)
+            lease = None
+            target, lease = await gateway.open_target(body | {"model": target_ref(target)}, grant)
+            response = await gateway.send(endpoint, body, stream)
+        if not stream or response.status_code != 200:
+            return await finish_plain(gateway, response, timer, lease)
+        held, lease = lease, None  # the stream releases it when it ends
+        return StreamingResponse(
+            stream_body(gateway, response, timer, held, wants_usage),
+            status_code=200,
+            media_type="text/event-stream",
+            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+        )
+    except LorabayError as error:
+        timer.finish(error.http_status, error.code)
+        return lorabay_error_response(error)
+    except Exception as error:  # a bug must cost one request, never the gateway
+        log.exception("request failed")
+        timer.finish(500, "internal_error")
+        return error_response(500, f"internal error: {type(error).__name__}", "internal_error")
+    finally:
+        if lease is not None:
+            gateway.pool.release(lease)
+
+
+def target_ref(target) -> str:
+    # The exact content this request was resolved to: a retry never picks another version.
+    return f"{target.name}@{target.manifest.digest}"
+
+
+async def finish_plain(gateway: Gateway, response, timer: RequestTimer, lease) -> Response:
+    try:
+        content = await response.aread()
+    except Exception as error:  # the engine died mid-answer
+        gateway.supervisor.mark_down()
+        down = engine_down(type(error).__name__)
+        timer.finish(503, down.code)
+        return lorabay_error_response(down)
+    finally:
+        await response.aclose()
+    status = response.status_code
+    if status == 200:
+        try:
+            usage = json.loads(content).get("usage")
+            if isinstance(usage, dict):
+                timer.usage(usage)
+        except ValueError:
+            pass
+        timer.finish(200)
+        return Response(content, status_code=200, media_type="application/json")
+    # The engine's own refusal (prompt + max_tokens beyond the context, ...): pass it on,
+    # in the same OpenAI shape.
+    timer.finish(status, "engine_error")
+    if status >= 500 and status != 503:
+        return error_response(502, engine_error_message(response), "engine_error")
+    return Response(content, status_code=status, media_type="application/json")
+
+
+async def stream_body(gateway: Gateway, response, timer: RequestTimer, lease, wants_usage):
+    status = 200
+    try:
+        async for chunk in relay_events(response, wants_usage, timer.first_token, timer.usage):
+            yield chunk
+    except Exception as error:  # the engine died mid-stream: the status line is sent already
+        gateway.supervisor.mark_down()
+        status = 503
+        down = engine_down(type(error).__name__)
+        yield error_event(down)
+    finally:
+        timer.finish(status, None if status == 200 else "engine_unavailable")
+        await response.aclose()
+        if lease is not None:
+            gateway.pool.release(lease)

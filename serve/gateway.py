@@ -1,0 +1,253 @@
+"""The gateway's request path: authenticate, validate, resolve, load, forward, stream.
+
+One shared ``httpx.AsyncClient`` talks to the engine. Streams are passed through as
+the engine's bytes, whole SSE events at a time; only the one event that carries
+usage is parsed (the gateway asks for it, for its token metrics, and drops it
+again when the client did not ask). Nothing is re-encoded per token.
+
+A request holds the adapter it was resolved to from start to finish: the pool
+does not unload an adapter while a request uses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import httpx
+from lorabay.hub.errors import (
+    AdapterLoadFailed,
+    EngineUnavailable,
+    InvalidRequest,
+    LorabayError,
+)
+from lorabay.serve.engine import EngineSupervisor
+from lorabay.serve.keys import OPEN, ApiKeys, KeyGrant
+from lorabay.serve.metrics import GatewayMetrics
+from lorabay.serve.pool import AdapterPool, LoadedAdapter
+from lorabay.serve.resolve import ModelResolver, Target
+
+log = logging.getLogger("lorabay.serve")
+
+USAGE_MARK = b'"usage":{'
+EVENT_END = b"\n\n"
+
+
+def engine_down(reason: str) -> EngineUnavailable:
+    return EngineUnavailable(
+        f"the engine is not available: {reason}", "retry in a few seconds; it is being restarted"
+    )
+
+
+@dataclass
+class Gateway:
+    supervisor: EngineSupervisor
+    resolver: ModelResolver
+    keys: ApiKeys | None
+    max_loaded: int
+    max_body_bytes: int
+    metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
+    max_model_len: int | None = None
+    client: httpx.AsyncClient | None = None
+    pool: AdapterPool | None = None
+
+    def __post_init__(self) -> None:
+        # Enough connections for every request in flight; no overall timeout, since a
+        # generation may take minutes (a dead engine surfaces as a transport error).
+        self.client = httpx.AsyncClient(
+            limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256),
+            timeout=httpx.Timeout(None, connect=10.0),
+        )
+        self.pool = AdapterPool(
+            self.max_loaded, self.load_adapter, self.unload_adapter, self.metrics
+        )
+        self.supervisor.on_restart = self.engine_restarted
+
+    # -- engine ----------------------------------------------------------------------
+    async def connect(self) -> None:
+        """Read what the engine serves (its context length) once it is ready."""
+        response = await self.client.get(
+            f"{self.supervisor.url}/v1/models", headers=self.supervisor.headers
+        )
+        response.raise_for_status()
+        for card in response.json().get("data", []):
+            if card.get("id") == self.resolver.served_name:
+                self.max_model_len = card.get("max_model_len")
+        self.metrics.engine_up.set(1)
+
+    def engine_restarted(self, generation: int) -> None:
+        self.pool.reset()
+        self.metrics.engine_restarts.inc()
+        self.metrics.engine_up.set(1)
+
+    async def load_adapter(self, engine_name: str, path) -> None:
+        try:
+            response = await self.client.post(
+                f"{self.supervisor.url}/v1/load_lora_adapter",
+                json={"lora_name": engine_name, "lora_path": str(path)},
+                headers=self.supervisor.headers,
+            )
+        except httpx.TransportError as error:
+            self.supervisor.mark_down()
+            raise engine_down(f"{type(error).__name__} while loading an adapter") from None
+        if response.status_code == 200:
+            return
+        message = engine_error_message(response)
+        if "has already been loaded" in message:
+            return  # the engine has it (an earlier load we lost track of): use it
+        raise AdapterLoadFailed(engine_name, message)
+
+    async def unload_adapter(self, engine_name: str) -> None:
+        response = await self.client.post(
+            f"{self.supervisor.url}/v1/unload_lora_adapter",
+            json={"lora_name": engine_name},
+            headers=self.supervisor.headers,
+        )
+        if response.status_code not in (200, 404):
+            raise AdapterLoadFailed(engine_name, engine_error_message(response))
+
+    async def close(self) -> None:
+        await self.pool.drain()
+        await self.client.aclose()
+
+    # -- requests --------------------------------------------------------------------
+    def authenticate(self, authorization: str | None) -> KeyGrant:
+        return OPEN if self.keys is None else self.keys.authenticate(authorization)
+
+    async def read_body(self, request) -> bytes:
+        limit = self.max_body_bytes
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > limit:
+            raise InvalidRequest(f"the body is {length} bytes, over the limit of {limit}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise InvalidRequest(f"the body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def open_target(self, body: dict, grant: KeyGrant) -> tuple[Target, LoadedAdapter | None]:
+        target = await self.resolver.resolve(body["model"], grant)
+        if not self.supervisor.ready:
+            raise engine_down("it is starting")
+        if target.is_base:
+            return target, None
+        lease = await self.pool.acquire(
+            target.manifest.digest,
+            target.engine_name,
+            target.labels,
+            lambda: self.resolver.prepare(target),
+        )
+        return target, lease
+
+    async def send(self, endpoint: str, body: dict, stream: bool) -> httpx.Response:
+        request = self.client.build_request(
+            "POST",
+            f"{self.supervisor.url}/v1/{endpoint}",
+            content=json.dumps(body, separators=(",", ":")).encode(),
+            headers={**self.supervisor.headers, "content-type": "application/json"},
+        )
+        try:
+            return await self.client.send(request, stream=stream)
+        except httpx.TransportError as error:
+            self.supervisor.mark_down()
+            raise engine_down(type(error).__name__) from None
+
+
+def engine_error_message(response: httpx.Response) -> str:
+    try:
+        error = response.json().get("error")
+        return error.get("message", str(error)) if isinstance(error, dict) else str(error)
+    except (ValueError, AttributeError):
+        return response.text[:500] or f"HTTP {response.status_code}"
+
+
+def read_usage(event: bytes) -> dict | None:
+    """The usage object of one SSE event (``data: {...}``), if it has one."""
+    try:
+        payload = json.loads(event.partition(b"data:")[2])
+    except ValueError:
+        return None
+    usage = payload.get("usage") if isinstance(payload, dict) else None
+    return usage if isinstance(usage, dict) else None
+
+
+async def relay_events(
+    response: httpx.Response,
+    client_wants_usage: bool,
+    on_first: callable,
+    on_usage: callable,
+) -> AsyncIterator[bytes]:
+    """The engine's SSE bytes, whole events at a time, minus a usage event we added."""
+    pending = b""
+    first = True
+    async for chunk in response.aiter_raw():
+        pending += chunk
+        end = pending.rfind(EVENT_END)
+        if end < 0:
+            continue
+        ready, pending = pending[: end + 2], pending[end + 2 :]
+        if USAGE_MARK in ready:  # rare: the last event or two of a stream
+            kept = []
+            for event in ready.split(EVENT_END)[:-1]:
+                usage = read_usage(event) if USAGE_MARK in event else None
+                if usage is not None:
+                    on_usage(usage)
+                    if not client_wants_usage and b'"choices":[]' in event:
+                        continue
+                kept.append(event + EVENT_END)
+            ready = b"".join(kept)
+            if not ready:
+                continue
+        if first:
+            on_first()
+            first = False
+        yield ready
+    if pending:
+        yield pending
+
+
+def error_event(error: LorabayError) -> bytes:
+    body = {"error": {"message": str(error), "type": "server_error", "code": error.code}}
+    return b"data: " + json.dumps(body).encode() + EVENT_END
+
+
+class RequestTimer:
+    """Latency, TTFT and tokens of one request, recorded once at its end."""
+
+    def __init__(self, metrics: GatewayMetrics, endpoint: str):
+        self.metrics = metrics
+        self.endpoint = endpoint
+        self.started = time.perf_counter()
+        self.labels = ("", "")
+        self.done = False
+
+    def first_token(self) -> None:
+        self.metrics.ttft.labels(*self.labels).observe(time.perf_counter() - self.started)
+
+    def usage(self, usage: dict) -> None:
+        self.metrics.prompt_tokens.labels(*self.labels).inc(usage.get("prompt_tokens") or 0)
+        self.metrics.generated_tokens.labels(*self.labels).inc(usage.get("completion_tokens") or 0)
+
+    def finish(self, status: int, code: str | None = None) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.metrics.requests.labels(*self.labels, self.endpoint, str(status)).inc()
+        if status >= 400:
+            self.metrics.errors.labels(*self.labels, code or str(status)).inc()
+        else:
+            self.metrics.latency.labels(*self.labels).observe(time.perf_counter() - self.started)
+
+
+async def wait_cancelled(task: asyncio.Task) -> None:
+    task.cancel()
+    try:
+        await task
+    except (asyncio.CancelledError, Exception):
+        pass

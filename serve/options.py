@@ -1,0 +1,100 @@
+"""What `lorabay serve` was asked to do: one dataclass, validated in one place.
+
+The click command in ``cli/serve.py`` is a spelling of :class:`ServeOptions`;
+:func:`check_options` reports every problem at once, each naming the flag.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lorabay.hub.errors import ConfigError
+
+# vLLM's CPU KV cache and scheduler cap; 64 concurrent requests must batch together.
+DEFAULT_MAX_NUM_SEQS = 128
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+@dataclass
+class ServeOptions:
+    base: str  # base model: a local folder or a Hugging Face model id
+    served_name: str | None = None  # the name clients use for the base (default: last path part)
+    quantization: str = "none"  # nf4 | awq | gptq | none
+    dtype: str = "auto"  # auto | bfloat16 | float16 | float32
+    registry: str | None = None  # registry URL (None: $LORABAY_REGISTRY or the embedded one)
+    host: str = "127.0.0.1"  # gateway address
+    port: int = 8000  # gateway port (0: any free port)
+    api_keys: str | None = None  # file mapping API keys to adapter name patterns
+    insecure: bool = False  # allow a non-loopback bind without --api-keys
+    max_loras: int = 8  # adapters in one engine batch
+    max_cpu_loras: int | None = None  # adapters the engine keeps in host memory
+    max_lora_rank: int = 16  # highest adapter rank the engine accepts
+    max_loaded: int = 32  # adapters loaded in the engine at once (LRU past it)
+    max_model_len: int | None = None  # context length (None: the base's)
+    json_logs: bool = False  # one JSON object per log line
+    max_num_seqs: int = DEFAULT_MAX_NUM_SEQS  # sequences the engine batches at once
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # request bodies above this get 400
+    engine_start_timeout: float = 900.0  # seconds to wait for the engine to be ready
+    engine_args: tuple[str, ...] = field(default_factory=tuple)  # extra vLLM flags, verbatim
+
+    @property
+    def served_model_name(self) -> str:
+        return self.served_name or Path(self.base.rstrip("/")).name
+
+    @property
+    def cpu_loras(self) -> int:
+        # vLLM keeps adapters beyond max_cpu_loras only by re-reading them from disk on use;
+        # sizing its host cache to the gateway's own cap keeps every loaded adapter resident.
+        return self.max_cpu_loras or max(self.max_loras, self.max_loaded)
+
+    @property
+    def engine_dtype(self) -> str:
+        # bitsandbytes NF4 in vLLM packs two 4-bit values per byte only for 16-bit
+        # activations (its quant ratio is bits(dtype)/8): float32 fails while loading.
+        if self.quantization == "nf4" and self.dtype == "auto":
+            return "bfloat16"
+        return self.dtype
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return all(
+                ipaddress.ip_address(info[4][0]).is_loopback
+                for info in socket.getaddrinfo(host, None)
+            )
+        except OSError:
+            return False
+
+
+def check_options(options: ServeOptions) -> None:
+    """Raise one :class:`ConfigError` listing every problem with ``options``."""
+    problems: list[str] = []
+    base = Path(options.base).expanduser()
+    looks_local = options.base.startswith((".", "/", "~")) or base.exists()
+    if looks_local and not (base / "config.json").is_file():
+        problems.append(f"--base {options.base}: no config.json there (a model folder is needed)")
+    if options.quantization == "nf4" and options.dtype == "float32":
+        problems.append(
+            "--quantization nf4 needs 16-bit activations: use --dtype bfloat16 (or auto)"
+        )
+    if not is_loopback(options.host) and not options.api_keys and not options.insecure:
+        problems.append(
+            f"--host {options.host} is not loopback: pass --api-keys FILE "
+            "(or --insecure to serve without keys)"
+        )
+    if options.max_cpu_loras is not None and options.max_cpu_loras < options.max_loras:
+        problems.append(
+            f"--max-cpu-loras {options.max_cpu_loras} is below --max-loras {options.max_loras}"
+        )
+    if options.max_body_bytes < 1024:
+        problems.append("--max-body-bytes must be at least 1024")
+    if problems:
+        raise ConfigError(problems, "see `lorabay serve --help`")

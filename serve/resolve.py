@@ -1,0 +1,171 @@
+"""From the ``model`` a client sends to what the engine serves.
+
+``model`` is the base's served name or a registry reference (``name``, ``name:3``,
+``name:prod``, ``name@sha256:...``). It is resolved to a manifest on every request:
+results are cached for at most ``ttl`` seconds (1 s), so a moved alias shows within
+that, and a request holds one manifest from resolution to its last token, so it
+never mixes versions. The engine knows an adapter as ``name@sha256:<hex>``: the
+name carries the digest, so new content can never be served under an old name.
+
+Every "no such model" answer is the same, whether the reference is malformed,
+missing, or names an adapter the caller's key may not use: names do not leak.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorabay.hub import Manifest, Registry
+from lorabay.hub.errors import AdapterNotFound, IncompatibleBase, InvalidReference
+from lorabay.hub.reference import parse_reference
+from lorabay.serve.keys import KeyGrant
+
+log = logging.getLogger("lorabay.serve")
+
+BASE_VERSION = "base"
+
+
+def model_not_found(model: str) -> AdapterNotFound:
+    # OpenAI's own wording for a model that is missing or not the caller's to use.
+    error = AdapterNotFound(str(model)[:200], None)
+    error.message = (
+        f"The model '{str(model)[:200]}' does not exist or you do not have access to it."
+    )
+    return error
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one request is served by: the base, or one immutable adapter version."""
+
+    name: str  # the adapter's name, or the base's served name
+    manifest: Manifest | None = None  # None: the base
+
+    @property
+    def is_base(self) -> bool:
+        return self.manifest is None
+
+    @property
+    def version(self) -> str:
+        return BASE_VERSION if self.manifest is None else str(self.manifest.version)
+
+    @property
+    def labels(self) -> tuple[str, str]:
+        return (self.name, self.version)
+
+    @property
+    def engine_name(self) -> str:
+        return self.name if self.manifest is None else f"{self.name}@{self.manifest.digest}"
+
+
+def read_base_config(base: str) -> tuple[Path | None, dict]:
+    """The base's local folder and config.json, if the base is a folder (else None, {})."""
+    folder = Path(base).expanduser()
+    if not (folder / "config.json").is_file():
+        return None, {}
+    return folder, json.loads((folder / "config.json").read_text())
+
+
+def describe_mismatch(manifest: Manifest, config: dict, max_rank: int | None) -> list[str]:
+    """Why ``manifest`` cannot fit the base, from the manifest alone (no download).
+
+    Used to filter /v1/models; the full check (tensor shapes) runs before a load.
+    """
+    reasons = []
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    actual = {
+        "architecture": (config.get("architectures") or [None])[0],
+        "hidden_size": text.get("hidden_size"),
+        "num_hidden_layers": text.get("num_hidden_layers"),
+        "vocab_size": text.get("vocab_size"),
+    }
+    recorded = manifest.base or {}
+    for key, value in actual.items():
+        if recorded.get(key) is not None and value is not None and recorded[key] != value:
+            reasons.append(f"{key}: adapter was trained on {recorded[key]}, base has {value}")
+    rank = (manifest.peft or {}).get("r")
+    if max_rank is not None and isinstance(rank, int) and rank > max_rank:
+        reasons.append(f"rank {rank} is above the engine's --max-lora-rank {max_rank}")
+    return reasons
+
+
+class ModelResolver:
+    def __init__(
+        self,
+        registry: Registry,
+        served_name: str,
+        base: str,
+        max_rank: int | None = None,
+        ttl: float = 1.0,
+    ):
+        self.registry = registry
+        self.served_name = served_name
+        self.base_folder, self.base_config = read_base_config(base)
+        self.max_rank = max_rank
+        self.ttl = ttl
+        self._cache: dict[str, tuple[float, Manifest]] = {}
+        self._inflight: dict[str, asyncio.Task] = {}
+        self._fit: dict[str, list[str]] = {}  # digest -> reasons it does not fit ([] = fits)
+
+    async def resolve(self, model: str, grant: KeyGrant) -> Target:
+        if model == self.served_name:
+            return Target(self.served_name)
+        try:
+            reference = parse_reference(model)
+        except InvalidReference:
+            raise model_not_found(model) from None
+        if not grant.allows(reference.name):
+            raise model_not_found(model)
+        manifest = await self._lookup(model)
+        return Target(manifest.name, manifest)
+
+    async def _lookup(self, model: str) -> Manifest:
+        cached = self._cache.get(model)
+        if cached is not None and time.monotonic() - cached[0] < self.ttl:
+            return cached[1]
+        task = self._inflight.get(model)
+        if task is None:  # concurrent lookups of one reference share one registry read
+            task = asyncio.get_running_loop().create_task(self._read(model))
+            self._inflight[model] = task
+            task.add_done_callback(lambda t: self._inflight.pop(model, None))
+        return await asyncio.shield(task)
+
+    async def _read(self, model: str) -> Manifest:
+        asked = time.monotonic()
+        try:
+            manifest = await asyncio.to_thread(self.registry.resolve, model)
+        except AdapterNotFound:
+            raise model_not_found(model) from None
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[model] = (asked, manifest)
+        return manifest
+
+    async def prepare(self, target: Target) -> Path:
+        """Pull and verify the adapter, check it fits the base; its local folder."""
+        manifest = target.manifest
+        assert manifest is not None
+        reasons = self._fit.get(manifest.digest)
+        if reasons is None:
+            if self.base_folder is None:
+                reasons = []  # a hub id, not a folder: vLLM checks the shapes when loading
+            else:
+                reasons = await asyncio.to_thread(
+                    self.registry.check, manifest, self.base_folder, self.max_rank
+                )
+            self._fit[manifest.digest] = reasons
+        if reasons:
+            raise IncompatibleBase(manifest.ref, self.served_name, reasons)
+        return await asyncio.to_thread(self.registry.pull, manifest)
+
+    def fits(self, manifest: Manifest) -> bool:
+        """For /v1/models: a known result, else the manifest-only check."""
+        known = self._fit.get(manifest.digest)
+        if known is not None:
+            return not known
+        return not describe_mismatch(manifest, self.base_config, self.max_rank)

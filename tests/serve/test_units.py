@@ -1,0 +1,211 @@
+"""Gateway logic that needs no engine: keys, request validation, options, engine errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from lorabay.hub.errors import ConfigError, InvalidRequest, Unauthorized
+from lorabay.serve.engine import EngineConfig, build_engine_command, summarize_engine_failure
+from lorabay.serve.gateway import relay_events
+from lorabay.serve.keys import load_api_keys, parse_api_keys
+from lorabay.serve.options import ServeOptions, check_options, is_loopback
+from lorabay.serve.validate import CHAT, COMPLETIONS, parse_request
+
+# -- API keys --------------------------------------------------------------------------
+
+
+def test_keys_map_to_name_patterns(tmp_path):
+    path = tmp_path / "keys.yaml"
+    path.write_text("keys:\n  sk-team-a-123: ['team-a/*']\n  sk-admin-4567: '*'\n")
+    keys = load_api_keys(path)
+    team = keys.authenticate("Bearer sk-team-a-123")
+    assert team.allows("team-a/summarize")
+    assert not team.allows("team-b/summarize")
+    assert not team.allows("team-a")  # the pattern names the namespace's adapters
+    assert keys.authenticate("bearer sk-admin-4567").allows("anything/at-all")
+
+
+def test_json_key_file_without_wrapper(tmp_path):
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({"sk-abcdefgh": ["x", "y/*"]}))
+    grant = load_api_keys(path).authenticate("Bearer sk-abcdefgh")
+    assert grant.allows("x") and grant.allows("y/z") and not grant.allows("xy")
+
+
+@pytest.mark.parametrize("header", [None, "", "Bearer", "Basic sk-team-a-123", "Bearer nope-nope"])
+def test_missing_or_bad_keys_are_401(header):
+    keys = parse_api_keys({"sk-team-a-123": ["team-a/*"]})
+    with pytest.raises(Unauthorized) as caught:
+        keys.authenticate(header)
+    assert caught.value.http_status == 401
+
+
+def test_key_file_problems_are_reported_together():
+    with pytest.raises(ConfigError) as caught:
+        parse_api_keys({"short": ["a"], "sk-long-enough": [""], "sk-also-long": [3]})
+    assert len(caught.value.problems) == 3
+    assert "short" not in str(caught.value)  # keys are never echoed whole
+
+
+# -- request validation ----------------------------------------------------------------
+
+
+def body(**fields) -> bytes:
+    return json.dumps({"model": "m", "prompt": "hi", **fields}).encode()
+
+
+def test_valid_requests_pass_through_unchanged():
+    parsed = parse_request(body(max_tokens=8, stream=True, vendor_extra={"a": 1}), COMPLETIONS, 64)
+    assert parsed["vendor_extra"] == {"a": 1}
+    chat = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    assert parse_request(chat, CHAT, None)["messages"][0]["role"] == "user"
+    assert parse_request(body(prompt=[1, 2, 3]), COMPLETIONS, None)["prompt"] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "raw, param",
+    [
+        (b"{not json", None),
+        (b"[1, 2]", None),
+        (b"\xff\xfe", None),
+        (json.dumps({"prompt": "hi"}).encode(), "model"),
+        (json.dumps({"model": "m"}).encode(), "prompt"),
+        (body(max_tokens=0), "max_tokens"),
+        (body(max_tokens=-3), "max_tokens"),
+        (body(max_tokens=65), "max_tokens"),  # beyond the context of 64
+        (body(max_tokens="8"), "max_tokens"),
+        (body(max_tokens=True), "max_tokens"),
+        (body(stream="yes"), "stream"),
+        (body(temperature="hot"), "temperature"),
+        (body(n=0), "n"),
+        (body(stop=[1]), "stop"),
+        (body(model=7), "model"),
+        (body(prompt=[]), "prompt"),
+        (body(prompt={"a": 1}), "prompt"),
+    ],
+)
+def test_bad_requests_are_400_with_the_field_named(raw, param):
+    with pytest.raises(InvalidRequest) as caught:
+        parse_request(raw, COMPLETIONS, 64)
+    assert caught.value.http_status == 400
+    assert caught.value.param == param
+
+
+def test_chat_needs_messages_with_roles():
+    for messages in ([], [{"content": "hi"}], "hi"):
+        raw = json.dumps({"model": "m", "messages": messages}).encode()
+        with pytest.raises(InvalidRequest):
+            parse_request(raw, CHAT, None)
+
+
+# -- options ---------------------------------------------------------------------------
+
+
+def test_non_loopback_bind_needs_keys_or_insecure(tiny_base, tmp_path):
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("sk-abcdefgh: '*'\n")
+    with pytest.raises(ConfigError, match="--api-keys"):
+        check_options(ServeOptions(base=str(tiny_base), host="0.0.0.0"))
+    check_options(ServeOptions(base=str(tiny_base), host="0.0.0.0", api_keys=str(keys)))
+    check_options(ServeOptions(base=str(tiny_base), host="0.0.0.0", insecure=True))
+    check_options(ServeOptions(base=str(tiny_base), host="localhost"))
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and not is_loopback("0.0.0.0")
+
+
+def test_option_problems_are_reported_together(tmp_path):
+    options = ServeOptions(
+        base=str(tmp_path / "missing"),
+        quantization="nf4",
+        dtype="float32",
+        host="0.0.0.0",
+        max_loras=8,
+        max_cpu_loras=2,
+    )
+    with pytest.raises(ConfigError) as caught:
+        check_options(options)
+    assert len(caught.value.problems) == 4
+
+
+def test_engine_command_is_loopback_with_runtime_lora(tiny_base):
+    options = ServeOptions(base=str(tiny_base), quantization="nf4", max_loras=4, max_loaded=12)
+    command = build_engine_command(EngineConfig.from_options(options), 4321)
+    joined = " ".join(command)
+    assert "vllm.entrypoints.openai.api_server" in joined
+    assert "--host 127.0.0.1 --port 4321" in joined
+    assert "--enable-lora" in command
+    assert "--quantization bitsandbytes" in joined
+    assert "--dtype bfloat16" in joined  # NF4 in vLLM needs 16-bit activations
+    assert "--max-cpu-loras 12" in joined  # max(max_loras, max_loaded)
+    assert "--max-lora-rank 16" in joined
+
+
+# -- engine errors and streams ---------------------------------------------------------
+
+
+def test_engine_failure_summary_is_the_root_cause():
+    lines = [
+        "(APIServer pid=1) INFO 11-27 13:42:37 [api_server.py:1] starting",
+        "(Worker pid=3) ERROR 11-27 13:43:08 [multiproc_executor.py:953] Traceback (most recent call last):",
+        '(Worker pid=3) ERROR 11-27 13:43:08 [multiproc_executor.py:953]   File "x.py", line 1, in f',
+        "(Worker pid=3) ERROR 11-27 13:43:08 [multiproc_executor.py:953]     assert a == b",
+        "(Worker pid=3) ERROR 11-27 13:43:08 [multiproc_executor.py:953] AssertionError: shapes differ",
+        "Traceback (most recent call last):",
+        '  File "core.py", line 9, in run',
+        "RuntimeError: Engine core initialization failed. See root cause above.",
+    ]
+    summary = summarize_engine_failure(lines)
+    assert summary.splitlines()[0] == "Traceback (most recent call last):"
+    assert "AssertionError: shapes differ" in summary
+    assert summary.splitlines()[-1].startswith("RuntimeError: Engine core initialization failed")
+    assert "pid=" not in summary and "INFO" not in summary
+
+
+def test_engine_failure_summary_without_traceback():
+    lines = ["usage: api_server.py [-h]", "api_server.py: error: argument --dtype: invalid choice"]
+    assert "invalid choice" in summarize_engine_failure(lines)
+
+
+class FakeResponse:
+    def __init__(self, chunks):
+        self.chunks = chunks
+
+    async def aiter_raw(self):
+        for chunk in self.chunks:
+            yield chunk
+
+
+def relay(chunks, wants_usage):
+    import asyncio
+
+    seen, firsts = [], []
+
+    async def main():
+        out = []
+        async for part in relay_events(
+            FakeResponse(chunks), wants_usage, lambda: firsts.append(1), seen.append
+        ):
+            out.append(part)
+        return b"".join(out)
+
+    return asyncio.run(main()), seen, firsts
+
+
+EVENTS = [
+    b'data: {"choices":[{"text":"a"}]}\n\n',
+    b'data: {"choices":[{"text":"b"}],"usage":null}\n\n',
+    b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\n',
+    b"data: [DONE]\n\n",
+]
+
+
+def test_stream_relay_passes_bytes_and_drops_only_the_added_usage_event():
+    # Split the stream at awkward places: events arrive in pieces.
+    raw = b"".join(EVENTS)
+    chunks = [raw[:7], raw[7:40], raw[40:41], raw[41:]]
+    out, seen, firsts = relay(chunks, wants_usage=False)
+    assert out == EVENTS[0] + EVENTS[1] + EVENTS[3]
+    assert seen == [{"prompt_tokens": 3, "completion_tokens": 2}]
+    assert firsts == [1]
+    out, seen, _ = relay(chunks, wants_usage=True)
+    assert out == raw
