@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock
+from lorabay.hub import faults
 from lorabay.hub.content import check_relative_path, sha256_file
 from lorabay.hub.errors import DigestMismatch, InvalidAdapter, MissingBlob
 from lorabay.hub.manifest import Manifest
@@ -85,6 +86,7 @@ def fetch_folder(store, manifest: Manifest, dest: Path, progress: Progress | Non
         target.parent.mkdir(parents=True, exist_ok=True)
         fetch_file(store, entry, target, progress)
         os.chmod(target, 0o444)  # the cache is read-only by intent
+        faults.checkpoint("pull:file-fetched")
 
 
 def discard(folder: Path) -> None:

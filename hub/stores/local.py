@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from filelock import FileLock
+from lorabay.hub import faults
 from lorabay.hub.errors import InvalidAdapter, RegistryUnavailable
 from lorabay.hub.store import MARKER, ObjectInfo, PreconditionFailed
 
@@ -48,7 +49,9 @@ class LocalStore:
         """Refuse a path that cannot hold a registry (a file, or a folder of something else)."""
         if self.root.exists() and not self.root.is_dir():
             raise RegistryUnavailable(self.url, f"{self.root} is a file, not a folder")
-        if self.root.is_dir() and not self.exists() and any(self.root.iterdir()):
+        # Our own entries alone mean another process is creating the registry right now.
+        ours = {_TMP, _LOCKS, MARKER, "adapters", "blobs", "events"}
+        if self.root.is_dir() and not self.exists() and set(os.listdir(self.root)) - ours:
             raise RegistryUnavailable(
                 self.url, f"{self.root} is a non-empty folder that is not a lorabay registry"
             )
@@ -117,6 +120,7 @@ class LocalStore:
             if (current[1] if current else None) != etag:
                 raise PreconditionFailed(key)
             tmp = self._write_temporary(data)
+            faults.checkpoint("local:swap-locked")
             os.replace(tmp, final)
         return etag_of(data)
 
@@ -161,6 +165,7 @@ class LocalStore:
                 while chunk := src.read(CHUNK):
                     digest.update(chunk)
                     dst.write(chunk)
+            faults.checkpoint("local:blob-written")
             if digest.hexdigest() != sha256:
                 raise InvalidAdapter(
                     str(source),

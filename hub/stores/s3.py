@@ -18,11 +18,16 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from lorabay.hub import faults
 from lorabay.hub.errors import InvalidAdapter, RegistryUnavailable
 from lorabay.hub.store import MARKER, ObjectInfo, PreconditionFailed
 
 CHUNK = 1 << 20
-SINGLE_PUT_LIMIT = 64 << 20  # bigger blobs go up in parts, several at once
+MULTIPART_THRESHOLD = 64 << 20  # bigger blobs go up in parts of this size
+
+
+def multipart_threshold() -> int:
+    return int(os.environ.get("LORABAY_S3_MULTIPART_BYTES") or MULTIPART_THRESHOLD)
 
 
 def error_code(error) -> str:
@@ -192,7 +197,7 @@ class S3Store:
         if self.has(key):
             return False
         size = source.stat().st_size
-        if size <= SINGLE_PUT_LIMIT:
+        if size <= multipart_threshold():
             data = source.read_bytes()
             if hashlib.sha256(data).hexdigest() != sha256:
                 raise changed_while_pushing(source)
@@ -201,17 +206,46 @@ class S3Store:
                 return True
             except PreconditionFailed:
                 return False  # a concurrent push stored the same bytes
-        from boto3.s3.transfer import TransferConfig
+        return self._put_parts(key, source, sha256)
 
-        with open(source, "rb") as handle:
-            digest = hashlib.sha256()
-            while chunk := handle.read(CHUNK):
-                digest.update(chunk)
-        if digest.hexdigest() != sha256:
-            raise changed_while_pushing(source)
-        config = TransferConfig(multipart_threshold=SINGLE_PUT_LIMIT, multipart_chunksize=16 << 20)
+    def _put_parts(self, key: str, source: Path, sha256: str) -> bool:
+        """A multipart upload, hashing the parts as they go up; completed only when the
+        whole file matched ``sha256`` (else aborted). One killed midway leaves an upload
+        that ``gc`` aborts."""
+        part_size = max(5 << 20, multipart_threshold())
         with self._reachable():
-            self.client.upload_file(str(source), self.bucket, self.key(key), Config=config)
+            upload = self.client.create_multipart_upload(Bucket=self.bucket, Key=self.key(key))
+            upload_id = upload["UploadId"]
+            try:
+                digest = hashlib.sha256()
+                parts = []
+                with open(source, "rb") as handle:
+                    while data := handle.read(part_size):
+                        digest.update(data)
+                        number = len(parts) + 1
+                        response = self.client.upload_part(
+                            Bucket=self.bucket,
+                            Key=self.key(key),
+                            UploadId=upload_id,
+                            PartNumber=number,
+                            Body=data,
+                        )
+                        parts.append({"PartNumber": number, "ETag": response["ETag"]})
+                        faults.checkpoint("s3:part-uploaded")
+                if digest.hexdigest() != sha256:
+                    raise changed_while_pushing(source)
+                self.client.complete_multipart_upload(
+                    Bucket=self.bucket,
+                    Key=self.key(key),
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": parts},
+                )
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    self.client.abort_multipart_upload(
+                        Bucket=self.bucket, Key=self.key(key), UploadId=upload_id
+                    )
+                raise
         return True
 
     def read_chunks(self, key: str) -> Iterator[bytes]:

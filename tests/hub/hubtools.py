@@ -76,3 +76,55 @@ def overwrite(store, key: str, data: bytes) -> None:
         path.write_bytes(data)
     else:
         store.client.put_object(Bucket=store.bucket, Key=store.key(key), Body=data)
+
+
+WORKER = Path(__file__).with_name("worker.py")
+
+
+def run_together(argument_lists: list[list[str]], go: Path, timeout: float = 120) -> list[dict]:
+    """Start one worker per argument list, release them all at once, return their outputs."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "LORABAY_TEST_GO": str(go)}
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for args in argument_lists
+    ]
+    try:
+        deadline = time.monotonic() + timeout
+        while len(list(go.parent.glob(go.name + ".ready-*"))) < len(processes):
+            if time.monotonic() > deadline or any(p.poll() is not None for p in processes):
+                break
+            time.sleep(0.01)
+        go.touch()
+        outputs = [p.communicate(timeout=timeout) for p in processes]
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, (_, err) in zip(processes, outputs, strict=True):
+        assert p.returncode == 0, f"worker failed ({p.returncode}): {err[-2000:]}"
+    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+
+
+def run_worker(args: list[str], **env_extra):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, **env_extra}
+    env.pop("LORABAY_TEST_GO", None)
+    return subprocess.run(
+        [sys.executable, str(WORKER), *args], env=env, capture_output=True, text=True, timeout=120
+    )

@@ -213,3 +213,33 @@ def test_unsafe_path_in_a_stored_manifest_is_refused_at_pull(registry_url, tmp_p
     assert not (tmp_path / "escape.json").exists()
     shutil.rmtree(tmp_path / "registry")
     assert m.version == 1
+
+
+def test_unreachable_s3_registry(monkeypatch):
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("LORABAY_S3_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    with pytest.raises(RegistryUnavailable, match=f"cannot reach http://127.0.0.1:{port}"):
+        Registry.open("s3://adapters/team")
+
+
+@pytest.mark.s3
+def test_missing_bucket_and_missing_prefix(s3_registry_url):
+    with pytest.raises(RegistryUnavailable, match="bucket no-such-bucket does not exist"):
+        Registry.open("s3://no-such-bucket/x")
+    reg = Registry.open(s3_registry_url)  # opens; nothing is written
+    with pytest.raises(RegistryUnavailable, match="no registry here yet"):
+        reg.list()
+    assert reg.store.list("") == []
+
+
+@pytest.mark.s3
+def test_wrong_s3_credentials(s3_registry_url, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    with pytest.raises(RegistryUnavailable, match="access denied"):
+        Registry.open(s3_registry_url)
