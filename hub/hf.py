@@ -13,6 +13,7 @@ leaves it out of the adapter's files).
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import shutil
 import tempfile
@@ -79,8 +80,8 @@ def download_snapshot(location: HfLocation) -> Path:
 
 
 def stage_snapshot(snapshot: Path, into: Path) -> dict | None:
-    """Copy the snapshot's files into ``into`` (the HF cache keeps them as links into its
-    blob store; only links that stay inside that repository's cache are followed).
+    """Copy the snapshot's accepted files into ``into`` (the HF cache keeps them as links
+    into its blob store; only links that stay inside that repository's cache are followed).
     Returns the exported lorabay manifest when the snapshot carries one."""
     repo_cache = snapshot.parent.parent.resolve()
     exported = None
@@ -88,6 +89,8 @@ def stage_snapshot(snapshot: Path, into: Path) -> dict | None:
         if path.is_dir():
             continue
         rel = path.relative_to(snapshot).as_posix()
+        if not any(fnmatch.fnmatch(rel, pattern) for pattern in ALLOW_PATTERNS):
+            continue  # in the cache from another download; the same filter as the download
         real = path.resolve()
         if not real.is_relative_to(repo_cache) and not real.is_relative_to(snapshot.resolve()):
             raise ConfigError(f"{rel} in {snapshot} points outside the repository's cache")

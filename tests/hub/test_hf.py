@@ -1,0 +1,197 @@
+"""hf:// import and export through huggingface_hub.
+
+The Hugging Face Hub cannot be reached from here, so:
+- import reads a snapshot laid out exactly as huggingface_hub's cache lays it out
+  (blobs/, snapshots/<commit>/ links, refs/main) with HF_HUB_OFFLINE=1: the real
+  ``snapshot_download`` resolves it;
+- export runs huggingface_hub's real upload code (``create_repo`` + ``create_commit``:
+  preupload, then the NDJSON commit) with ONLY its HTTP layer replaced, through
+  huggingface_hub's own ``set_client_factory``, by an in-process fake of the three Hub
+  endpoints it calls. The fake keeps what was committed, so the test checks the bytes.
+"""
+
+import base64
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import httpx2
+import pytest
+from lorabay.hub import Registry
+from lorabay.hub.errors import ConfigError, RegistryUnavailable
+from lorabay.hub.hf import MANIFEST_FILE, export_to_hf, import_from_hf
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def lay_out_hf_cache(
+    folder: Path, repo_id: str, commit: str = COMMIT, extra: dict | None = None
+) -> Path:
+    """Copy ``folder`` into the HF cache as huggingface_hub stores a downloaded snapshot."""
+    from huggingface_hub import constants
+
+    repo = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    files = {p.name: p.read_bytes() for p in folder.iterdir()} | (extra or {})
+    for name, data in files.items():
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        os.symlink(os.path.relpath(blob, snapshot), snapshot / name)
+    return snapshot
+
+
+def test_import_from_a_cached_snapshot(registry_url, lora):
+    folder = lora(seed=5)
+    lay_out_hf_cache(folder, "acme/sum-lora", extra={"training_args.bin": b"\x80pickle"})
+    reg = Registry.open(registry_url)
+    m = import_from_hf(reg, "hf://acme/sum-lora", "team/sum", aliases=["prod"])
+    assert m.ref == "team/sum:1" and reg.aliases("team/sum") == {"prod": 1}
+    assert m.labels["source"] == f"hf://acme/sum-lora@{COMMIT}"
+    # The pickled file was not taken (allow_patterns), the rest is byte for byte the same.
+    assert sorted(f["path"] for f in m.files) == sorted(p.name for p in folder.iterdir())
+    pulled = reg.pull(m)
+    for entry in m.files:
+        assert (pulled / entry["path"]).read_bytes() == (folder / entry["path"]).read_bytes()
+    # Same snapshot by revision: identical content, nothing new.
+    assert import_from_hf(reg, f"hf://acme/sum-lora@{COMMIT}", "team/sum").version == 1
+
+
+def test_import_refusals(registry_url, lora):
+    reg = Registry.open(registry_url)
+    with pytest.raises(RegistryUnavailable, match="not in the local Hugging Face cache"):
+        import_from_hf(reg, "hf://acme/absent", "x")
+    with pytest.raises(ConfigError, match="hf://ORG/REPO"):
+        import_from_hf(reg, "acme/absent", "x")
+    folder = lora(peft_type="IA3")
+    lay_out_hf_cache(folder, "acme/ia3", commit="f" * 40)
+    with pytest.raises(Exception, match="only LORA"):
+        import_from_hf(reg, "hf://acme/ia3", "x")
+
+
+class FakeHub:
+    """The Hub endpoints ``create_repo`` and ``create_commit`` call, answered in-process:
+    repos/create, validate-yaml (README metadata), preupload (all "regular", so the
+    files travel base64 in the commit body) and commit (NDJSON)."""
+
+    def __init__(self):
+        self.repos: set[str] = set()
+        self.commits: list[dict] = []
+        self.unexpected: list[str] = []
+
+    def __call__(self, request: httpx2.Request) -> httpx2.Response:
+        path = request.url.path
+        if request.method == "POST" and path == "/api/repos/create":
+            body = json.loads(request.content)
+            repo_id = (
+                f"{body['organization']}/{body['name']}"
+                if body.get("organization")
+                else body["name"]
+            )
+            self.repos.add(repo_id)
+            return httpx2.Response(200, json={"url": f"https://huggingface.co/{repo_id}"})
+        if request.method == "POST" and path == "/api/validate-yaml":  # README.md metadata
+            return httpx2.Response(200, json={"errors": [], "warnings": []})
+        if request.method == "POST" and "/preupload/" in path:
+            files = json.loads(request.content)["files"]
+            return httpx2.Response(
+                200,
+                json={
+                    "files": [
+                        {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                        for f in files
+                    ]
+                },
+            )
+        if request.method == "POST" and "/commit/" in path:
+            lines = [json.loads(line) for line in request.content.decode().splitlines() if line]
+            header = next(line["value"] for line in lines if line["key"] == "header")
+            files = {
+                line["value"]["path"]: base64.b64decode(line["value"]["content"])
+                for line in lines
+                if line["key"] == "file"
+            }
+            repo_id = path.split("/api/models/", 1)[1].split("/commit/", 1)[0]
+            self.commits.append({"repo": repo_id, "message": header["summary"], "files": files})
+            return httpx2.Response(
+                200,
+                json={
+                    "commitUrl": f"https://huggingface.co/{repo_id}/commit/{'e' * 40}",
+                    "commitOid": "e" * 40,
+                },
+            )
+        self.unexpected.append(f"{request.method} {path}")
+        return httpx2.Response(404, json={"error": "not faked"})
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    from huggingface_hub import set_client_factory
+    from huggingface_hub.utils._http import default_client_factory
+
+    hub = FakeHub()
+    monkeypatch.setenv("HF_TOKEN", "hf_fake_token_for_tests")
+    set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(hub)))
+    try:
+        yield hub
+    finally:
+        set_client_factory(default_client_factory)
+
+
+def test_export_uploads_the_verified_files_and_the_manifest(registry_url, lora, fake_hub):
+    reg = Registry.open(registry_url)
+    lineage = {"method": "sft", "hyperparameters": {"lr": 0.001}}
+    m = reg.push(lora(seed=6), "team/sum", lineage=lineage, description="summaries")
+    url = export_to_hf(reg, "team/sum:1", "hf://acme/sum-lora")
+    assert url.startswith("https://huggingface.co/acme/sum-lora/commit/")
+    assert fake_hub.unexpected == [] and fake_hub.repos == {"acme/sum-lora"}
+    (commit,) = fake_hub.commits
+    assert commit["repo"] == "acme/sum-lora" and m.digest in commit["message"]
+    files = commit["files"]
+    assert set(files) == {f["path"] for f in m.files} | {MANIFEST_FILE}
+    for entry in m.files:
+        assert hashlib.sha256(files[entry["path"]]).hexdigest() == entry["sha256"]
+    assert json.loads(files[MANIFEST_FILE])["digest"] == m.digest
+
+    # Round trip: import what was exported; lineage and description come back,
+    # and lorabay-manifest.json is not one of the adapter's files.
+    snapshot_files = {name: data for name, data in files.items()}
+    export_dir = Path(reg.pull(m))
+    lay_out_hf_cache(
+        export_dir,
+        "acme/sum-lora",
+        commit="a" * 40,
+        extra={MANIFEST_FILE: snapshot_files[MANIFEST_FILE]},
+    )
+    other = Registry.open(registry_url.replace("registry", "other-registry"))
+    back = import_from_hf(other, "hf://acme/sum-lora", "sum")
+    assert back.digest == m.digest and back.lineage["method"] == "sft"
+    assert back.description == "summaries"
+
+
+def test_export_cli(registry_url, lora, fake_hub):
+    from click.testing import CliRunner
+    from lorabay.cli.main import cli
+
+    Registry.open(registry_url).push(lora(seed=7), "a")
+    result = CliRunner().invoke(
+        cli, ["hub", "export", "a", "hf://acme/a", "--registry", registry_url]
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().startswith("https://huggingface.co/acme/a/commit/")
+
+
+def test_import_cli(registry_url, lora):
+    from click.testing import CliRunner
+    from lorabay.cli.main import cli
+
+    lay_out_hf_cache(lora(seed=8), "acme/cli-lora", commit="b" * 40)
+    args = ["hub", "import", "hf://acme/cli-lora", "cli", "--registry", registry_url, "--json"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["ref"] == "cli:1" and data["labels"]["source"] == f"hf://acme/cli-lora@{'b' * 40}"
