@@ -37,6 +37,7 @@ def error_code(error) -> str:
 
 class S3Store:
     concurrent_reads = 16  # manifests are read in parallel when many are needed
+    remote = True  # the registry keeps copies of (immutable) manifests on this machine
 
     def __init__(self, bucket: str, prefix: str = ""):
         import boto3

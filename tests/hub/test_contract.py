@@ -288,3 +288,14 @@ def test_pull_of_a_yanked_alias_target_still_works(store_url, lora):
     reg.yank("a:1")
     with warnings.catch_warnings(record=True):
         assert reg.resolve("a:prod").version == 1
+
+
+def test_verify_reports_a_damaged_manifest(store_url, lora):
+    reg = Registry.open(store_url)
+    reg.push(lora(seed=1), "a")
+    reg.push(lora(seed=2), "a")
+    assert reg.list()  # read (and, for a remote store, kept on this machine)
+    overwrite(reg.store, "adapters/_/a/2.json", b'{"name": "a", "version": 2')
+    problems = reg.verify()
+    assert [(p.kind, p.where) for p in problems] == [("damaged", "adapters/_/a/2.json")]
+    assert "damaged" in problems[0].message

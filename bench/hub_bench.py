@@ -1,0 +1,326 @@
+"""Registry benchmark: push/pull against `cp -r`, resolve latency and list time, per store.
+
+    .venv/bin/python bench/hub_bench.py                      # file:// and s3:// (SeaweedFS)
+    .venv/bin/python bench/hub_bench.py --stores file --adapters 200 --size-mib 16
+
+In one run, on one disk (a temporary folder under --workdir):
+- push and pull of a --size-mib adapter (pull into an empty cache, every sha256
+  verified) against `cp -r` of the same files; ratio = cp time / lorabay time
+  (goal for pull: >= 0.5);
+- resolve p50/p99 with --adapters adapters in the registry, from one long-lived
+  Registry (as the gateway holds it), for `name:prod` (alias) and `name` (latest);
+  baseline: one raw read of the alias file / object (the floor any resolve pays);
+  goal on file://: p50 <= 5 ms;
+- list of all adapters from a fresh Registry (nothing cached); baseline: reading the
+  same manifest files raw; goal <= 1 s.
+The s3:// runs start SeaweedFS (`weed mini`, loopback, free ports) with its data on the
+same disk, using tests/s3server.py. Prints a markdown table (bench/README.md keeps the
+latest one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_adapter(out: Path, size_bytes: int, seed: int) -> Path:
+    """A valid LoRA folder of about ``size_bytes`` (random float32 A/B pairs, r=8)."""
+    rng = np.random.default_rng(seed)
+    r, width = 8, 4096
+    pairs = max(1, size_bytes // (4 * 2 * r * width))
+    tensors = {}
+    for i in range(pairs):
+        prefix = f"base_model.model.model.layers.{i}.self_attn.q_proj"
+        tensors[f"{prefix}.lora_A.weight"] = rng.standard_normal((r, width), dtype=np.float32)
+        tensors[f"{prefix}.lora_B.weight"] = rng.standard_normal((width, r), dtype=np.float32)
+    out.mkdir(parents=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": 16, "target_modules": ["q_proj"]}
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    (out / "README.md").write_text(f"benchmark adapter {seed}\n")
+    return out
+
+
+def timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def drop_tree(path: Path) -> None:
+    if path.exists():
+        for p in path.rglob("*"):
+            if p.is_file():
+                p.chmod(0o644)
+        shutil.rmtree(path)
+
+
+def one_transfer(reg, work: Path, size_mib: int, index: int) -> dict:
+    from lorabay.hub.settings import cache_dir
+
+    folder = make_adapter(work / f"big-{index}", size_mib << 20, seed=10_000 + index)
+    target = work / f"cp-{index}"
+    times = {
+        "cp": timed(lambda: subprocess.run(["cp", "-r", str(folder), str(target)], check=True))
+    }
+    drop_tree(target)
+    started = time.perf_counter()
+    manifest = reg.push(folder, f"big-{index}")
+    times["push"] = time.perf_counter() - started
+    drop_tree(cache_dir())
+    times["pull"] = timed(lambda: reg.pull(manifest))
+    times["warm"] = timed(lambda: reg.pull(manifest))  # cache hit: re-hashed
+    drop_tree(folder)
+    times["bytes"] = manifest.size
+    return times
+
+
+def bench_transfer(reg, work: Path, size_mib: int, repeats: int) -> dict:
+    """Median push and cold pull times vs `cp -r` of the same folder on the same disk."""
+    runs = [one_transfer(reg, work, size_mib, i) for i in range(repeats)]
+    median = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
+    return {
+        "bytes": runs[0]["bytes"],
+        "push_s": median("push"),
+        "pull_s": median("pull"),
+        "pull_cached_s": median("warm"),
+        "cp_s": median("cp"),
+    }
+
+
+def populate(reg, work: Path, count: int, threads: int) -> list[str]:
+    names = [f"bench/a{i:04d}" for i in range(count)]
+    tiny = work / "tiny"
+
+    def push_one(index: int) -> None:
+        folder = tiny / str(index)
+        rng = np.random.default_rng(index)
+        folder.mkdir(parents=True)
+        tensors = {
+            "base_model.model.m.q_proj.lora_A.weight": rng.standard_normal(
+                (1, 16), dtype=np.float32
+            ),
+            "base_model.model.m.q_proj.lora_B.weight": rng.standard_normal(
+                (16, 1), dtype=np.float32
+            ),
+        }
+        save_file(tensors, str(folder / "adapter_model.safetensors"))
+        config = {"peft_type": "LORA", "r": 1, "lora_alpha": 2, "target_modules": ["q_proj"]}
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+        reg.push(folder, names[index], aliases=["prod"])
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(push_one, range(count)))
+    shutil.rmtree(tiny)
+    return names
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def bench_resolve(reg, names: list[str], resolves: int) -> dict:
+    from lorabay.hub.registry import name_prefix
+
+    rng = random.Random(0)
+    results = {}
+    for label, suffix in (("alias", ":prod"), ("latest", "")):
+        samples = []
+        for _ in range(resolves):
+            ref = rng.choice(names) + suffix
+            started = time.perf_counter()
+            reg.resolve(ref)
+            samples.append(time.perf_counter() - started)
+        results[label] = (percentile(samples, 0.5), percentile(samples, 0.99))
+    raw = []
+    for _ in range(resolves):
+        key = name_prefix(rng.choice(names)) + "aliases.json"
+        started = time.perf_counter()
+        reg.store.read(key)
+        raw.append(time.perf_counter() - started)
+    results["raw"] = (percentile(raw, 0.5), percentile(raw, 0.99))
+    return results
+
+
+def bench_list(url: str, expected: int) -> dict:
+    """A fresh Registry (a new process's view): first with nothing on this machine, then
+    with the manifest copies a remote store leaves in the cache; and a warm one."""
+    from lorabay.hub import Registry
+    from lorabay.hub.settings import cache_dir
+
+    shutil.rmtree(cache_dir() / "manifests", ignore_errors=True)
+    listed = []
+    first_reg = Registry.open(url)  # client set up outside the timing, as for the baseline
+    first = timed(lambda: listed.extend(first_reg.list()))
+    assert len(listed) >= expected, (len(listed), expected)
+    fresh = Registry.open(url)
+    again = timed(fresh.list)
+    warm = timed(fresh.list)
+    raw_reg = Registry.open(url)
+    keys = [i.key for i in raw_reg.store.list("adapters/") if i.key.endswith(".json")]
+    keys = [k for k in keys if not k.endswith("aliases.json")]
+    workers = getattr(raw_reg.store, "concurrent_reads", 1)
+
+    def read_all():
+        raw_reg.store.list("adapters/")
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(raw_reg.store.read, keys))
+
+    raw = timed(read_all)
+    return {"first_s": first, "again_s": again, "warm_s": warm, "raw_s": raw, "count": len(listed)}
+
+
+def run_store(kind: str, url: str, work: Path, args) -> list[list[str]]:
+    from lorabay.hub import Registry
+
+    reg = Registry.open(url)
+    print(f"[{kind}] push/pull {args.size_mib} MiB x{args.repeats} ...", file=sys.stderr)
+    transfer = bench_transfer(reg, work, args.size_mib, args.repeats)
+    print(f"[{kind}] pushing {args.adapters} adapters ...", file=sys.stderr)
+    started = time.perf_counter()
+    names = populate(reg, work, args.adapters, 1 if kind == "file" else 8)
+    print(f"[{kind}]   took {time.perf_counter() - started:.1f}s", file=sys.stderr)
+    resolve = bench_resolve(reg, names, args.resolves)
+    listing = bench_list(url, args.adapters)
+
+    ms = lambda s: f"{s * 1000:.2f} ms"  # noqa: E731
+    mib_s = lambda s: f"{transfer['bytes'] / s / 2**20:.0f} MiB/s"  # noqa: E731
+    rows = [
+        [
+            kind,
+            f"push {args.size_mib} MiB",
+            f"{ms(transfer['push_s'])} ({mib_s(transfer['push_s'])})",
+            f"cp -r {ms(transfer['cp_s'])}",
+            f"{transfer['cp_s'] / transfer['push_s']:.2f}x",
+            "-",
+        ],
+        [
+            kind,
+            f"pull {args.size_mib} MiB (empty cache, verified)",
+            f"{ms(transfer['pull_s'])} ({mib_s(transfer['pull_s'])})",
+            f"cp -r {ms(transfer['cp_s'])}",
+            f"{transfer['cp_s'] / transfer['pull_s']:.2f}x",
+            ok(transfer["cp_s"] / transfer["pull_s"] >= 0.5, ">= 0.5x"),
+        ],
+        [
+            kind,
+            "pull again (cache hit, re-hashed)",
+            ms(transfer["pull_cached_s"]),
+            f"cp -r {ms(transfer['cp_s'])}",
+            f"{transfer['cp_s'] / transfer['pull_cached_s']:.2f}x",
+            "-",
+        ],
+    ]
+    for label, key in (("resolve name:prod", "alias"), ("resolve name (latest)", "latest")):
+        p50, p99 = resolve[key]
+        goal = ok(p50 <= 0.005, "p50 <= 5 ms") if kind == "file" else "-"
+        rows.append(
+            [
+                kind,
+                f"{label}, {args.adapters} adapters",
+                f"p50 {ms(p50)}, p99 {ms(p99)}",
+                f"raw read p50 {ms(resolve['raw'][0])}",
+                f"{p50 / resolve['raw'][0]:.1f}x the floor",
+                goal,
+            ]
+        )
+    count = listing["count"]
+    rows.append(
+        [
+            kind,
+            f"list {count} adapters (new process, first time)",
+            ms(listing["first_s"]),
+            f"list + raw reads {ms(listing['raw_s'])}",
+            f"{listing['raw_s'] / listing['first_s']:.2f}x",
+            ok(listing["first_s"] <= 1.0, "<= 1 s"),
+        ]
+    )
+    if kind != "file":
+        rows.append(
+            [
+                kind,
+                f"list {count} adapters (new process, manifests kept)",
+                ms(listing["again_s"]),
+                f"list + raw reads {ms(listing['raw_s'])}",
+                f"{listing['raw_s'] / listing['again_s']:.2f}x",
+                ok(listing["again_s"] <= 1.0, "<= 1 s"),
+            ]
+        )
+    rows.append(
+        [kind, f"list {count} adapters (same process again)", ms(listing["warm_s"]), "-", "-", "-"]
+    )
+    return rows
+
+
+def ok(met: bool, goal: str) -> str:
+    return f"{goal}: {'met' if met else 'MISSED'}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--stores", default="file,s3", help="Comma list: file, s3.")
+    parser.add_argument("--size-mib", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="Push/pull repetitions (median).")
+    parser.add_argument("--adapters", type=int, default=1000)
+    parser.add_argument("--resolves", type=int, default=2000)
+    parser.add_argument("--workdir", default=None, help="Where the temp folder goes (one disk).")
+    args = parser.parse_args()
+
+    work_root = Path(tempfile.mkdtemp(prefix="lorabay-hub-bench-", dir=args.workdir))
+    os.environ["LORABAY_HOME"] = str(work_root / "home")
+    os.environ.pop("LORABAY_REGISTRY", None)
+    rows: list[list[str]] = []
+    server = None
+    try:
+        for kind in args.stores.split(","):
+            work = work_root / kind
+            work.mkdir()
+            os.environ["LORABAY_HOME"] = str(work / "home")
+            if kind == "file":
+                url = f"file://{work / 'registry'}"
+            elif kind == "s3":
+                sys.path.insert(0, str(ROOT / "tests"))
+                from s3server import start_s3_server
+
+                server = start_s3_server(work / "seaweedfs")
+                os.environ.update(server.env())
+                url = f"s3://{server.bucket}/bench"
+            else:
+                parser.error(f"unknown store {kind!r}")
+            rows += run_store(kind, url, work, args)
+    finally:
+        if server is not None:
+            server.stop()
+        shutil.rmtree(work_root, ignore_errors=True)
+
+    headers = ["store", "operation", "lorabay", "baseline (same run)", "ratio", "goal"]
+    print(
+        f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"{time.strftime('%Y-%m-%d')}\n"
+    )
+    print("| " + " | ".join(headers) + " |")
+    print("|" + "---|" * len(headers))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()
