@@ -120,6 +120,13 @@ def name_prefix(name: str) -> str:
     return f"adapters/{namespace or '_'}/{short}/"
 
 
+def alias_key(name: str) -> str:
+    # Beside, not inside, the versions folder: listing every version (``list``) then never
+    # reads alias tables, which halves what an S3 LIST returns.
+    namespace, _, short = name.rpartition("/")
+    return f"aliases/{namespace or '_'}/{short}.json"
+
+
 def name_from_prefix(key: str) -> tuple[str, str]:
     """``adapters/ns/name/3.json`` -> (``ns/name``, ``3.json``)."""
     _, namespace, short, leaf = key.split("/", 3)
@@ -269,7 +276,7 @@ class Registry:
         return [m for m in (self._manifest(*p) for p in pairs) if m is not None]
 
     def _read_aliases(self, name: str) -> tuple[dict[str, int], str | None]:
-        key = f"{name_prefix(name)}aliases.json"
+        key = alias_key(name)
         tagged = self.store.read_tagged(key)
         if tagged is None:
             return {}, None
@@ -492,7 +499,7 @@ class Registry:
 
     def _move_alias(self, name: str, alias: str, version: int | None) -> int | None:
         """Compare-and-swap the alias table; returns the previous version of ``alias``."""
-        key = f"{name_prefix(name)}aliases.json"
+        key = alias_key(name)
         for attempt in range(CAS_ATTEMPTS):
             table, etag = self._read_aliases(name)
             previous = table.get(alias)

@@ -16,7 +16,7 @@ Keys (the same in every store)::
     blobs/sha256/<hex>                        file contents, written once
     adapters/<ns or _>/<name>/<version>.json  immutable manifests
     adapters/<ns or _>/<name>/<version>.yanked   the yanked flag, beside the manifest
-    adapters/<ns or _>/<name>/aliases.json    {alias: version}, moved by compare-and-swap
+    aliases/<ns or _>/<name>.json             {alias: version}, moved by compare-and-swap
     events/<time-ns>-<random>.json            append-only event log, one object per event
 """
 

@@ -50,7 +50,7 @@ class LocalStore:
         if self.root.exists() and not self.root.is_dir():
             raise RegistryUnavailable(self.url, f"{self.root} is a file, not a folder")
         # Our own entries alone mean another process is creating the registry right now.
-        ours = {_TMP, _LOCKS, MARKER, "adapters", "blobs", "events"}
+        ours = {_TMP, _LOCKS, MARKER, "adapters", "aliases", "blobs", "events"}
         if self.root.is_dir() and not self.exists() and set(os.listdir(self.root)) - ours:
             raise RegistryUnavailable(
                 self.url, f"{self.root} is a non-empty folder that is not a lorabay registry"

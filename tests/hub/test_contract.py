@@ -12,7 +12,11 @@ from lorabay.hub.manifest import Manifest
 
 
 def keys(reg) -> set[str]:
-    return {i.key for prefix in ("adapters/", "blobs/", "events/") for i in reg.store.list(prefix)}
+    return {
+        i.key
+        for prefix in ("adapters/", "aliases/", "blobs/", "events/")
+        for i in reg.store.list(prefix)
+    }
 
 
 def test_push_records_what_design_lists(store_url, lora, tiny_base):
