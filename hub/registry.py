@@ -40,10 +40,10 @@ from lorabay.hub.errors import (
     Conflict,
     DamagedRecord,
     IncompatibleBase,
-    LorabayError,
     RegistryUnavailable,
     YankedVersion,
 )
+from lorabay.hub.keys import alias_key, name_from_prefix, name_prefix
 from lorabay.hub.manifest import KINDS, LINEAGE_KEYS, Manifest, empty_lineage
 from lorabay.hub.reference import (
     LATEST,
@@ -55,6 +55,7 @@ from lorabay.hub.reference import (
 )
 from lorabay.hub.settings import cache_dir, default_registry_url
 from lorabay.hub.store import PreconditionFailed, Store, open_store
+from lorabay.hub.upkeep import GcReport, Problem, collect_garbage, verify_registry
 
 log = logging.getLogger("lorabay.hub")
 Progress = Callable[[int], None]
@@ -63,32 +64,6 @@ CAS_ATTEMPTS = 200
 
 class YankedWarning(UserWarning):
     """Pulling a yanked version: allowed by exact version or digest, but said out loud."""
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing ``verify`` found wrong."""
-
-    kind: str  # "mismatch" | "missing" | "damaged"
-    where: str  # the adapter file, or the store key of a damaged record
-    refs: tuple[str, ...] = ()  # the versions that use it
-    expected: str | None = None
-    actual: str | None = None
-    message: str = ""
-
-    def to_dict(self) -> dict:
-        return {**self.__dict__, "refs": list(self.refs)}
-
-
-@dataclass
-class GcReport:
-    blobs: list[str] = field(default_factory=list)  # "sha256:<hex>" removed (or to remove)
-    bytes: int = 0
-    temporary: list[str] = field(default_factory=list)
-    dry_run: bool = False
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
 
 
 @dataclass
@@ -113,24 +88,6 @@ def save_copy(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except OSError as error:
         log.debug("could not keep a copy of %s: %s", path, error)
-
-
-def name_prefix(name: str) -> str:
-    namespace, _, short = name.rpartition("/")
-    return f"adapters/{namespace or '_'}/{short}/"
-
-
-def alias_key(name: str) -> str:
-    # Beside, not inside, the versions folder: listing every version (``list``) then never
-    # reads alias tables, which halves what an S3 LIST returns.
-    namespace, _, short = name.rpartition("/")
-    return f"aliases/{namespace or '_'}/{short}.json"
-
-
-def name_from_prefix(key: str) -> tuple[str, str]:
-    """``adapters/ns/name/3.json`` -> (``ns/name``, ``3.json``)."""
-    _, namespace, short, leaf = key.split("/", 3)
-    return (short if namespace == "_" else f"{namespace}/{short}"), leaf
 
 
 def now_iso() -> str:
@@ -208,8 +165,9 @@ class Registry:
     def __repr__(self) -> str:
         return f"Registry({self.url!r})"
 
-    def _readable(self) -> bool:
-        """True when there is a registry to read; False for the not-yet-created default."""
+    def is_readable(self) -> bool:
+        """True when there is a registry to read; False for the default one before its first
+        push; RegistryUnavailable for any other registry that does not exist yet."""
         if self.store.exists():
             return True
         if self.missing_is_empty:
@@ -220,18 +178,12 @@ class Registry:
 
     # -- reading ---------------------------------------------------------------------
     def _state(self, name: str) -> NameState:
-        state = NameState()
-        for info in self.store.list(name_prefix(name)):
-            leaf = info.key.rsplit("/", 1)[1]
-            stem, _, suffix = leaf.partition(".")
-            if stem.isdigit() and suffix == "json":
-                state.versions.append(int(stem))
-            elif stem.isdigit() and suffix == "yanked":
-                state.yanked.add(int(stem))
+        state = self.version_table(name).get(name, NameState())
         state.versions.sort()
         return state
 
-    def _manifest(self, name: str, version: int) -> Manifest | None:
+    def load_manifest(self, name: str, version: int) -> Manifest | None:
+        """Version ``version`` of ``name`` (None if absent), cached: manifests never change."""
         cached = self._manifests.get((name, version))
         if cached is not None:
             return cached
@@ -250,7 +202,7 @@ class Registry:
         self._manifests[(name, version)] = manifest
         return manifest
 
-    def _manifest_from_store(self, name: str, version: int) -> Manifest:
+    def read_stored_manifest(self, name: str, version: int) -> Manifest:
         """The manifest as the store holds it now (verify: no cached copy may hide damage)."""
         key = f"{name_prefix(name)}{version}.json"
         raw = self.store.read(key)
@@ -272,8 +224,8 @@ class Registry:
         workers = getattr(self.store, "concurrent_reads", 1)
         if len(missing) > 4 and workers > 1:
             with ThreadPoolExecutor(workers) as pool:
-                list(pool.map(lambda p: self._manifest(*p), missing))
-        return [m for m in (self._manifest(*p) for p in pairs) if m is not None]
+                list(pool.map(lambda p: self.load_manifest(*p), missing))
+        return [m for m in (self.load_manifest(*p) for p in pairs) if m is not None]
 
     def _read_aliases(self, name: str) -> tuple[dict[str, int], str | None]:
         key = alias_key(name)
@@ -292,11 +244,11 @@ class Registry:
         """The manifest ``ref`` names: ``name``, ``name:3``, ``name:alias``, ``name@sha256:hex``."""
         parsed = ref if isinstance(ref, Reference) else parse_reference(ref)
         shown = str(ref)
-        if not self._readable():
+        if not self.is_readable():
             raise AdapterNotFound(shown, "the registry is empty; push an adapter first")
         name = parsed.name
         if parsed.version is not None:
-            manifest = self._manifest(name, parsed.version)
+            manifest = self.load_manifest(name, parsed.version)
             if manifest is None:
                 raise AdapterNotFound(shown, f"run `lorabay hub list {name}` to see its versions")
             return manifest
@@ -316,11 +268,11 @@ class Registry:
                     else "run `lorabay hub list` to see what exists"
                 )
                 raise AdapterNotFound(shown, hint)
-            return self._manifest(name, state.latest)
+            return self.load_manifest(name, state.latest)
         table, _ = self._read_aliases(name)
         if parsed.alias not in table:
             raise AdapterNotFound(shown, f"run `lorabay hub show {name}` to see its aliases")
-        manifest = self._manifest(name, table[parsed.alias])
+        manifest = self.load_manifest(name, table[parsed.alias])
         if manifest is None:
             raise DamagedRecord(shown, f"the alias points to missing version {table[parsed.alias]}")
         return manifest
@@ -337,11 +289,12 @@ class Registry:
         return self.store.has(f"{name_prefix(manifest.name)}{manifest.version}.yanked")
 
     def names(self) -> list[str]:
-        if not self._readable():
+        if not self.is_readable():
             return []
         return sorted({name_from_prefix(i.key)[0] for i in self.store.list("adapters/")})
 
-    def _scan(self, name: str | None) -> dict[str, NameState]:
+    def version_table(self, name: str | None) -> dict[str, NameState]:
+        """Versions and yanked flags per name (of ``name``, or of all), from one listing."""
         states: dict[str, NameState] = {}
         prefix = name_prefix(name) if name else "adapters/"
         for info in self.store.list(prefix):
@@ -358,11 +311,11 @@ class Registry:
         """Every version (of ``name``), oldest first per name; yanked ones only if asked."""
         if name is not None:
             validate_name(name)
-        if not self._readable():
+        if not self.is_readable():
             return []
         pairs = [
             (n, v)
-            for n, state in sorted(self._scan(name).items())
+            for n, state in sorted(self.version_table(name).items())
             for v in sorted(state.versions)
             if include_yanked or v not in state.yanked
         ]
@@ -370,17 +323,17 @@ class Registry:
 
     def yanked_versions(self, name: str) -> set[int]:
         validate_name(name)
-        return self._state(name).yanked if self._readable() else set()
+        return self._state(name).yanked if self.is_readable() else set()
 
     def aliases(self, name: str) -> dict[str, int]:
         validate_name(name)
-        if not self._readable():
+        if not self.is_readable():
             return {}
         return dict(sorted(self._read_aliases(name)[0].items()))
 
     def events(self, name: str | None = None) -> list[dict]:
         """The event log, oldest first: pushed, aliased, unaliased, yanked, unyanked."""
-        if not self._readable():
+        if not self.is_readable():
             return []
         keys = sorted(i.key for i in self.store.list("events/"))
         workers = getattr(self.store, "concurrent_reads", 1)
@@ -532,9 +485,9 @@ class Registry:
         if not isinstance(version, int) or isinstance(version, bool) or version < 1:
             raise ConfigError(f"version {version!r} is not a whole number from 1")
         self._readable_or_raise(f"{name}:{version}")
-        if self._manifest(name, version) is None:
+        if self.load_manifest(name, version) is None:
             raise AdapterNotFound(f"{name}:{version}", f"run `lorabay hub list {name}`")
-        if self.is_yanked(self._manifest(name, version)):
+        if self.is_yanked(self.load_manifest(name, version)):
             raise YankedVersion(f"{name}:{version}")
         previous = self._move_alias(name, alias, version)
         self._log("aliased", name=name, alias=alias, version=version, previous=previous)
@@ -547,7 +500,7 @@ class Registry:
         self._log("unaliased", name=name, alias=alias, previous=previous)
 
     def _readable_or_raise(self, shown: str) -> None:
-        if not self._readable():
+        if not self.is_readable():
             raise AdapterNotFound(shown, "the registry is empty; push an adapter first")
 
     def yank(self, ref: str, undo: bool = False, reason: str = "") -> Manifest:
@@ -589,90 +542,14 @@ class Registry:
 
     # -- upkeep ----------------------------------------------------------------------
     def verify(self, ref: str | None = None, progress: Progress | None = None) -> list[Problem]:
-        """Re-hash the stored blobs (of ``ref``, or all); every mismatch, missing blob and
-        damaged manifest."""
-        problems: list[Problem] = []
-        if ref is not None:
-            named = self.resolve(ref)
-            manifests = [self._manifest_from_store(named.name, named.version)]
-        else:
-            manifests = []
-            if not self._readable():
-                return []
-            for name, state in sorted(self._scan(None).items()):
-                for version in state.versions:
-                    try:
-                        manifests.append(self._manifest_from_store(name, version))
-                    except LorabayError as error:
-                        where = f"{name_prefix(name)}{version}.json"
-                        problems.append(Problem("damaged", where, (), message=str(error)))
-        users: dict[str, list[tuple[str, str]]] = {}
-        for manifest in manifests:
-            for entry in manifest.files:
-                users.setdefault(entry["sha256"], []).append((manifest.ref, entry["path"]))
-        for sha256, uses in sorted(users.items()):
-            refs = tuple(sorted({r for r, _ in uses}))
-            where = ", ".join(sorted({p for _, p in uses}))
-            digest = hashlib.sha256()
-            try:
-                for chunk in self.store.read_chunks(blob_key(sha256)):
-                    digest.update(chunk)
-                    if progress:
-                        progress(len(chunk))
-            except FileNotFoundError:
-                problems.append(
-                    Problem(
-                        "missing",
-                        where,
-                        refs,
-                        f"sha256:{sha256}",
-                        None,
-                        f"{where} ({', '.join(refs)}): blob sha256:{sha256} is missing",
-                    )
-                )
-                continue
-            if digest.hexdigest() != sha256:
-                actual = f"sha256:{digest.hexdigest()}"
-                problems.append(
-                    Problem(
-                        "mismatch",
-                        where,
-                        refs,
-                        f"sha256:{sha256}",
-                        actual,
-                        f"{where} ({', '.join(refs)}): expected sha256:{sha256}, stored "
-                        f"content is {actual}",
-                    )
-                )
-        return problems
+        """Re-hash the stored blobs (of ``ref``, or all): every mismatch, missing blob and
+        damaged manifest (see ``upkeep.verify_registry``)."""
+        return verify_registry(self, ref, progress)
 
     def gc(self, grace_seconds: float, dry_run: bool = False) -> GcReport:
-        """Remove blobs no manifest references and leftovers of interrupted writes, when
-        older than ``grace_seconds`` (so a push in flight keeps its fresh blobs)."""
-        report = GcReport(dry_run=dry_run)
-        if not self._readable():
-            return report
-        referenced: set[str] = set()
-        for name, state in self._scan(None).items():
-            for version in state.versions:
-                # A damaged manifest aborts gc: its blobs cannot be told from garbage.
-                manifest = self._manifest(name, version)
-                referenced.update(f["sha256"] for f in manifest.files)
-        cutoff = time.time() - grace_seconds
-        for info in self.store.list("blobs/sha256/"):
-            sha256 = info.key.rsplit("/", 1)[1]
-            if sha256 in referenced or info.mtime > cutoff:
-                continue
-            report.blobs.append(f"sha256:{sha256}")
-            report.bytes += info.size
-            if not dry_run:
-                self.store.delete(info.key)
-        for info in self.store.list_temporary():
-            if info.mtime <= cutoff:
-                report.temporary.append(info.key)
-                if not dry_run:
-                    self.store.delete_temporary(info.key)
-        return report
+        """Remove unreferenced blobs and leftovers older than ``grace_seconds``
+        (see ``upkeep.collect_garbage``)."""
+        return collect_garbage(self, grace_seconds, dry_run)
 
     def check(
         self,

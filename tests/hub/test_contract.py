@@ -303,3 +303,15 @@ def test_verify_reports_a_damaged_manifest(store_url, lora):
     problems = reg.verify()
     assert [(p.kind, p.where) for p in problems] == [("damaged", "adapters/_/a/2.json")]
     assert "damaged" in problems[0].message
+
+
+def test_concurrent_first_pulls_in_one_process_fetch_once(store_url, lora):
+    """The gateway's case: many requests for a new adapter at once, one process, threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    reg = Registry.open(store_url)
+    m = reg.push(lora(seed=9), "a")
+    with ThreadPoolExecutor(8) as pool:
+        paths = set(pool.map(lambda _: reg.pull("a"), range(8)))
+    assert paths == {reg.pull(m)}
+    assert reg.pull_stats.fetched == 1

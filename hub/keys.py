@@ -1,0 +1,21 @@
+"""Where each record lives in a store (the layout is drawn in ``store.py``)."""
+
+from __future__ import annotations
+
+
+def name_prefix(name: str) -> str:
+    namespace, _, short = name.rpartition("/")
+    return f"adapters/{namespace or '_'}/{short}/"
+
+
+def alias_key(name: str) -> str:
+    # Beside, not inside, the versions folder: listing every version (``list``) then never
+    # reads alias tables, which halves what an S3 LIST returns.
+    namespace, _, short = name.rpartition("/")
+    return f"aliases/{namespace or '_'}/{short}.json"
+
+
+def name_from_prefix(key: str) -> tuple[str, str]:
+    """``adapters/ns/name/3.json`` -> (``ns/name``, ``3.json``)."""
+    _, namespace, short, leaf = key.split("/", 3)
+    return (short if namespace == "_" else f"{namespace}/{short}"), leaf
