@@ -84,6 +84,7 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
+        gateway.metrics.registry_fetches.set(gateway.resolver.registry.pull_stats.fetched)
         return Response(gateway.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")

@@ -254,7 +254,20 @@ class EngineSupervisor:
         seconds = time.monotonic() - started
         self.ready = True
         log.info("engine ready in %.1f s (pid %d)", seconds, self.process.pid)
+        self._check_plugin()
         return seconds
+
+    def _check_plugin(self) -> None:
+        from lorabay.serve.vllm_plugin import ACTIVE_MESSAGE, DISABLED
+
+        if os.environ.get("LORABAY_VLLM_PLUGIN", "1").strip().lower() in DISABLED:
+            return
+        if not any(ACTIVE_MESSAGE in line for line in self._tail):
+            log.warning(
+                "the lorabay vLLM plugin is not active in the engine: base requests batched "
+                "with adapter requests may be computed with an adapter on CPU; reinstall "
+                "lorabay (`pip install -e .` or `make setup`) so vLLM finds its entry point"
+            )
 
     async def _read_output(self, process: asyncio.subprocess.Process) -> None:
         assert process.stdout is not None

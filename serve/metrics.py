@@ -89,6 +89,11 @@ class GatewayMetrics:
             "lorabay_adapters_loaded", "Adapters loaded in the engine now.", registry=r
         )
         self.engine_up = Gauge("lorabay_engine_up", "1 when the engine answers.", registry=r)
+        self.registry_fetches = Gauge(
+            "lorabay_registry_fetches",
+            "Adapter downloads from the registry into the local cache (cache hits excluded).",
+            registry=r,
+        )
         self.engine_restarts = Counter(
             "lorabay_engine_restarts", "Times the engine was restarted after it died.", registry=r
         )

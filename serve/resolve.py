@@ -2,7 +2,7 @@
 
 ``model`` is the base's served name or a registry reference (``name``, ``name:3``,
 ``name:prod``, ``name@sha256:...``). It is resolved to a manifest on every request:
-results are cached for at most ``ttl`` seconds (1 s), so a moved alias shows within
+results are cached for at most ``ttl`` seconds (0.5 s), so a moved alias shows within
 that, and a request holds one manifest from resolution to its last token, so it
 never mixes versions. The engine knows an adapter as ``name@sha256:<hex>``: the
 name carries the digest, so new content can never be served under an old name.
@@ -101,7 +101,7 @@ class ModelResolver:
         served_name: str,
         base: str,
         max_rank: int | None = None,
-        ttl: float = 1.0,
+        ttl: float = 0.5,
     ):
         self.registry = registry
         self.served_name = served_name

