@@ -230,12 +230,23 @@ async def finish_plain(gateway: Gateway, response, timer: RequestTimer, lease) -
             pass
         timer.finish(200)
         return Response(content, status_code=200, media_type="application/json")
-    # The engine's own refusal (prompt + max_tokens beyond the context, ...): pass it on,
-    # in the same OpenAI shape.
-    timer.finish(status, "engine_error")
+    # The engine's own refusal (a prompt beyond the context, a field vLLM rejects): the
+    # same message, in the gateway's error shape; its failures are a bad gateway.
+    code = {400: "invalid_request_error", 404: "model_not_found"}.get(status, "engine_error")
+    timer.finish(status, code)
+    message = engine_error_message(response)
+    param = engine_error_param(content)
     if status >= 500 and status != 503:
-        return error_response(502, engine_error_message(response), "engine_error")
-    return Response(content, status_code=status, media_type="application/json")
+        return error_response(502, message, code, param)
+    return error_response(status, message, code, param)
+
+
+def engine_error_param(content: bytes) -> str | None:
+    try:
+        param = json.loads(content)["error"].get("param")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return param if isinstance(param, str) else None
 
 
 async def stream_body(gateway: Gateway, response, timer: RequestTimer, lease, wants_usage):

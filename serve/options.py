@@ -42,7 +42,11 @@ class ServeOptions:
 
     @property
     def served_model_name(self) -> str:
-        return self.served_name or Path(self.base.rstrip("/")).name
+        # The folder's name (also for "."), or a hub id's last part (--served-name's help).
+        if self.served_name:
+            return self.served_name
+        folder = Path(self.base).expanduser()
+        return folder.resolve().name if folder.is_dir() else self.base.rstrip("/").split("/")[-1]
 
     @property
     def cpu_loras(self) -> int:
