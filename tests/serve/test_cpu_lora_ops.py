@@ -1,0 +1,128 @@
+"""The grouped CPU LoRA ops (serve/cpu_lora.py) against a per-token reference, no engine.
+
+Shapes follow vLLM's stacks: A ``[slots, 1, r, in]``, B ``[slots, 1, out, r]``;
+slot index -1 means "no adapter" and must leave the row untouched.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorabay.serve import cpu_lora
+from lorabay.serve.cpu_lora import GroupedPunicaWrapperCPU, plan_step
+
+SLOTS, RANK, HIDDEN = 6, 8, 32
+
+
+def reference_lora(y, x, indices, a_slices, b_slices, scale=1.0):
+    """y[t, slice_i] += x[t] @ A_i[slot].T @ B_i[slot].T * scale, row by row."""
+    y = y.clone()
+    offset = 0
+    for a, b in zip(a_slices, b_slices, strict=True):
+        size = b.shape[2]
+        for t, slot in enumerate(indices.tolist()):
+            if slot >= 0:
+                y[t, offset : offset + size] += (x[t] @ a[slot, 0].T * scale) @ b[slot, 0].T
+        offset += size
+    return y
+
+
+def stacks(out_sizes, dtype=torch.float32, zero_slices=(), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = tuple(torch.randn(SLOTS, 1, RANK, HIDDEN, generator=g, dtype=dtype) for _ in out_sizes)
+    b = tuple(torch.randn(SLOTS, 1, n, RANK, generator=g, dtype=dtype) for n in out_sizes)
+    for i in zero_slices:
+        a[i].zero_()
+        b[i].zero_()
+    return a, b
+
+
+def make_wrapper(indices: torch.Tensor) -> GroupedPunicaWrapperCPU:
+    wrapper = GroupedPunicaWrapperCPU(max_num_batched_tokens=256, max_batches=64, device="cpu")
+    # What update_metadata computes from vLLM's mapping, without building a mapping.
+    wrapper._token_plan = plan_step(indices)
+    wrapper._sampler_plan = plan_step(indices)
+    return wrapper
+
+
+CASES = {
+    "decode, every slot, some base rows": torch.tensor([0, 1, -1, 2, 3, 4, 5, -1, 0, 5]),
+    "only base rows": torch.tensor([-1, -1, -1]),
+    "one long prefill plus decodes": torch.tensor([2] * 40 + [0, -1, 5, 1]),
+    "interleaved long group": torch.tensor([3, 1] * 30 + [-1]),
+    "gap in the slots": torch.tensor([0, 5, 5, -1, 0]),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("small_max", [16, 1_000])
+def test_add_lora_linear_matches_reference(name, small_max, monkeypatch):
+    monkeypatch.setattr(cpu_lora, "SMALL_GROUP_MAX_TOKENS", small_max)
+    indices = CASES[name]
+    a, b = stacks([48, 16, 16], zero_slices=(1,))  # q, k (no adapter touches it), v
+    x = torch.randn(len(indices), HIDDEN)
+    y = torch.randn(len(indices), 80)
+    want = reference_lora(y, x, indices, a, b, scale=0.5)
+    make_wrapper(indices).add_lora_linear(y, x, a, b, 0.5, (48, 16, 16))
+    torch.testing.assert_close(y, want)
+    base_rows = indices < 0
+    assert torch.equal(y[base_rows], want[base_rows])  # untouched, bit for bit
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_shrink_then_expand_matches_reference(name):
+    indices = CASES[name]
+    a, b = stacks([24, 24])
+    x = torch.randn(len(indices), HIDDEN)
+    y = torch.randn(len(indices), 48)
+    want = reference_lora(y, x, indices, a, b)
+    wrapper = make_wrapper(indices)
+    buffer = torch.zeros(2, len(indices), RANK)  # vLLM's float32 [slices, tokens, r]
+    wrapper.add_shrink(buffer, x, a, 1.0)
+    wrapper.add_expand(y, buffer, b, (24, 24), offset_start=0)
+    torch.testing.assert_close(y, want)
+
+
+def test_bfloat16_stays_close_to_float32():
+    indices = CASES["decode, every slot, some base rows"]
+    a, b = stacks([32])
+    x = torch.randn(len(indices), HIDDEN)
+    y = torch.zeros(len(indices), 32, dtype=torch.bfloat16)
+    want = reference_lora(torch.zeros(len(indices), 32), x, indices, a, b)
+    a16 = tuple(t.bfloat16() for t in a)
+    b16 = tuple(t.bfloat16() for t in b)
+    make_wrapper(indices).add_lora_linear(y, x.bfloat16(), a16, b16, 1.0, (32,))
+    torch.testing.assert_close(y.float(), want, atol=0.5, rtol=0.05)
+
+
+def test_zero_check_follows_writes():
+    """A slice that was all zero is used as soon as vLLM loads an adapter into it."""
+    indices = torch.tensor([0, 1])
+    a, b = stacks([16], zero_slices=(0,))
+    wrapper = make_wrapper(indices)
+    x, y = torch.randn(2, HIDDEN), torch.zeros(2, 16)
+    wrapper.add_lora_linear(y, x, a, b, 1.0, (16,))
+    assert not y.any()
+    a[0][1, 0].normal_()
+    b[0][1, 0].normal_()  # an adapter lands in slot 1
+    wrapper.add_lora_linear(y, x, a, b, 1.0, (16,))
+    torch.testing.assert_close(y, reference_lora(torch.zeros(2, 16), x, indices, a, b))
+
+
+def test_plan_groups_rows_by_slot():
+    plan = plan_step(torch.tensor([3, -1, 1, 3, 1]))
+    assert plan.rows.tolist() == [2, 4, 0, 3]
+    assert (plan.first_slot, plan.span, plan.width) == (1, 3, 2)
+    assert plan.cells.tolist() == [0, 1, 4, 5]
+    assert plan_step(torch.tensor([-1, -1])).empty
+
+
+def test_switch_and_version_gate(monkeypatch):
+    monkeypatch.setenv("LORABAY_CPU_LORA", "0")
+    assert not cpu_lora.enabled()
+    monkeypatch.setenv("LORABAY_CPU_LORA", "1")
+    assert cpu_lora.enabled()
+    import vllm
+
+    assert vllm.__version__ in cpu_lora.TESTED_VLLM_VERSIONS
