@@ -112,8 +112,11 @@ def test_grouped_path_equals_peft(engine, tiny_base, adapters, tmp_path, monkeyp
     )
     assert done.returncode == 0, done.stderr[-4000:]
     assert "Using GroupedPunicaWrapperCPU" in done.stderr + done.stdout
-    got = json.loads(next(l for l in done.stdout.splitlines() if l.startswith("RESULT "))[7:])
+    line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
+    got = json.loads(line.removeprefix("RESULT "))
     mismatches = [
-        (i, k, g, w) for i, ((_, k), g, w) in enumerate(zip(requests, got, want)) if g != w
+        (i, k, g, w)
+        for i, ((_, k), g, w) in enumerate(zip(requests, got, want, strict=True))
+        if g != w
     ]
     assert not mismatches, f"request, adapter, vllm, peft: {mismatches}"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from lorabay.serve import cpu_lora
 from lorabay.serve.cpu_lora import GroupedPunicaWrapperCPU, plan_step
 
