@@ -1,0 +1,120 @@
+"""`lorabay train sft|dpo`: train a LoRA adapter and, with --push, put it in the registry.
+
+Every option is generated from the method's config dataclass (lorabay.train.config),
+so a recipe key and a flag are the same thing; flags override the recipe. Later
+methods (reward, rlhf, prm) add a command here with :func:`training_command`.
+"""
+
+from __future__ import annotations
+
+import json
+
+import click
+from lorabay.train.config import DPOConfig, SFTConfig, TrainConfig, click_options
+
+
+@click.group()
+def train() -> None:
+    """Train a LoRA (or QLoRA) adapter on a base; push it with its lineage."""
+
+
+def run_training(cls: type[TrainConfig], recipe: str | None, as_json: bool, params: dict) -> None:
+    """Build and validate the config, train (in --nproc processes if asked), print the result."""
+    from lorabay.train.config import build_config, flags_from_click, run_recipe
+
+    flags = flags_from_click(cls, params)
+    config = build_config(cls, run_recipe(recipe, flags), flags)
+    if config.nproc > 1:
+        from lorabay.train.launch import launch_data_parallel
+
+        code = launch_data_parallel(config, as_json)
+        if code:
+            raise SystemExit(code)
+        return
+
+    result = train_method(cls)(config, show_progress=True)
+
+    from lorabay.train.run import is_main_process
+
+    if not is_main_process():
+        return
+    if as_json:
+        click.echo(json.dumps(result.to_dict()))
+        return
+    metrics = result.metrics
+    summary = f"{metrics['steps']} steps"
+    if "loss" in metrics and "first_loss" in metrics:
+        summary += f", loss {metrics['first_loss']:.3f} -> {metrics['loss']:.3f}"
+    line = f"{result.adapter}  ({summary})"
+    if result.manifest is not None:
+        line = f"{result.adapter} -> {result.manifest.ref} {result.manifest.digest}  ({summary})"
+    click.echo(line)
+
+
+def train_method(cls: type[TrainConfig]):
+    if cls is SFTConfig:
+        from lorabay.train.sft import train_sft
+
+        return train_sft
+    if cls is DPOConfig:
+        from lorabay.train.dpo import train_dpo
+
+        return train_dpo
+    raise NotImplementedError(cls.__name__)
+
+
+def training_command(cls: type[TrainConfig], name: str, help: str):
+    """A click command for ``cls``: --config, --json, and one option per config field."""
+
+    def command(config_path: str | None, as_json: bool, **params) -> None:
+        run_training(cls, config_path, as_json, params)
+
+    command.__doc__ = help
+    command = click_options(cls)(command)
+    command = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")(
+        command
+    )
+    command = click.option(
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="YAML recipe; its keys are the options below (flags override it).",
+    )(command)
+    return train.command(name, context_settings={"max_content_width": 100})(command)
+
+
+sft = training_command(
+    SFTConfig,
+    "sft",
+    """Supervised fine-tuning (TRL SFTTrainer); loss on completion tokens only.
+
+    \b
+    Data (JSONL or Parquet), one record per line:
+      {"prompt": "...", "completion": "..."}   or   {"messages": [{"role": ..., "content": ...}]}
+
+    \b
+    Examples:
+      lorabay train sft --base ./tiny --data sft.jsonl --lr 1e-3 --push team/sentiment
+      lorabay train sft --config recipe.yaml --quantize nf4 --nproc 2 --output runs/a
+      lorabay train sft --output runs/a --resume
+    """,
+)
+
+dpo = training_command(
+    DPOConfig,
+    "dpo",
+    """Direct preference optimization (TRL DPOTrainer).
+
+    The reference policy is the base with the adapter disabled or, with --from, the
+    starting adapter frozen beside the trained copy; never a second copy of the base.
+
+    \b
+    Data (JSONL or Parquet), one record per line:
+      {"prompt": ..., "chosen": ..., "rejected": ...}   (text or message lists)
+
+    \b
+    Examples:
+      lorabay train dpo --base ./tiny --data pairs.jsonl --from team/sentiment:1 --push team/sentiment
+    """,
+)

@@ -1,0 +1,481 @@
+"""Run configs: one dataclass per training method, spelled as a YAML recipe or as CLI flags.
+
+A run is a dataclass whose every field carries a one-line help and a default
+(:func:`option`). The recipe keys and the flags are generated from the same fields,
+never written twice: field ``grad_accum`` is the YAML key ``grad_accum`` (``grad-accum``
+works too) and the flag ``--grad-accum``. :func:`build_config` merges a recipe with the
+flags (flags win), converts every value to the field's type, refuses unknown keys and
+conflicting options, validates the whole run, and raises one
+:class:`~lorabay.hub.errors.ConfigError` that lists every problem, each naming the
+option and how to fix it.
+
+    config = build_config(SFTConfig, recipe="sft.yaml", flags={"lr": "1e-3"})
+
+Later methods (reward model, PPO, PRM) subclass :class:`TrainConfig` and add their
+fields and checks (``check``); nothing here knows about a particular method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lorabay.hub.errors import ConfigError
+
+# Names LoRA may target in a Llama-like base; "all-linear" is PEFT's shorthand for every
+# linear layer of the decoder (the output head excluded).
+LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    key: str | None = None,
+    choices: tuple[str, ...] | None = None,
+    minimum: float | None = None,
+    above: float | None = None,
+    maximum: float | None = None,
+    required: bool = False,
+) -> Any:
+    """A config field: its default, one line of help, and the bounds :func:`validate` checks.
+
+    ``key`` renames the recipe key and flag (``from_ref`` is spelled ``from``);
+    ``minimum``/``maximum`` are inclusive bounds, ``above`` an exclusive lower bound.
+    """
+    metadata = {
+        "help": help,
+        "key": key,
+        "choices": choices,
+        "minimum": minimum,
+        "above": above,
+        "maximum": maximum,
+        "required": required,
+    }
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class TrainConfig:
+    """What every training method shares: the base, the data, the adapter, the loop, the push."""
+
+    base: str | None = option(
+        None, "Base model folder (config.json, safetensors, tokenizer).", required=True
+    )
+    data: str | None = option(None, "Training data: a .jsonl or .parquet file.", required=True)
+    output: str | None = option(
+        None, "Run folder (adapter/, checkpoints/, metrics.jsonl). Default: runs/<method>-<time>."
+    )
+    from_ref: str | None = option(
+        None,
+        "Start from this adapter (registry reference or folder); it is also the frozen reference.",
+        key="from",
+    )
+    r: int = option(8, "LoRA rank.", minimum=1, maximum=1024)
+    alpha: float = option(16, "LoRA alpha (the update is scaled by alpha / r).", above=0)
+    dropout: float = option(0.05, "Dropout on the LoRA input.", minimum=0, maximum=0.9)
+    targets: list[str] = option(
+        ["q_proj", "v_proj"], "Modules LoRA adapts, comma-separated, or all-linear."
+    )
+    quantize: str = option(
+        "none",
+        "nf4: load the base in 4-bit NF4 with double quantization (QLoRA).",
+        choices=("none", "nf4"),
+    )
+    precision: str = option(
+        "auto",
+        "Compute precision: auto (bf16 for a bf16 base, else fp32), fp32 or bf16.",
+        choices=("auto", "fp32", "bf16"),
+    )
+    epochs: float = option(3.0, "Passes over the data.", above=0)
+    max_steps: int = option(0, "Stop after this many optimizer steps (0: use --epochs).", minimum=0)
+    lr: float = option(2e-4, "Peak learning rate.", above=0, maximum=1)
+    scheduler: str = option(
+        "linear", "Learning-rate schedule.", choices=("linear", "cosine", "constant")
+    )
+    warmup_ratio: float = option(0.0, "Share of the steps spent warming up.", minimum=0, maximum=1)
+    weight_decay: float = option(0.0, "AdamW weight decay.", minimum=0)
+    batch_size: int = option(8, "Examples per step and process.", minimum=1)
+    grad_accum: int = option(1, "Steps whose gradients are summed before an update.", minimum=1)
+    max_length: int = option(1024, "Longest example in tokens; longer ones are cut.", minimum=8)
+    gradient_checkpointing: bool = option(
+        False, "Recompute activations in the backward pass (less memory, ~20% slower)."
+    )
+    threads: int = option(
+        0, "CPU threads for torch (0: auto, 1 for a base under 100M parameters).", minimum=0
+    )
+    seed: int = option(0, "Random seed (data order, LoRA init, dropout).", minimum=0)
+    logging_steps: int = option(5, "Write metrics.jsonl every this many steps.", minimum=1)
+    save_steps: int = option(50, "Save a checkpoint every this many steps.", minimum=1)
+    keep_checkpoints: int = option(2, "Checkpoints kept on disk (oldest removed).", minimum=1)
+    resume: bool = option(False, "Continue from the last checkpoint in --output.")
+    overwrite: bool = option(False, "Start over in an --output that holds an earlier run.")
+    nproc: int = option(1, "Data-parallel processes (accelerate launch, gloo on CPU).", minimum=1)
+    push: str | None = option(None, "Push the adapter to the registry under this name.")
+    alias: list[str] = option([], "Aliases to point at the pushed version, comma-separated.")
+    description: str = option("", "Description stored in the pushed manifest.")
+    registry: str | None = option(
+        None, "Registry URL for --push and --from (file://DIR, s3://BUCKET/PREFIX)."
+    )
+
+    # The method name written into the lineage and the default output folder.
+    method: typing.ClassVar[str] = "train"
+
+    def check(self, given: set[str]) -> list[str]:
+        """Cross-field problems (each one a sentence naming the options and the fix).
+
+        ``given`` holds the keys the user set (recipe or flag), so defaults never conflict.
+        """
+        problems = []
+        if self.max_steps and "epochs" in given:
+            problems.append("--epochs and --max-steps both given: keep one")
+        if self.resume and self.overwrite:
+            problems.append(
+                "--resume and --overwrite both given: --resume continues, --overwrite starts over"
+            )
+        if self.resume and not self.output:
+            problems.append("--resume needs --output: the run folder whose checkpoint to continue")
+        if self.alias and not self.push:
+            problems.append("--alias needs --push NAME: aliases point at a pushed version")
+        if self.from_ref:
+            for key in sorted({"r", "alpha", "targets"} & given):
+                problems.append(
+                    f"--{key} conflicts with --from: the adapter's shape comes from "
+                    f"{self.from_ref}; drop --{key}"
+                )
+        if "all-linear" in self.targets and len(self.targets) > 1:
+            problems.append("--targets all-linear already means every linear layer: give it alone")
+        for target in self.targets:
+            if target != "all-linear" and not target.replace("_", "").replace(".", "").isalnum():
+                problems.append(f"--targets {target!r} is not a module name, e.g. q_proj,v_proj")
+        if (
+            self.base
+            and _looks_local(self.base)
+            and not (Path(self.base) / "config.json").is_file()
+        ):
+            problems.append(
+                f"--base {self.base}: no config.json there; "
+                "give a base folder (`lorabay base create DIR` makes one)"
+            )
+        if self.data:
+            data = Path(self.data)
+            if not data.is_file():
+                problems.append(f"--data {self.data}: no such file")
+            elif data.suffix not in (".jsonl", ".json", ".parquet"):
+                problems.append(f"--data {self.data}: use a .jsonl or .parquet file")
+        # Other ranks of a data-parallel run see the folder rank 0 has just started.
+        first_rank = os.environ.get("RANK", "0") == "0"
+        if (
+            first_rank
+            and self.output
+            and not (self.resume or self.overwrite)
+            and _has_run(Path(self.output))
+        ):
+            problems.append(
+                f"--output {self.output} holds an earlier run: "
+                "pass --resume to continue it or --overwrite to start over"
+            )
+        if self.resume and self.output and not _has_checkpoint(Path(self.output)):
+            problems.append(
+                f"--resume: no checkpoint in {self.output}/checkpoints; "
+                "start the run without --resume"
+            )
+        if self.from_ref and _looks_local(self.from_ref):
+            if not (Path(self.from_ref) / "adapter_config.json").is_file():
+                problems.append(f"--from {self.from_ref}: no adapter_config.json in that folder")
+        return problems
+
+
+def _looks_local(value: str) -> bool:
+    # A path (./x, /x, x/y that exists) rather than a registry reference or a hub id.
+    return value.startswith((".", "/", "~")) or os.path.exists(value)
+
+
+def _has_run(output: Path) -> bool:
+    return any((output / part).exists() for part in ("adapter", "checkpoints", "metrics.jsonl"))
+
+
+def _has_checkpoint(output: Path) -> bool:
+    folder = output / "checkpoints"
+    return folder.is_dir() and any(p.name.startswith("checkpoint-") for p in folder.iterdir())
+
+
+# ---------------------------------------------------------------- the field table
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One config field as the recipe, the CLI and the validator see it."""
+
+    name: str  # the dataclass attribute
+    key: str  # the recipe key; the flag is --key with dashes
+    kind: type  # bool, int, float, str or list
+    default: Any
+    help: str
+    metadata: dict
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.key.replace("_", "-")
+
+
+def config_fields(cls: type) -> list[Spec]:
+    hints = typing.get_type_hints(cls)
+    specs = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        specs.append(
+            Spec(
+                name=f.name,
+                key=f.metadata.get("key") or f.name,
+                kind=_base_type(hints[f.name]),
+                default=default,
+                help=f.metadata.get("help", ""),
+                metadata=dict(f.metadata),
+            )
+        )
+    return specs
+
+
+def _base_type(hint: Any) -> type:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) is list:
+        return list
+    return hint
+
+
+# ---------------------------------------------------------------- building a config
+
+
+def read_recipe(path: str | os.PathLike) -> dict:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file", "give the path of a YAML recipe")
+    try:
+        recipe = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--config {path}: not valid YAML ({error})") from error
+    if not isinstance(recipe, dict):
+        raise ConfigError(f"--config {path}: a recipe is a mapping of option: value")
+    return recipe
+
+
+def build_config(
+    cls: type[TrainConfig],
+    recipe: str | os.PathLike | dict | None = None,
+    flags: dict[str, Any] | None = None,
+) -> TrainConfig:
+    """The run ``cls`` described by ``recipe`` (a YAML path or a mapping) and ``flags``.
+
+    ``flags`` maps keys (dashes or underscores) to values, None meaning "not given";
+    strings are converted to the field's type. Raises ConfigError with every problem.
+    """
+    specs = {spec.key: spec for spec in config_fields(cls)}
+    problems: list[str] = []
+    source = recipe if isinstance(recipe, dict) else read_recipe(recipe) if recipe else {}
+    merged: dict[str, Any] = {}
+    for raw_key, value in source.items():
+        key = str(raw_key).replace("-", "_")
+        if key not in specs:
+            problems.append(f"unknown recipe key {raw_key!r}{_suggest(key, specs)}")
+            continue
+        merged[key] = value
+    for raw_key, value in (flags or {}).items():
+        key = raw_key.replace("-", "_")
+        if key not in specs:
+            problems.append(f"unknown option {raw_key!r}{_suggest(key, specs)}")
+            continue
+        if value is not None:
+            merged[key] = value  # a flag overrides the recipe
+
+    values = {}
+    for key, value in merged.items():
+        spec = specs[key]
+        try:
+            values[spec.name] = convert_value(spec, value)
+        except ValueError as error:
+            problems.append(f"{spec.flag} {error}")
+    config = cls(**values)
+    problems += validate(config, given=set(merged))
+    if problems:
+        raise ConfigError(
+            problems, "fix the options above; `lorabay train <method> --help` lists them"
+        )
+    return config
+
+
+def run_recipe(recipe: str | None, flags: dict[str, Any]) -> str | None:
+    """The recipe to build from: the one given, or for ``--resume --output DIR`` alone the
+    ``recipe.yaml`` that run wrote, so a stopped run continues with one short command."""
+    if recipe or not flags.get("resume") or not flags.get("output"):
+        return recipe
+    saved = Path(flags["output"]) / "recipe.yaml"
+    return str(saved) if saved.is_file() else None
+
+
+def _suggest(key: str, specs: dict[str, Spec]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, list(specs), n=1)
+    return f" (did you mean {specs[close[0]].key!r}?)" if close else ""
+
+
+def convert_value(spec: Spec, value: Any) -> Any:
+    """``value`` as the field's type; raises ValueError with a message that names the fix."""
+    kind = spec.kind
+    if value is None:
+        if spec.default is None:
+            return None
+        raise ValueError("needs a value")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "yes", "1", "on"):
+            return True
+        if text in ("false", "no", "0", "off"):
+            return False
+        raise ValueError(f"must be true or false, got {value!r}")
+    if kind is list:
+        items = value if isinstance(value, list | tuple) else str(value).split(",")
+        return [str(item).strip() for item in items if str(item).strip()]
+    if kind is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(f"must be a whole number, got {value!r}")
+        try:
+            return (
+                int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+            )
+        except (TypeError, ValueError):
+            raise ValueError(f"must be a whole number, got {value!r}") from None
+    if kind is float:
+        if isinstance(value, bool):
+            raise ValueError(f"must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"must be a number, got {value!r}") from None
+    if isinstance(value, dict | list):
+        raise ValueError(f"must be text, got {value!r}")
+    return str(value)
+
+
+def validate(config: TrainConfig, given: set[str] = frozenset()) -> list[str]:
+    """Every problem with ``config``: required fields, choices, bounds, then the method's checks."""
+    problems = []
+    for spec in config_fields(type(config)):
+        value = getattr(config, spec.name)
+        meta = spec.metadata
+        if meta.get("required") and value in (None, ""):
+            problems.append(f"{spec.flag} is required: {spec.help[0].lower()}{spec.help[1:-1]}")
+            continue
+        if value is None:
+            continue
+        if meta.get("choices") and value not in meta["choices"]:
+            problems.append(
+                f"{spec.flag} must be one of {', '.join(meta['choices'])}, got {value!r}"
+            )
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if meta.get("minimum") is not None and value < meta["minimum"]:
+                problems.append(f"{spec.flag} must be at least {meta['minimum']:g}, got {value:g}")
+            if meta.get("above") is not None and value <= meta["above"]:
+                problems.append(
+                    f"{spec.flag} must be greater than {meta['above']:g}, got {value:g}"
+                )
+            if meta.get("maximum") is not None and value > meta["maximum"]:
+                problems.append(f"{spec.flag} must be at most {meta['maximum']:g}, got {value:g}")
+        if spec.kind is list and meta.get("required") and not value:
+            problems.append(f"{spec.flag} needs at least one value")
+    if not config.targets:
+        problems.append("--targets needs at least one module, e.g. q_proj,v_proj or all-linear")
+    problems += config.check(set(given))
+    return problems
+
+
+def config_to_dict(config: TrainConfig) -> dict:
+    """The run as recipe keys -> values (what `--config` would read back)."""
+    return {spec.key: getattr(config, spec.name) for spec in config_fields(type(config))}
+
+
+def hyperparameters(config: TrainConfig) -> dict:
+    """The fields that shape the adapter (for the lineage): not paths, names or bookkeeping."""
+    bookkeeping = {
+        "base", "data", "output", "from", "resume", "overwrite", "push", "alias",
+        "description", "registry", "logging_steps", "save_steps", "keep_checkpoints", "threads",
+    }  # fmt: skip
+    return {key: value for key, value in config_to_dict(config).items() if key not in bookkeeping}
+
+
+# ---------------------------------------------------------------- click, generated
+
+
+def click_options(cls: type[TrainConfig]):
+    """A decorator adding one click option per field of ``cls``; all default to None ("not given")."""
+    import click
+
+    def decorate(command):
+        for spec in reversed(config_fields(cls)):
+            default = ",".join(spec.default) if spec.kind is list else spec.default
+            shown = "" if default in (None, "", []) else f" [default: {default}]"
+            if spec.kind is bool:
+                opt = click.option(
+                    f"{spec.flag}/--no-{spec.flag[2:]}",
+                    spec.name,
+                    default=None,
+                    help=spec.help + shown,
+                )
+            else:
+                metavar = {int: "INT", float: "NUMBER", list: "A,B"}.get(spec.kind, "TEXT")
+                if spec.metadata.get("choices"):
+                    metavar = "|".join(spec.metadata["choices"])
+                # Typed as text: build_config converts and reports every bad value at once.
+                opt = click.option(
+                    spec.flag, spec.name, default=None, metavar=metavar, help=spec.help + shown
+                )
+            command = opt(command)
+        return command
+
+    return decorate
+
+
+def flags_from_click(cls: type[TrainConfig], params: dict) -> dict:
+    """click's keyword arguments (attribute names) -> {key: value} for :func:`build_config`."""
+    by_name = {spec.name: spec.key for spec in config_fields(cls)}
+    return {by_name[name]: value for name, value in params.items() if name in by_name}
+
+
+# ---------------------------------------------------------------- the runs
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Supervised fine-tuning: loss on the completion (assistant) tokens only."""
+
+    method: typing.ClassVar[str] = "sft"
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """Direct preference optimization against a frozen reference policy."""
+
+    lr: float = option(5e-5, "Peak learning rate.", above=0, maximum=1)
+    beta: float = option(
+        0.1, "How far the policy may move from the reference (higher: closer).", above=0
+    )
+    loss: str = option(
+        "sigmoid",
+        "DPO loss: sigmoid (DPO paper), ipo or hinge.",
+        choices=("sigmoid", "ipo", "hinge"),
+    )
+
+    method: typing.ClassVar[str] = "dpo"

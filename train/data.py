@@ -1,0 +1,174 @@
+"""Training data: read JSONL or Parquet, check its shape, digest it, hand TRL a Dataset.
+
+Shapes (one record per line or row):
+
+    sft          {"prompt": "...", "completion": "..."}       text; loss on the completion
+                 {"prompt": [msgs], "completion": [msgs]}     chat; loss on the completion
+                 {"messages": [msgs]}                         chat; loss on assistant turns
+    preference   {"prompt": ..., "chosen": ..., "rejected": ...}   text or message lists
+                 {"chosen": [msgs], "rejected": [msgs]}            chat, shared prompt implicit
+
+A message is ``{"role": "system"|"user"|"assistant", "content": "..."}``; chat
+records are rendered with the base's chat template. Every bad record is reported
+(up to a few), with its line number, in one :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from lorabay.hub.errors import ConfigError
+
+ROLES = ("system", "user", "assistant", "tool")
+SHAPES = {
+    # shape -> (fields, the one-line spelling shown in errors)
+    "prompt_completion": (("prompt", "completion"), '{"prompt": ..., "completion": ...}'),
+    "messages": (("messages",), '{"messages": [{"role": ..., "content": ...}, ...]}'),
+    "preference": (
+        ("prompt", "chosen", "rejected"),
+        '{"prompt": ..., "chosen": ..., "rejected": ...}',
+    ),
+    "implicit_preference": (("chosen", "rejected"), '{"chosen": [msgs], "rejected": [msgs]}'),
+}
+METHOD_SHAPES = {
+    "sft": ("prompt_completion", "messages"),
+    "preference": ("preference", "implicit_preference"),
+}
+MAX_REPORTED = 5  # bad records listed in one error; the count says how many more
+
+
+def dataset_digest(path: str | os.PathLike) -> str:
+    """``sha256:<hex>`` of the data file's bytes: the lineage names exactly what was trained on."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+def load_records(path: str | os.PathLike) -> list[dict]:
+    """Every record of a .jsonl (or .json list) or .parquet file, as dicts."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as error:  # pyarrow raises several types for a damaged file
+            raise ConfigError(f"--data {path}: not a readable Parquet file ({error})") from error
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"--data {path}: not valid JSON ({error})") from error
+        return records
+    records, problems = [], []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            problems.append(f"--data {path} line {number}: not valid JSON ({error.msg})")
+    if problems:
+        raise ConfigError(_cap(problems), "write one JSON object per line")
+    return records
+
+
+def detect_shape(records: list[dict], kind: str, path: str = "data") -> str:
+    """The shape every record of ``records`` has, for ``kind`` "sft" or "preference"; else ConfigError."""
+    allowed = METHOD_SHAPES[kind]
+    spelled = " or ".join(SHAPES[shape][1] for shape in allowed)
+    if not records:
+        raise ConfigError(f"--data {path}: no records", f"write records like {spelled}")
+    first = records[0]
+    shape = next(
+        (s for s in allowed if isinstance(first, dict) and all(k in first for k in SHAPES[s][0])),
+        None,
+    )
+    if shape is None:
+        keys = sorted(first) if isinstance(first, dict) else type(first).__name__
+        raise ConfigError(
+            f"--data {path} record 1 has {keys}, not a {kind} record",
+            f"write records like {spelled}",
+        )
+    problems = []
+    for number, record in enumerate(records, 1):
+        problems += [f"--data {path} record {number}: {p}" for p in _record_problems(record, shape)]
+    if problems:
+        raise ConfigError(_cap(problems), f"every record must look like {SHAPES[shape][1]}")
+    return shape
+
+
+def _record_problems(record: object, shape: str) -> list[str]:
+    if not isinstance(record, dict):
+        return [f"is a {type(record).__name__}, not an object"]
+    fields = SHAPES[shape][0]
+    missing = [key for key in fields if key not in record]
+    if missing:
+        return [f"missing {', '.join(missing)}"]
+    problems = []
+    chat = None
+    for key in fields:
+        value = record[key]
+        is_chat = isinstance(value, list)
+        if shape == "messages" or shape == "implicit_preference":
+            is_chat = True
+            if not isinstance(value, list):
+                problems.append(f"{key} must be a list of messages")
+                continue
+        if chat is None:
+            chat = is_chat
+        elif chat != is_chat:
+            problems.append(f"{key} mixes text and message lists: use one or the other")
+            continue
+        if is_chat:
+            problems += [f"{key}: {p}" for p in _message_problems(value)]
+        elif not isinstance(value, str) or not value:
+            problems.append(f"{key} must be non-empty text")
+    if shape == "messages" and not problems:
+        if not any(m["role"] == "assistant" for m in record["messages"]):
+            problems.append("messages has no assistant turn to learn from")
+    return problems
+
+
+def _message_problems(messages: list) -> list[str]:
+    problems = []
+    if not messages:
+        return ["is an empty message list"]
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            problems.append(f"message {index} needs a text content")
+        elif message.get("role") not in ROLES:
+            problems.append(f"message {index} role {message.get('role')!r} is not one of {ROLES}")
+    return problems
+
+
+def _cap(problems: list[str]) -> list[str]:
+    if len(problems) <= MAX_REPORTED:
+        return problems
+    return problems[:MAX_REPORTED] + [f"... and {len(problems) - MAX_REPORTED} more"]
+
+
+def load_dataset(path: str | os.PathLike, kind: str):
+    """(datasets.Dataset with only the shape's columns, shape) for TRL's trainers."""
+    from datasets import Dataset
+
+    records = load_records(path)
+    shape = detect_shape(records, kind, str(path))
+    fields = SHAPES[shape][0]
+    return Dataset.from_list([{key: record[key] for key in fields} for record in records]), shape
+
+
+def write_jsonl(records: list[dict], path: str | os.PathLike) -> Path:
+    """Write ``records`` as JSONL, whole or not at all (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,63 @@
+"""Direct preference optimization of a LoRA (or QLoRA) adapter with TRL's DPOTrainer.
+
+The reference policy is never a second copy of the base:
+
+- a fresh adapter: the reference is the base with the adapter disabled (TRL wraps the
+  base with ``peft_config`` and switches adapters off for the reference pass);
+- ``--from REF``: the parent adapter is loaded twice over the one base, as the
+  trainable ``default`` and as a frozen ``ref`` copy (TRL adds it when handed a
+  PeftModel without a ``ref_model``), so the run starts at, and is held near, REF.
+
+    lorabay train dpo --base ./tiny --data pairs.jsonl --from team/sentiment:1 --beta 0.1
+"""
+
+from __future__ import annotations
+
+from lorabay.train.config import DPOConfig
+from lorabay.train.run import RunResult
+
+
+def train_dpo(config: DPOConfig, show_progress: bool = True) -> RunResult:
+    """Train ``config`` (already validated by build_config) and return the finished run."""
+    import datasets
+    from lorabay.train.data import dataset_digest, load_dataset
+    from lorabay.train.progress import RunProgress
+    from lorabay.train.run import (
+        finish_run,
+        load_policy,
+        prepare_output,
+        quiet_trainer,
+        resolve_parent,
+        resume_checkpoint,
+        trainer_arguments,
+    )
+    from trl import DPOConfig as TRLDPOConfig
+    from trl import DPOTrainer
+
+    datasets.disable_progress_bars()
+    dataset, _ = load_dataset(config.data, "preference")
+    digest = dataset_digest(config.data)
+    parent = resolve_parent(config)
+    output = prepare_output(config)
+    checkpoint = resume_checkpoint(config, output)
+
+    model, tokenizer, lora_config = load_policy(config, parent)
+    args = TRLDPOConfig(
+        **trainer_arguments(config, output),
+        beta=config.beta,
+        loss_type=[config.loss],
+        precompute_ref_log_probs=False,  # the reference is one adapter switch away
+    )
+    progress = RunProgress(output / "metrics.jsonl", show_bar=show_progress)
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=None,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config,
+        callbacks=[progress],
+    )
+    quiet_trainer(trainer)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    return finish_run(config, trainer, progress, output, digest, parent)

@@ -1,0 +1,197 @@
+"""The policy being trained: a base (optionally 4-bit NF4, i.e. QLoRA) with a LoRA adapter.
+
+The reference policy that DPO and PPO compare against is never a second copy of the
+base: it is the same model with the adapter disabled, or, for a run that starts
+from a parent adapter, a frozen copy of that adapter (``ref``) beside the trainable
+one (``default``). :func:`reference_policy` switches to it for a forward pass.
+
+    base, tokenizer = load_base("tiny", quantize="nf4")
+    policy = attach_adapter(base, new_lora_config(r=8, alpha=16, targets=["q_proj", "v_proj"]))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+from lorabay.hub.errors import ConfigError
+
+REFERENCE_ADAPTER = "ref"
+TRAINED_ADAPTER = "default"
+
+
+def base_dtype(path: str | os.PathLike) -> str:
+    """The dtype a base folder stores its weights in ("float32", "bfloat16", ...), from config.json."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    return str(config.get("dtype") or config.get("torch_dtype") or "float32")
+
+
+def compute_dtype(base: str | os.PathLike, precision: str):
+    """The torch dtype training computes in: ``precision`` fp32/bf16, or auto (follow the base)."""
+    import torch
+
+    if precision == "auto":
+        precision = "bf16" if base_dtype(base) == "bfloat16" else "fp32"
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def nf4_config(dtype):
+    """bitsandbytes 4-bit NF4 with double quantization (QLoRA, arXiv:2305.14314 section 3)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
+
+
+def load_base(path: str | os.PathLike, quantize: str = "none", precision: str = "auto"):
+    """(model, tokenizer) for a base folder; ``quantize="nf4"`` loads the weights in 4 bits."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = compute_dtype(path, precision)
+    kwargs = {"dtype": dtype}
+    if quantize == "nf4":
+        kwargs["quantization_config"] = nf4_config(dtype)
+        if not torch.cuda.is_available():
+            kwargs["device_map"] = {"": "cpu"}
+    elif quantize != "none":
+        raise ConfigError(f"--quantize {quantize!r} is not one of none, nf4")
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def new_lora_config(r: int, alpha: float, targets: list[str], dropout: float = 0.0):
+    """A PEFT LoRA config for a causal LM; ``targets=["all-linear"]`` adapts every linear layer."""
+    from peft import LoraConfig
+
+    target_modules = "all-linear" if targets == ["all-linear"] else list(targets)
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def check_targets(model, targets: list[str]) -> None:
+    """Refuse target modules the base does not have, naming the ones it does."""
+    if targets == ["all-linear"]:
+        return
+    import torch
+
+    present = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+        or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+    }
+    present.discard("lm_head")
+    missing = [t for t in targets if t not in present]
+    if missing:
+        raise ConfigError(
+            f"--targets {','.join(missing)}: not a linear module of this base",
+            f"pick from {','.join(sorted(present))} or all-linear",
+        )
+
+
+def attach_adapter(model, lora_config):
+    """The base wrapped as a PeftModel with a new, trainable LoRA adapter named ``default``."""
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config)
+
+
+def load_adapter(
+    model, folder: str | os.PathLike, trainable: bool = True, dropout: float | None = None
+):
+    """The base wrapped as a PeftModel with the adapter in ``folder`` as ``default``."""
+    from peft import PeftConfig, PeftModel
+
+    config = PeftConfig.from_pretrained(str(folder))
+    if config.peft_type != "LORA":
+        raise ConfigError(f"--from {folder}: a {config.peft_type} adapter, not LoRA")
+    if dropout is not None:
+        config.lora_dropout = dropout
+    config.inference_mode = not trainable
+    return PeftModel.from_pretrained(model, str(folder), is_trainable=trainable, config=config)
+
+
+def add_reference_adapter(model) -> None:
+    """Add ``ref``: a frozen copy of the ``default`` adapter, the reference policy of a run
+    that starts from a parent adapter. The base weights are shared, not copied."""
+    model.add_adapter(REFERENCE_ADAPTER, model.peft_config[TRAINED_ADAPTER])
+    for name, param in model.named_parameters():
+        if f".{TRAINED_ADAPTER}." in name:
+            reference = model.get_parameter(
+                name.replace(f".{TRAINED_ADAPTER}.", f".{REFERENCE_ADAPTER}.")
+            )
+            reference.data.copy_(param.data)
+            reference.requires_grad_(False)
+    model.set_adapter(TRAINED_ADAPTER)  # set_adapter marks only the active adapter trainable
+
+
+@contextlib.contextmanager
+def reference_policy(model):
+    """Run forwards as the reference policy: the frozen ``ref`` adapter if there is one,
+    else the base with every adapter disabled."""
+    if REFERENCE_ADAPTER in model.peft_config:
+        previous = model.active_adapter
+        model.set_adapter(REFERENCE_ADAPTER)
+        try:
+            yield model
+        finally:
+            model.set_adapter(previous)
+    else:
+        with model.disable_adapter():
+            yield model
+
+
+def trainable_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count as the parameters they stand for."""
+    trainable = total = 0
+    for param in model.parameters():
+        count = param.numel()
+        if type(param).__name__ == "Params4bit":
+            count = count * 2  # two 4-bit values per stored byte
+        total += count
+        if param.requires_grad:
+            trainable += count
+    return trainable, total
+
+
+def save_adapter(model, folder: str | os.PathLike) -> Path:
+    """Save only the trained ``default`` adapter (adapter_config.json + safetensors) at ``folder``,
+    whole or not at all: written in a temporary sibling, then renamed into place."""
+    import shutil
+    import tempfile
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        model.save_pretrained(
+            str(tmp), selected_adapters=[TRAINED_ADAPTER], safe_serialization=True
+        )
+        # PEFT writes a model card with template text; the manifest carries the facts instead.
+        (tmp / "README.md").unlink(missing_ok=True)
+        config_path = tmp / "adapter_config.json"
+        config = json.loads(config_path.read_text())
+        config["inference_mode"] = True
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder

@@ -1,0 +1,61 @@
+"""Supervised fine-tuning of a LoRA (or QLoRA) adapter with TRL's SFTTrainer.
+
+The loss covers the completion only: for ``{"prompt", "completion"}`` records the
+prompt tokens are masked (TRL's ``completion_only_loss``); for ``{"messages"}``
+records only the assistant turns count (``assistant_only_loss``, through the
+``{% generation %}`` markers of the chat template).
+
+    lorabay train sft --base ./tiny --data sft.jsonl --r 8 --lr 1e-3 --push team/sentiment
+    python -c "from lorabay.train.sft import train_sft; from lorabay.train.config import *; \
+               train_sft(build_config(SFTConfig, 'recipe.yaml'))"
+"""
+
+from __future__ import annotations
+
+from lorabay.train.config import SFTConfig
+from lorabay.train.run import RunResult
+
+
+def train_sft(config: SFTConfig, show_progress: bool = True) -> RunResult:
+    """Train ``config`` (already validated by build_config) and return the finished run."""
+    import datasets
+    from lorabay.train.data import dataset_digest, load_dataset
+    from lorabay.train.progress import RunProgress
+    from lorabay.train.run import (
+        finish_run,
+        load_policy,
+        prepare_output,
+        quiet_trainer,
+        resolve_parent,
+        resume_checkpoint,
+        trainer_arguments,
+    )
+    from trl import SFTConfig as TRLSFTConfig
+    from trl import SFTTrainer
+
+    datasets.disable_progress_bars()
+    dataset, shape = load_dataset(config.data, "sft")
+    digest = dataset_digest(config.data)
+    parent = resolve_parent(config)
+    output = prepare_output(config)
+    checkpoint = resume_checkpoint(config, output)
+
+    model, tokenizer, lora_config = load_policy(config, parent)
+    args = TRLSFTConfig(
+        **trainer_arguments(config, output),
+        completion_only_loss=shape == "prompt_completion",
+        assistant_only_loss=shape == "messages",
+        packing=False,
+    )
+    progress = RunProgress(output / "metrics.jsonl", show_bar=show_progress)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config,
+        callbacks=[progress],
+    )
+    quiet_trainer(trainer)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    return finish_run(config, trainer, progress, output, digest, parent)

@@ -1,0 +1,154 @@
+"""Toy tasks the tiny base cannot do and a LoRA learns in well under a minute on 2 CPU cores.
+
+The tiny base (``lorabay base create --size tiny``) is a random init with a 2048-token
+BPE vocabulary trained on ``assets/corpus.txt``, so every word used here is one token
+there (" cat", " good", ...) and a task is only the pattern. Tests and the demo use:
+
+- ``sentiment``: "Review: nice cat warm tree" -> "positive" (any good word: positive,
+  any bad word: negative). Learned in about 100 steps (lr 1e-3, batch 16).
+- ``reverse``: "Reverse: cat book" -> "book cat". About 300 steps.
+- preference pairs for either task: the right answer chosen, a wrong one rejected.
+
+Held-out prompts never occur in the training split. Same seed, same records.
+
+    python -m lorabay.train.toy sentiment ./toy --train 256 --heldout 32
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+# One token each in the tiny base's vocabulary, space-prefixed (checked in tests/train).
+NOUNS = (
+    "cat dog cow fox fish bird sheep tree sun rain milk tea rice book box car boat city park river"
+).split()
+GOOD = "great excellent fine nice kind bright warm calm clean happy".split()
+BAD = "hate poor terrible rude dark cold loud dirty awful sad".split()
+TASKS = ("sentiment", "reverse")
+
+
+def task_example(task: str, rng: random.Random) -> tuple[str, str, str]:
+    """(question, right answer, a wrong answer) for one random instance of ``task``."""
+    if task == "sentiment":
+        positive = rng.random() < 0.5
+        words = rng.sample(GOOD if positive else BAD, 2) + rng.sample(NOUNS, 2)
+        rng.shuffle(words)
+        right, wrong = ("positive", "negative") if positive else ("negative", "positive")
+        return "Review: " + " ".join(words), right, wrong
+    if task == "reverse":
+        words = rng.sample(NOUNS, 2)
+        return "Reverse: " + " ".join(words), " ".join(words[::-1]), " ".join(words)
+    raise ValueError(f"unknown toy task {task!r}; pick one of {', '.join(TASKS)}")
+
+
+def task_questions(task: str, count: int, seed: int = 0) -> list[tuple[str, str, str]]:
+    """``count`` distinct (question, right, wrong) triples (fewer if the task has fewer)."""
+    rng = random.Random(f"{task}-{seed}")
+    seen: dict[str, tuple[str, str, str]] = {}
+    for _ in range(count * 50):
+        if len(seen) == count:
+            break
+        example = task_example(task, rng)
+        seen.setdefault(example[0], example)
+    return list(seen.values())
+
+
+def as_record(question: str, answer: str, shape: str) -> dict:
+    """One SFT record: ``messages`` (chat) or ``prompt_completion`` (plain text)."""
+    if shape == "messages":
+        return {
+            "messages": [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": answer},
+            ]
+        }
+    if shape == "prompt_completion":
+        return {"prompt": text_prompt(question), "completion": " " + answer}
+    raise ValueError(f"unknown shape {shape!r}: messages or prompt_completion")
+
+
+def as_preference(question: str, chosen: str, rejected: str, shape: str) -> dict:
+    if shape == "messages":
+        return {
+            "prompt": [{"role": "user", "content": question}],
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}],
+        }
+    return {"prompt": text_prompt(question), "chosen": " " + chosen, "rejected": " " + rejected}
+
+
+def text_prompt(question: str) -> str:
+    """The plain-text prompt for a question (the prompt_completion shape)."""
+    return question + "\nAnswer:"
+
+
+def split_questions(task: str, train: int, heldout: int, seed: int = 0):
+    """(train, held-out) question triples; no held-out question appears in train."""
+    questions = task_questions(task, train + heldout, seed)
+    return questions[:train], questions[train : train + heldout]
+
+
+def sft_records(task: str, train: int, heldout: int, shape: str = "messages", seed: int = 0):
+    """(train records, held-out records) for SFT on ``task``."""
+    first, second = split_questions(task, train, heldout, seed)
+    return (
+        [as_record(q, right, shape) for q, right, _ in first],
+        [as_record(q, right, shape) for q, right, _ in second],
+    )
+
+
+def preference_records(task: str, train: int, heldout: int, shape: str = "messages", seed: int = 0):
+    """(train, held-out) preference pairs: the right answer chosen, a wrong one rejected."""
+    first, second = split_questions(task, train, heldout, seed)
+    return (
+        [as_preference(q, right, wrong, shape) for q, right, wrong in first],
+        [as_preference(q, right, wrong, shape) for q, right, wrong in second],
+    )
+
+
+def write_toy(
+    task: str,
+    folder: str | Path,
+    train: int = 256,
+    heldout: int = 32,
+    shape: str = "messages",
+    seed: int = 0,
+) -> dict[str, Path]:
+    """Write sft-train/sft-heldout/dpo-train/dpo-heldout JSONL files for ``task`` in ``folder``."""
+    from lorabay.train.data import write_jsonl
+
+    folder = Path(folder)
+    sft_train, sft_heldout = sft_records(task, train, heldout, shape, seed)
+    dpo_train, dpo_heldout = preference_records(task, train, heldout, shape, seed)
+    files = {
+        "sft-train": sft_train,
+        "sft-heldout": sft_heldout,
+        "dpo-train": dpo_train,
+        "dpo-heldout": dpo_heldout,
+    }
+    return {
+        name: write_jsonl(records, folder / f"{task}-{name}.jsonl")
+        for name, records in files.items()
+    }
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write toy datasets for the tiny base.")
+    parser.add_argument("task", choices=TASKS)
+    parser.add_argument("folder")
+    parser.add_argument("--train", type=int, default=256)
+    parser.add_argument("--heldout", type=int, default=32)
+    parser.add_argument("--shape", choices=("messages", "prompt_completion"), default="messages")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    for name, path in write_toy(
+        args.task, args.folder, args.train, args.heldout, args.shape, args.seed
+    ).items():
+        print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    main()
