@@ -407,6 +407,16 @@ def config_to_dict(config: TrainConfig) -> dict:
     return {spec.key: getattr(config, spec.name) for spec in config_fields(type(config))}
 
 
+def recipe_values(config: TrainConfig, leave_out: tuple[str, ...] = ()) -> dict:
+    """The fields that differ from their defaults, as recipe keys: a recipe that repeats the
+    run without tripping the "both given" checks (an unchanged --epochs is not given)."""
+    return {
+        spec.key: getattr(config, spec.name)
+        for spec in config_fields(type(config))
+        if getattr(config, spec.name) != spec.default and spec.key not in leave_out
+    }
+
+
 def hyperparameters(config: TrainConfig) -> dict:
     """The fields that shape the adapter (for the lineage): not paths, names or bookkeeping."""
     bookkeeping = {

@@ -60,4 +60,18 @@ def train_dpo(config: DPOConfig, show_progress: bool = True) -> RunResult:
     )
     quiet_trainer(trainer)
     trainer.train(resume_from_checkpoint=checkpoint)
-    return finish_run(config, trainer, progress, output, digest, parent)
+    result = finish_run(config, trainer, progress, output, digest, parent)
+    result.extra["reference"] = describe_reference(trainer)
+    return result
+
+
+def describe_reference(trainer) -> str:
+    """What the reference policy of ``trainer`` is; never a second model."""
+    from lorabay.train.model import REFERENCE_ADAPTER
+
+    if trainer.ref_model is not None:  # not reachable through train_dpo; kept honest anyway
+        return "separate model"
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if REFERENCE_ADAPTER in model.peft_config:
+        return f"frozen adapter {REFERENCE_ADAPTER!r} (the parent)"
+    return "base with the adapter disabled"

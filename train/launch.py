@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from lorabay.train.config import TrainConfig, config_to_dict
+from lorabay.train.config import TrainConfig, recipe_values
 from lorabay.train.run import default_output, write_recipe
 
 
@@ -43,8 +43,8 @@ def launch_command(recipe: Path, method: str, nproc: int, as_json: bool) -> list
 
 def launch_data_parallel(config: TrainConfig, as_json: bool = False) -> int:
     """Run ``config`` in ``config.nproc`` processes; returns the exit code of the launch."""
-    values = config_to_dict(config)
-    values["output"] = values["output"] or str(default_output(config.method))
+    values = recipe_values(config, leave_out=("nproc",))  # each process is one of the N
+    values["output"] = config.output or str(default_output(config.method))
     with tempfile.TemporaryDirectory(prefix="lorabay-launch-") as folder:
         recipe = write_recipe(values, Path(folder) / "recipe.yaml")
         env = dict(os.environ)

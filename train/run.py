@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorabay.hub.errors import ConfigError
-from lorabay.train.config import TrainConfig, config_to_dict, hyperparameters
+from lorabay.train.config import TrainConfig, hyperparameters, recipe_values
 
 RUN_PARTS = ("adapter", "checkpoints", "metrics.jsonl", "lineage.json", "recipe.yaml")
 
@@ -56,6 +56,7 @@ class RunResult:
                 "version": self.manifest.version,
                 "digest": self.manifest.digest,
             }
+        result.update(self.extra)
         return result
 
 
@@ -89,16 +90,16 @@ def prepare_output(config: TrainConfig) -> Path:
                 elif path.exists():
                     path.unlink()
         (output / "checkpoints").mkdir(parents=True, exist_ok=True)
-        write_recipe({**config_to_dict(config), "output": str(output)}, output / "recipe.yaml")
+        # The recipe repeats this run; --resume/--overwrite/--nproc say how it was started.
+        values = recipe_values(config, leave_out=("resume", "overwrite", "nproc"))
+        write_recipe({**values, "output": str(output)}, output / "recipe.yaml")
     return output
 
 
 def write_recipe(values: dict, path: Path) -> Path:
-    """The config as a YAML recipe (None and launch-only values left out)."""
+    """Write ``values`` (recipe keys) as a YAML recipe, whole or not at all."""
     import yaml
 
-    values = {k: v for k, v in values.items() if v not in (None, "", []) and k not in ("nproc",)}
-    values = {k: v for k, v in values.items() if k not in ("resume", "overwrite") or v}
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(yaml.safe_dump(values, sort_keys=False))
     os.replace(tmp, path)

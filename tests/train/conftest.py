@@ -3,7 +3,6 @@ that trains through the same library call the CLI makes."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -29,10 +28,6 @@ def toy_dir(tmp_path_factory) -> Path:
     write_toy("sentiment", folder / "chat", train=256, heldout=32, shape="messages")
     write_toy("sentiment", folder / "text", train=256, heldout=32, shape="prompt_completion")
     return folder
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 @pytest.fixture

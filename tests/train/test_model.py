@@ -1,0 +1,55 @@
+"""The reference policy is one adapter switch away from the policy: never a second base."""
+
+from __future__ import annotations
+
+import torch
+from lorabay.train.model import (
+    add_reference_adapter,
+    attach_adapter,
+    load_adapter,
+    load_base,
+    new_lora_config,
+    reference_policy,
+    save_adapter,
+)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_reference_policy_is_the_frozen_parent_or_the_disabled_adapter(
+    tiny_base, make_lora, tmp_path
+):
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    base, _ = load_base(tiny_base)
+    plain = logits(base, ids)
+    policy = load_adapter(base, make_lora(r=8), trainable=True)
+    parent = logits(policy, ids)
+    add_reference_adapter(policy)
+    # Only the trained copy learns; the reference copy is frozen.
+    trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
+    assert trainable and all(".default." in n for n in trainable)
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if ".default." in name and "lora_B" in name:
+                param.add_(0.5)
+    assert not torch.allclose(logits(policy, ids), parent)
+    with reference_policy(policy):
+        assert torch.allclose(logits(policy, ids), parent)
+    assert policy.active_adapter == "default"
+    # Saving keeps only the trained adapter.
+    saved = save_adapter(policy, tmp_path / "adapter")
+    assert sorted(p.name for p in saved.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+
+    fresh = attach_adapter(load_base(tiny_base)[0], new_lora_config(8, 16, ["q_proj"]))
+    with torch.no_grad():
+        for name, param in fresh.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.5)
+    with reference_policy(fresh):
+        assert torch.allclose(logits(fresh, ids), plain)
