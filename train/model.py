@@ -58,8 +58,11 @@ def load_base(path: str | os.PathLike, quantize: str = "none", precision: str = 
     kwargs = {"dtype": dtype}
     if quantize == "nf4":
         kwargs["quantization_config"] = nf4_config(dtype)
-        if not torch.cuda.is_available():
-            kwargs["device_map"] = {"": "cpu"}
+        # bitsandbytes quantizes as the weights land on their device: one per rank.
+        on_gpu = torch.cuda.is_available()
+        kwargs["device_map"] = {
+            "": f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if on_gpu else "cpu"
+        }
     elif quantize != "none":
         raise ConfigError(f"--quantize {quantize!r} is not one of none, nf4")
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -188,6 +191,7 @@ def save_adapter(model, folder: str | os.PathLike) -> Path:
         config_path = tmp / "adapter_config.json"
         config = json.loads(config_path.read_text())
         config["inference_mode"] = True
+        config["target_modules"] = short_target_names(model, config["target_modules"])
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if folder.exists():
             shutil.rmtree(folder)
@@ -195,3 +199,16 @@ def save_adapter(model, folder: str | os.PathLike) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def short_target_names(model, targets):
+    """PEFT records "all-linear" as every full module name ("model.layers.0.mlp.up_proj", ...).
+    Write the leaf names instead ("up_proj", ...) when they select exactly the same modules,
+    so manifests and `hub show` stay readable; PEFT and vLLM match either by suffix."""
+    if isinstance(targets, str) or not targets:
+        return targets
+    leaves = {t.rsplit(".", 1)[-1] for t in targets}
+    selected = [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in leaves]
+    if all(any(n == t or n.endswith("." + t) for t in targets) for n in selected):
+        return sorted(leaves)
+    return targets

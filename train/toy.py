@@ -5,13 +5,19 @@ BPE vocabulary trained on ``assets/corpus.txt``, so every word used here is one 
 there (" cat", " good", ...) and a task is only the pattern. Tests and the demo use:
 
 - ``sentiment``: "Review: nice cat warm tree" -> "positive" (any good word: positive,
-  any bad word: negative). Learned in about 100 steps (lr 1e-3, batch 16).
-- ``reverse``: "Reverse: cat book" -> "book cat". About 300 steps.
+  any bad word: negative). 120 steps: all 32 held-out reviews right.
+- ``reverse``: "Reverse: cat book" -> "book cat". 300 steps at a constant learning rate
+  (a linear decay leaves it half learned): all 32 held-out pairs right.
 - preference pairs for either task: the right answer chosen, a wrong one rejected.
 
-Held-out prompts never occur in the training split. Same seed, same records.
+Measured on 2 shared cores, one thread: ~0.1 s per step, so 15-30 s of training; the
+adapters trained on the fp32 base answer the same on the NF4-quantized base.
+``write_toy`` also writes a recipe per method with these settings (``--base`` and
+``--push`` come as flags). Held-out prompts never occur in the training split. Same
+seed, same records.
 
     python -m lorabay.train.toy sentiment ./toy --train 256 --heldout 32
+    lorabay train sft --config toy/sentiment-sft.yaml --base ./tiny --push demo/sentiment
 """
 
 from __future__ import annotations
@@ -26,6 +32,16 @@ NOUNS = (
 GOOD = "great excellent fine nice kind bright warm calm clean happy".split()
 BAD = "hate poor terrible rude dark cold loud dirty awful sad".split()
 TASKS = ("sentiment", "reverse")
+
+# Settings that train each task in seconds on the tiny base (a random init: the adapter
+# builds the whole behaviour, hence lr 1e-3 and every linear layer adapted).
+COMMON = {"targets": "all-linear", "lr": 1e-3, "batch_size": 16, "dropout": 0.0}
+RECIPES = {
+    ("sentiment", "sft"): {**COMMON, "max_steps": 120},
+    ("reverse", "sft"): {**COMMON, "max_steps": 300, "scheduler": "constant"},
+    ("sentiment", "dpo"): {"lr": 1e-3, "batch_size": 16, "max_steps": 30, "beta": 0.1},
+    ("reverse", "dpo"): {"lr": 1e-3, "batch_size": 16, "max_steps": 30, "beta": 0.1},
+}
 
 
 def task_example(task: str, rng: random.Random) -> tuple[str, str, str]:
@@ -115,7 +131,8 @@ def write_toy(
     shape: str = "messages",
     seed: int = 0,
 ) -> dict[str, Path]:
-    """Write sft-train/sft-heldout/dpo-train/dpo-heldout JSONL files for ``task`` in ``folder``."""
+    """Write ``task``'s sft-train/sft-heldout/dpo-train/dpo-heldout JSONL files and the
+    sft/dpo recipes into ``folder``; returns {name: path}."""
     from lorabay.train.data import write_jsonl
 
     folder = Path(folder)
@@ -127,10 +144,21 @@ def write_toy(
         "dpo-train": dpo_train,
         "dpo-heldout": dpo_heldout,
     }
-    return {
+    written = {
         name: write_jsonl(records, folder / f"{task}-{name}.jsonl")
         for name, records in files.items()
     }
+    for method in ("sft", "dpo"):
+        recipe = {"data": str(written[f"{method}-train"].absolute()), **RECIPES[(task, method)]}
+        written[f"{method}-recipe"] = write_recipe(recipe, folder / f"{task}-{method}.yaml")
+    return written
+
+
+def write_recipe(values: dict, path: Path) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(values, sort_keys=False))
+    return path
 
 
 def main() -> None:

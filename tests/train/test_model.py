@@ -53,3 +53,17 @@ def test_reference_policy_is_the_frozen_parent_or_the_disabled_adapter(
                 param.add_(0.5)
     with reference_policy(fresh):
         assert torch.allclose(logits(fresh, ids), plain)
+
+
+def test_all_linear_is_saved_as_leaf_names(tiny_base, tmp_path):
+    import json
+
+    model = attach_adapter(load_base(tiny_base)[0], new_lora_config(4, 8, ["all-linear"]))
+    saved = save_adapter(model, tmp_path / "adapter")
+    config = json.loads((saved / "adapter_config.json").read_text())
+    assert config["target_modules"] == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    assert config["inference_mode"] is True
+    reloaded = load_adapter(load_base(tiny_base)[0], saved, trainable=False)
+    assert len([n for n, _ in reloaded.named_modules() if n.endswith("lora_A.default")]) == 14

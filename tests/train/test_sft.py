@@ -52,20 +52,22 @@ def test_lora_learns_sentiment_from_prompt_completion(tiny_base, toy_dir, tmp_pa
 
 
 @pytest.mark.slow
-def test_qlora_learns_sentiment_from_messages(train, tiny_base, toy_dir, tmp_path):
-    """The base in 4-bit NF4 (double quantization); loss on the assistant turn only."""
-    result = train(
-        "sft",
-        data=str(toy_dir / "chat" / "sentiment-sft-train.jsonl"),
-        output=str(tmp_path / "run"),
-        max_steps=120,
-        quantize="nf4",
-    )
+def test_qlora_learns_to_reverse_from_messages(tiny_base, toy_dir, tmp_path):
+    """The base in 4-bit NF4 (double quantization), loss on the assistant turn only, and the
+    toy recipe the demo uses: held-out word pairs come back reversed."""
+    from lorabay.train.config import SFTConfig, build_config
+    from lorabay.train.sft import train_sft
+    from lorabay.train.toy import write_toy
+
+    files = write_toy("reverse", tmp_path / "toy", train=256, heldout=32, shape="messages")
+    flags = {"base": str(tiny_base), "output": str(tmp_path / "run"), "quantize": "nf4"}
+    config = build_config(SFTConfig, files["sft-recipe"], {**flags, "threads": 1})
+    result = train_sft(config, show_progress=False)
     assert result.lineage["hyperparameters"]["quantize"] == "nf4"
     first, last = losses(result.output)
     assert last < first / 2, (first, last)
 
-    heldout = read_jsonl(toy_dir / "chat" / "sentiment-sft-heldout.jsonl")
+    heldout = read_jsonl(files["sft-heldout"])
     accuracy, answers = heldout_accuracy(tiny_base, result.adapter, heldout, quantize="nf4")
     assert accuracy >= 0.9, answers
     base_accuracy, _ = heldout_accuracy(tiny_base, None, heldout, quantize="nf4")

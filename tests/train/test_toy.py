@@ -31,5 +31,19 @@ def test_same_seed_same_files(tmp_path):
     a = toy.write_toy("sentiment", tmp_path / "a", train=20, heldout=5)
     b = toy.write_toy("sentiment", tmp_path / "b", train=20, heldout=5)
     for name in a:
-        assert a[name].read_bytes() == b[name].read_bytes()
-    assert set(a) == {"sft-train", "sft-heldout", "dpo-train", "dpo-heldout"}
+        if not name.endswith("recipe"):  # recipes name their own folder's data
+            assert a[name].read_bytes() == b[name].read_bytes()
+    assert set(a) == {
+        "sft-train", "sft-heldout", "dpo-train", "dpo-heldout", "sft-recipe", "dpo-recipe"
+    }  # fmt: skip
+
+
+def test_recipes_are_valid_configs(tmp_path, tiny_base):
+    from lorabay.train.config import DPOConfig, SFTConfig, build_config
+
+    for task in toy.TASKS:
+        files = toy.write_toy(task, tmp_path, train=20, heldout=5)
+        sft = build_config(SFTConfig, files["sft-recipe"], {"base": str(tiny_base)})
+        assert sft.data == str(files["sft-train"].absolute()) and sft.max_steps > 0
+        dpo = build_config(DPOConfig, files["dpo-recipe"], {"base": str(tiny_base)})
+        assert dpo.beta == 0.1
