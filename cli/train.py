@@ -18,8 +18,15 @@ def train() -> None:
     """Train a LoRA (or QLoRA) adapter on a base; push it with its lineage."""
 
 
-def run_training(cls: type[TrainConfig], recipe: str | None, as_json: bool, params: dict) -> None:
-    """Build and validate the config, train (in --nproc processes if asked), print the result."""
+def run_training(
+    cls: type[TrainConfig], runner: str, recipe: str | None, as_json: bool, params: dict
+) -> None:
+    """Build and validate the config, train (in --nproc processes if asked), print the result.
+
+    ``runner`` is "module:function", imported only when a run starts (torch loads then).
+    """
+    import importlib
+
     from lorabay.train.config import build_config, flags_from_click, run_recipe
 
     flags = flags_from_click(cls, params)
@@ -32,7 +39,8 @@ def run_training(cls: type[TrainConfig], recipe: str | None, as_json: bool, para
             raise SystemExit(code)
         return
 
-    result = train_method(cls)(config, show_progress=True)
+    module, function = runner.split(":")
+    result = getattr(importlib.import_module(module), function)(config, show_progress=True)
 
     from lorabay.train.run import is_main_process
 
@@ -51,23 +59,12 @@ def run_training(cls: type[TrainConfig], recipe: str | None, as_json: bool, para
     click.echo(line)
 
 
-def train_method(cls: type[TrainConfig]):
-    if cls is SFTConfig:
-        from lorabay.train.sft import train_sft
-
-        return train_sft
-    if cls is DPOConfig:
-        from lorabay.train.dpo import train_dpo
-
-        return train_dpo
-    raise NotImplementedError(cls.__name__)
-
-
-def training_command(cls: type[TrainConfig], name: str, help: str):
-    """A click command for ``cls``: --config, --json, and one option per config field."""
+def training_command(cls: type[TrainConfig], name: str, runner: str, help: str):
+    """Add ``lorabay train NAME``: --config, --json, and one option per field of ``cls``;
+    ``runner`` ("module:function") trains a built config and returns a RunResult."""
 
     def command(config_path: str | None, as_json: bool, **params) -> None:
-        run_training(cls, config_path, as_json, params)
+        run_training(cls, runner, config_path, as_json, params)
 
     command.__doc__ = help
     command = click_options(cls)(command)
@@ -81,12 +78,13 @@ def training_command(cls: type[TrainConfig], name: str, help: str):
         default=None,
         help="YAML recipe; its keys are the options below (flags override it).",
     )(command)
-    return train.command(name, context_settings={"max_content_width": 100})(command)
+    return train.command(name)(command)
 
 
 sft = training_command(
     SFTConfig,
     "sft",
+    "lorabay.train.sft:train_sft",
     """Supervised fine-tuning (TRL SFTTrainer); loss on completion tokens only.
 
     \b
@@ -104,6 +102,7 @@ sft = training_command(
 dpo = training_command(
     DPOConfig,
     "dpo",
+    "lorabay.train.dpo:train_dpo",
     """Direct preference optimization (TRL DPOTrainer).
 
     The reference policy is the base with the adapter disabled or, with --from, the

@@ -144,6 +144,7 @@ class TrainConfig:
             problems.append("--resume needs --output: the run folder whose checkpoint to continue")
         if self.alias and not self.push:
             problems.append("--alias needs --push NAME: aliases point at a pushed version")
+        problems += _reference_problems(self)
         if self.from_ref:
             for key in sorted({"r", "alpha", "targets"} & given):
                 problems.append(
@@ -191,6 +192,29 @@ class TrainConfig:
             if not (Path(self.from_ref) / "adapter_config.json").is_file():
                 problems.append(f"--from {self.from_ref}: no adapter_config.json in that folder")
         return problems
+
+
+def _reference_problems(config: TrainConfig) -> list[str]:
+    """Registry names checked before training, not after: a bad --push fails in a second."""
+    from lorabay.hub.errors import InvalidReference
+    from lorabay.hub.reference import parse_reference, validate_alias, validate_name
+
+    checks = []
+    if config.push:
+        checks.append(("--push", lambda: validate_name(config.push)))
+    for alias in config.alias:
+        checks.append(("--alias", lambda alias=alias: validate_alias(alias)))
+    if config.from_ref and not _looks_local(config.from_ref):
+        checks.append(("--from", lambda: parse_reference(config.from_ref)))
+    problems = []
+    for flag, check in checks:
+        try:
+            check()
+        except InvalidReference as error:
+            problems.append(f"{flag} {error.ref!r}: {error.reason}")
+    if "latest" in config.alias:
+        problems.append("--alias latest is implicit (the highest version): pick another alias")
+    return problems
 
 
 def _looks_local(value: str) -> bool:

@@ -249,7 +249,7 @@ def format_plan(plan: Plan) -> list[str]:
         f"({human_bytes(plan.adapter_bytes_fp32)} in fp32), safetensors",
         f"base memory      bf16 {human_bytes(plan.base_bytes_bf16)}; "
         f"NF4 {human_bytes(plan.base_bytes_nf4)} with its double-quantized constants "
-        f"and 16-bit embeddings/norms (nominal 4 bits x parameters: "
+        f"and unquantized embeddings/norms (nominal 4 bits x parameters: "
         f"{human_bytes(plan.base_bytes_nf4_nominal)})",
         f"training memory  {'QLoRA' if plan.quantize == 'nf4' else 'LoRA'}: "
         f"{human_bytes(plan.train_bytes_lora)} ({lora_base} + adapter weights, gradients, "

@@ -110,3 +110,11 @@ def test_dataclass_defaults_are_documented_in_help():
     assert "--beta" in result.output and "[default: 0.1]" in result.output
     fields = {f.name for f in dataclasses.fields(DPOConfig)}
     assert {"beta", "loss", "from_ref", "quantize"} <= fields
+
+
+def test_registry_names_are_checked_before_training(tiny_base, data):
+    base = {"base": str(tiny_base), "data": str(data)}
+    with pytest.raises(ConfigError) as caught:
+        build_config(DPOConfig, base, {"push": "Team/X", "alias": "prod,3", "from": "a:b:c@"})
+    text = str(caught.value)
+    assert "--push 'Team/X'" in text and "--alias '3'" in text and "--from 'a:b:c@'" in text
