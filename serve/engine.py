@@ -185,7 +185,12 @@ def summarize_engine_failure(lines: list[str], max_lines: int = 40) -> str:
 class EngineSupervisor:
     """Starts, watches, restarts and stops one vLLM engine process."""
 
-    def __init__(self, config: EngineConfig, on_restart: Callable[[int], None] | None = None):
+    def __init__(
+        self,
+        config: EngineConfig,
+        on_restart: Callable[[int], None] | None = None,
+        on_exit: Callable[[int | None], None] | None = None,
+    ):
         self.config = config
         self.token = secrets.token_urlsafe(24)
         self.port: int | None = None
@@ -193,7 +198,8 @@ class EngineSupervisor:
         self.generation = 0  # one more at every start
         self.ready = False
         self.restarts = 0
-        self.on_restart = on_restart
+        self.on_restart = on_restart  # called with the new generation once it is ready
+        self.on_exit = on_exit  # called with the exit code when the engine died
         self._stopping = False
         self._tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
         self._reader: asyncio.Task | None = None
@@ -320,6 +326,8 @@ class EngineSupervisor:
             if self._stopping:
                 return
             self.ready = False
+            if self.on_exit:
+                self.on_exit(code)
             await self._kill_group()  # its engine core and workers may outlive the server
             log.error("engine exited with code %s; restarting it", code)
             while not self._stopping:

@@ -15,7 +15,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -66,6 +66,7 @@ class Gateway:
             self.max_loaded, self.load_adapter, self.unload_adapter, self.metrics
         )
         self.supervisor.on_restart = self.engine_restarted
+        self.supervisor.on_exit = self.engine_exited
 
     # -- engine ----------------------------------------------------------------------
     async def connect(self) -> None:
@@ -78,6 +79,11 @@ class Gateway:
             if card.get("id") == self.resolver.served_name:
                 self.max_model_len = card.get("max_model_len")
         self.metrics.engine_up.set(1)
+
+    def engine_exited(self, code: int | None) -> None:
+        # Everything the dead engine had loaded is gone; loads in flight fail with it.
+        self.pool.reset()
+        self.metrics.engine_up.set(0)
 
     def engine_restarted(self, generation: int) -> None:
         self.pool.reset()
@@ -180,8 +186,8 @@ def read_usage(event: bytes) -> dict | None:
 async def relay_events(
     response: httpx.Response,
     client_wants_usage: bool,
-    on_first: callable,
-    on_usage: callable,
+    on_first: Callable[[], None],
+    on_usage: Callable[[dict], None],
 ) -> AsyncIterator[bytes]:
     """The engine's SSE bytes, whole events at a time, minus a usage event we added."""
     pending = b""

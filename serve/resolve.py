@@ -132,8 +132,13 @@ class ModelResolver:
         if task is None:  # concurrent lookups of one reference share one registry read
             task = asyncio.get_running_loop().create_task(self._read(model))
             self._inflight[model] = task
-            task.add_done_callback(lambda t: self._inflight.pop(model, None))
+            task.add_done_callback(lambda t: self._lookup_done(model, t))
         return await asyncio.shield(task)
+
+    def _lookup_done(self, model: str, task: asyncio.Task) -> None:
+        self._inflight.pop(model, None)
+        if not task.cancelled():
+            task.exception()  # retrieved: a lookup whose waiters all left must not warn
 
     async def _read(self, model: str) -> Manifest:
         asked = time.monotonic()
