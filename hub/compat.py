@@ -76,13 +76,26 @@ def missing_targets(targets, modules: set[str]) -> list[str]:
     ]
 
 
-def compare_shapes(adapter: dict[str, list[int]], base: dict[str, list[int]]) -> list[str]:
+def compare_shapes(
+    adapter: dict[str, list[int]],
+    base: dict[str, list[int]],
+    heads: tuple[str, ...] = (),
+    hidden_size: int | None = None,
+) -> list[str]:
+    """``heads``: modules_to_save the base may lack, a task head the adapter brings
+    (the ``score`` of a reward model or PRM); each must read ``hidden_size`` features."""
     reasons: list[str] = []
     for key, shape in sorted(adapter.items()):
         match = re.search(r"\.lora_(embedding_)?([AB])(\.|$)", key)
         module = key[: match.start()] if match else key.rsplit(".", 1)[0]
         module = module.removeprefix(PEFT_PREFIX)
         weight = base.get(f"{module}.weight")
+        if weight is None and not match and module.rsplit(".", 1)[-1] in heads:
+            if key.endswith(".weight") and hidden_size and shape[-1] != hidden_size:
+                reasons.append(
+                    f"head {key} reads {shape[-1]} features, the base's hidden size is {hidden_size}"
+                )
+            continue
         if weight is None:
             reasons.append(f"module {module} (from the adapter) is not in the base")
             continue
@@ -127,7 +140,9 @@ def fit_reasons(
         missing = missing_targets(peft.get("target_modules"), modules)
         reasons += missing
         if not missing:
-            reasons += compare_shapes(shapes, base_shapes)
+            heads = tuple(peft.get("modules_to_save") or ())
+            text = config.get("text_config") or config
+            reasons += compare_shapes(shapes, base_shapes, heads, text.get("hidden_size"))
     return reasons
 
 
