@@ -40,6 +40,11 @@ COMMANDS = {
         "Size a LoRA run from a config.json, without loading weights.",
     ),
     "score": ("lorabay.cli.score", "score", "Score solution steps with a process reward model."),
+    "demo": (
+        "lorabay.cli.demo",
+        "demo",
+        "Train two adapters, serve them on an NF4 base, move an alias.",
+    ),
 }
 
 

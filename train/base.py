@@ -93,6 +93,9 @@ def create_base(
     """
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one small shard: no "Writing model shards" bar
 
     if size not in SIZES:
         raise ConfigError(f"--size {size!r} is not one of {', '.join(SIZES)}")

@@ -20,9 +20,15 @@ from transformers import TrainerCallback
 
 
 class RunProgress(TrainerCallback):
-    def __init__(self, metrics_path: str | os.PathLike, show_bar: bool = True):
+    def __init__(
+        self,
+        metrics_path: str | os.PathLike,
+        show_bar: bool = True,
+        bar_keys: tuple[str, ...] = ("loss",),
+    ):
         self.metrics_path = Path(metrics_path)
         self.show_bar = show_bar
+        self.bar_keys = bar_keys  # the metrics the bar shows beside steps/s
         self.bar = None
         self.last: dict[str, float] = {}  # the latest value of each logged metric
         self._start_time = 0.0
@@ -41,6 +47,8 @@ class RunProgress(TrainerCallback):
                 unit="step",
                 dynamic_ncols=True,
                 file=sys.stderr,
+                # In a log file (not a terminal) a line every 15 s, not one per step.
+                mininterval=0.1 if sys.stderr.isatty() else 15,
             )
 
     def steps_per_second(self, state) -> float:
@@ -50,10 +58,7 @@ class RunProgress(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.bar is not None:
             self.bar.update(state.global_step - self.bar.n)
-            postfix = {"steps/s": f"{self.steps_per_second(state):.2f}"}
-            if "loss" in self.last:
-                postfix = {"loss": f"{self.last['loss']:.4f}", **postfix}
-            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.set_postfix(self._postfix(self.last, state), refresh=False)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -73,10 +78,12 @@ class RunProgress(TrainerCallback):
         }
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.bar is not None and "loss" in numbers:
-            self.bar.set_postfix(
-                {"loss": f"{numbers['loss']:.4f}", "steps/s": f"{record['steps_per_second']:.2f}"}
-            )
+        if self.bar is not None and any(key in numbers for key in self.bar_keys):
+            self.bar.set_postfix(self._postfix(numbers, state))
+
+    def _postfix(self, numbers: dict, state) -> dict:
+        shown = {key: f"{numbers[key]:.4g}" for key in self.bar_keys if key in numbers}
+        return {**shown, "steps/s": f"{self.steps_per_second(state):.2f}"}
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.bar is not None:
