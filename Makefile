@@ -33,5 +33,17 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The main job: build a base, train two adapters, push, serve on NF4, move an alias.
+# It uses the embedded file:// registry under .demo/home, not your ~/.lorabay.
+demo: $(STAMP)
+	LORABAY_HOME=$(CURDIR)/.demo/home $(BIN)/lorabay demo --workdir .demo
+
+# Benchmarks (not tests): each prints a table against its baseline in the same run.
+bench: $(STAMP)
+	$(BIN)/python bench/hub_bench.py
+	$(BIN)/python bench/cpu_lora_bench.py
+	$(BIN)/python bench/serve_bench.py
+	$(BIN)/python bench/align_bench.py
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .demo
