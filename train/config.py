@@ -134,6 +134,8 @@ class TrainConfig:
         ``given`` holds the keys the user set (recipe or flag), so defaults never conflict.
         """
         problems = []
+        # Subclasses may rename these (rlhf: --prompts, --policy); messages use their flags.
+        data_flag, from_flag = field_flag(type(self), "data"), field_flag(type(self), "from_ref")
         if self.max_steps and "epochs" in given:
             problems.append("--epochs and --max-steps both given: keep one")
         if self.resume and self.overwrite:
@@ -148,7 +150,7 @@ class TrainConfig:
         if self.from_ref:
             for key in sorted({"r", "alpha", "targets"} & given):
                 problems.append(
-                    f"--{key} conflicts with --from: the adapter's shape comes from "
+                    f"--{key} conflicts with {from_flag}: the adapter's shape comes from "
                     f"{self.from_ref}; drop --{key}"
                 )
         if "all-linear" in self.targets and len(self.targets) > 1:
@@ -168,9 +170,9 @@ class TrainConfig:
         if self.data:
             data = Path(self.data)
             if not data.is_file():
-                problems.append(f"--data {self.data}: no such file")
+                problems.append(f"{data_flag} {self.data}: no such file")
             elif data.suffix not in (".jsonl", ".json", ".parquet"):
-                problems.append(f"--data {self.data}: use a .jsonl or .parquet file")
+                problems.append(f"{data_flag} {self.data}: use a .jsonl or .parquet file")
         # Other ranks of a data-parallel run see the folder rank 0 has just started.
         first_rank = os.environ.get("RANK", "0") == "0"
         if (
@@ -190,7 +192,9 @@ class TrainConfig:
             )
         if self.from_ref and _looks_local(self.from_ref):
             if not (Path(self.from_ref) / "adapter_config.json").is_file():
-                problems.append(f"--from {self.from_ref}: no adapter_config.json in that folder")
+                problems.append(
+                    f"{from_flag} {self.from_ref}: no adapter_config.json in that folder"
+                )
         return problems
 
 
@@ -205,7 +209,9 @@ def _reference_problems(config: TrainConfig) -> list[str]:
     for alias in config.alias:
         checks.append(("--alias", lambda alias=alias: validate_alias(alias)))
     if config.from_ref and not _looks_local(config.from_ref):
-        checks.append(("--from", lambda: parse_reference(config.from_ref)))
+        checks.append(
+            (field_flag(type(config), "from_ref"), lambda: parse_reference(config.from_ref))
+        )
     problems = []
     for flag, check in checks:
         try:
@@ -266,6 +272,11 @@ def config_fields(cls: type) -> list[Spec]:
             )
         )
     return specs
+
+
+def field_flag(cls: type, name: str) -> str:
+    """The flag of field ``name`` of ``cls`` (``from_ref`` -> ``--from``)."""
+    return next(spec.flag for spec in config_fields(cls) if spec.name == name)
 
 
 def _base_type(hint: Any) -> type:
@@ -513,3 +524,109 @@ class DPOConfig(TrainConfig):
     )
 
     method: typing.ClassVar[str] = "dpo"
+
+
+@dataclass
+class RewardConfig(TrainConfig):
+    """A Bradley-Terry reward model: LoRA plus a scalar ``score`` head, trained on
+    preference pairs with loss -log sigmoid(r(chosen) - r(rejected))."""
+
+    lr: float = option(1e-4, "Peak learning rate.", above=0, maximum=1)
+    center_rewards: float = option(
+        0.0,
+        "Weight of a penalty on the squared mean reward, keeping scores near 0 (arXiv:2312.09244).",
+        minimum=0,
+    )
+
+    method: typing.ClassVar[str] = "reward"
+
+
+@dataclass
+class PRMConfig(TrainConfig):
+    """A process reward model: LoRA plus a two-class ``score`` head read at the token that
+    ends each solution step (Math-Shepherd / PRM800K data)."""
+
+    lr: float = option(1e-4, "Peak learning rate.", above=0, maximum=1)
+    step_separator: str = option(
+        "\n", "Text appended to each step; the step's label sits on its last token."
+    )
+
+    method: typing.ClassVar[str] = "prm"
+
+    def check(self, given: set[str]) -> list[str]:
+        problems = super().check(given)
+        if not self.step_separator:
+            problems.append("--step-separator must not be empty, e.g. a newline")
+        return problems
+
+
+@dataclass
+class RLHFConfig(TrainConfig):
+    """RLHF with PPO (train/ppo.py): the policy samples responses to prompts, the reward
+    model scores them, and PPO raises the score minus a KL penalty to the starting policy."""
+
+    data: str | None = option(
+        None,
+        'Prompts: .jsonl or .parquet records with a "prompt" (text or a message list).',
+        key="prompts",
+        required=True,
+    )
+    from_ref: str | None = option(
+        None,
+        "Starting policy (registry reference or folder): trained, and kept frozen as the "
+        "reference. Default: a new adapter on the base (the reference: the base).",
+        key="policy",
+    )
+    reward: str | None = option(
+        None,
+        "Reward model (a reward-kind reference or folder), or prm:REF for dense step rewards "
+        "from a process reward model.",
+        required=True,
+    )
+    algo: str = option("ppo", "RL algorithm.", choices=("ppo",))
+    kl_coef: float = option(
+        0.05, "Per-token KL penalty to the reference policy (InstructGPT's beta).", minimum=0
+    )
+    clip: float = option(0.2, "PPO clip range of the probability ratio.", above=0, maximum=1)
+    value_clip: float = option(0.2, "Clip range of the value update.", above=0)
+    vf_coef: float = option(0.1, "Weight of the value loss.", minimum=0)
+    gamma: float = option(1.0, "Discount per token.", minimum=0, maximum=1)
+    lam: float = option(0.95, "GAE lambda.", minimum=0, maximum=1)
+    ppo_epochs: int = option(4, "Optimization passes over each batch of rollouts.", minimum=1)
+    mini_batches: int = option(1, "Mini-batches per pass (one optimizer step each).", minimum=1)
+    max_new_tokens: int = option(32, "Longest response sampled, in tokens.", minimum=1)
+    temperature: float = option(1.0, "Sampling temperature of the rollouts.", above=0)
+    batch_size: int = option(16, "Prompts per PPO step (one batch of rollouts).", minimum=1)
+    epochs: float = option(1.0, "Passes over the prompts.", above=0)
+    lr: float = option(5e-5, "Peak learning rate.", above=0, maximum=1)
+    logging_steps: int = option(1, "Write metrics.jsonl every this many PPO steps.", minimum=1)
+
+    method: typing.ClassVar[str] = "rlhf"
+
+    def check(self, given: set[str]) -> list[str]:
+        problems = super().check(given)
+        if self.resume:
+            problems.append("--resume: rlhf runs keep no checkpoints yet; start the run again")
+        if self.nproc > 1:
+            problems.append("--nproc: rlhf runs in one process; drop --nproc")
+        if self.grad_accum > 1:
+            problems.append("--grad-accum: PPO steps once per mini-batch; use --mini-batches")
+        if self.mini_batches > self.batch_size:
+            problems.append(
+                f"--mini-batches {self.mini_batches} is more than --batch-size "
+                f"{self.batch_size}: each mini-batch needs a prompt"
+            )
+        if self.reward:
+            kind, ref = reward_source(self.reward)
+            if not ref:
+                problems.append("--reward prm: names no model; give prm:REF")
+            elif _looks_local(ref) and not (Path(ref) / "adapter_config.json").is_file():
+                problems.append(f"--reward {self.reward}: no adapter_config.json in {ref}")
+        return problems
+
+
+def reward_source(value: str) -> tuple[str, str]:
+    """``--reward`` -> (kind, reference): "prm:REF" is a process reward model, else a reward model."""
+    if value.startswith("prm:"):
+        return "prm", value.removeprefix("prm:")
+    return "reward", value

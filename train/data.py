@@ -7,6 +7,8 @@ Shapes (one record per line or row):
                  {"messages": [msgs]}                         chat; loss on assistant turns
     preference   {"prompt": ..., "chosen": ..., "rejected": ...}   text or message lists
                  {"chosen": [msgs], "rejected": [msgs]}            chat, shared prompt implicit
+    steps        {"prompt": ..., "completions": [step, ...], "labels": [bool, ...]}   PRM
+    prompts      {"prompt": ...}                              RLHF: the policy answers
 
 A message is ``{"role": "system"|"user"|"assistant", "content": "..."}``; chat
 records are rendered with the base's chat template. Every bad record is reported
@@ -32,10 +34,17 @@ SHAPES = {
         '{"prompt": ..., "chosen": ..., "rejected": ...}',
     ),
     "implicit_preference": (("chosen", "rejected"), '{"chosen": [msgs], "rejected": [msgs]}'),
+    "steps": (
+        ("prompt", "completions", "labels"),
+        '{"prompt": ..., "completions": ["step", ...], "labels": [true, ...]}',
+    ),
+    "prompt_only": (("prompt",), '{"prompt": "..."}  (or a message list)'),
 }
 METHOD_SHAPES = {
     "sft": ("prompt_completion", "messages"),
     "preference": ("preference", "implicit_preference"),
+    "steps": ("steps",),  # process reward model: one label per solution step
+    "prompts": ("prompt_only",),  # RLHF: the policy writes the responses
 }
 MAX_REPORTED = 5  # bad records listed in one error; the count says how many more
 
@@ -111,6 +120,8 @@ def _record_problems(record: object, shape: str) -> list[str]:
     missing = [key for key in fields if key not in record]
     if missing:
         return [f"missing {', '.join(missing)}"]
+    if shape == "steps":
+        return _prompt_problems(record["prompt"]) + _step_problems(record)
     problems = []
     chat = None
     for key in fields:
@@ -134,6 +145,25 @@ def _record_problems(record: object, shape: str) -> list[str]:
         if not any(m["role"] == "assistant" for m in record["messages"]):
             problems.append("messages has no assistant turn to learn from")
     return problems
+
+
+def _prompt_problems(prompt) -> list[str]:
+    if isinstance(prompt, list):
+        return [f"prompt: {p}" for p in _message_problems(prompt)]
+    return [] if isinstance(prompt, str) and prompt else ["prompt must be non-empty text"]
+
+
+def _step_problems(record: dict) -> list[str]:
+    steps, labels = record["completions"], record["labels"]
+    if not isinstance(steps, list) or not steps:
+        return ["completions must be a non-empty list of steps (text)"]
+    if not all(isinstance(step, str) and step.strip() for step in steps):
+        return ["every step in completions must be non-empty text"]
+    if not isinstance(labels, list) or not all(isinstance(label, bool) for label in labels):
+        return ["labels must be a list of true/false, one per step"]
+    if len(labels) != len(steps):
+        return [f"{len(steps)} steps but {len(labels)} labels: give one label per step"]
+    return []
 
 
 def _message_problems(messages: list) -> list[str]:

@@ -49,9 +49,28 @@ def nf4_config(dtype):
     )
 
 
-def load_base(path: str | os.PathLike, quantize: str = "none", precision: str = "auto"):
-    """(model, tokenizer) for a base folder; ``quantize="nf4"`` loads the weights in 4 bits."""
+# Task heads trained beside an adapter and saved with it (PEFT ``modules_to_save``) as the
+# module ``score``: kind -> (transformers auto class, outputs, PEFT task type). A reward model
+# reads one number at the last token; a PRM two classes (wrong, right) at each step separator.
+HEAD_MODULE = "score"
+HEADS = {
+    "reward": ("AutoModelForSequenceClassification", 1, "SEQ_CLS"),
+    "prm": ("AutoModelForTokenClassification", 2, "TOKEN_CLS"),
+}
+
+
+def load_base(
+    path: str | os.PathLike,
+    quantize: str = "none",
+    precision: str = "auto",
+    head: str | None = None,
+):
+    """(model, tokenizer) for a base folder; ``quantize="nf4"`` loads the weights in 4 bits.
+
+    ``head`` ("reward" or "prm", see HEADS) loads the base with a new ``score`` head instead
+    of its language-model head."""
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = compute_dtype(path, precision)
@@ -65,15 +84,37 @@ def load_base(path: str | os.PathLike, quantize: str = "none", precision: str = 
         }
     elif quantize != "none":
         raise ConfigError(f"--quantize {quantize!r} is not one of none, nf4")
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if head is None:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs), tokenizer
+    auto_class, outputs, _ = HEADS[head]
+    with _quiet_load_report():  # "score MISSING, lm_head UNEXPECTED" is the point of a head
+        model = getattr(transformers, auto_class).from_pretrained(
+            path, num_labels=outputs, pad_token_id=tokenizer.pad_token_id, **kwargs
+        )
     return model, tokenizer
 
 
-def new_lora_config(r: int, alpha: float, targets: list[str], dropout: float = 0.0):
-    """A PEFT LoRA config for a causal LM; ``targets=["all-linear"]`` adapts every linear layer."""
+@contextlib.contextmanager
+def _quiet_load_report():
+    from transformers.utils import logging as transformers_logging
+
+    level = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(level)
+
+
+def new_lora_config(
+    r: int, alpha: float, targets: list[str], dropout: float = 0.0, head: str | None = None
+):
+    """A PEFT LoRA config for a causal LM; ``targets=["all-linear"]`` adapts every linear layer.
+
+    With ``head`` (see HEADS) the ``score`` head is trained too and saved with the adapter."""
     from peft import LoraConfig
 
     target_modules = "all-linear" if targets == ["all-linear"] else list(targets)
@@ -83,7 +124,8 @@ def new_lora_config(r: int, alpha: float, targets: list[str], dropout: float = 0
         lora_dropout=dropout,
         target_modules=target_modules,
         bias="none",
-        task_type="CAUSAL_LM",
+        task_type=HEADS[head][2] if head else "CAUSAL_LM",
+        modules_to_save=[HEAD_MODULE] if head else None,
     )
 
 
@@ -116,9 +158,14 @@ def attach_adapter(model, lora_config):
 
 
 def load_adapter(
-    model, folder: str | os.PathLike, trainable: bool = True, dropout: float | None = None
+    model,
+    folder: str | os.PathLike,
+    trainable: bool = True,
+    dropout: float | None = None,
+    head: str | None = None,
 ):
-    """The base wrapped as a PeftModel with the adapter in ``folder`` as ``default``."""
+    """The base wrapped as a PeftModel with the adapter in ``folder`` as ``default``;
+    ``head`` (see HEADS): ``model`` carries a new ``score`` head, trained with the adapter."""
     from peft import PeftConfig, PeftModel
 
     config = PeftConfig.from_pretrained(str(folder))
@@ -126,6 +173,8 @@ def load_adapter(
         raise ConfigError(f"--from {folder}: a {config.peft_type} adapter, not LoRA")
     if dropout is not None:
         config.lora_dropout = dropout
+    if head is not None:
+        config.task_type, config.modules_to_save = HEADS[head][2], [HEAD_MODULE]
     config.inference_mode = not trainable
     return PeftModel.from_pretrained(model, str(folder), is_trainable=trainable, config=config)
 
@@ -173,9 +222,12 @@ def trainable_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-def save_adapter(model, folder: str | os.PathLike) -> Path:
+def save_adapter(
+    model, folder: str | os.PathLike, extra_files: dict[str, str] | None = None
+) -> Path:
     """Save only the trained ``default`` adapter (adapter_config.json + safetensors) at ``folder``,
-    whole or not at all: written in a temporary sibling, then renamed into place."""
+    whole or not at all: written in a temporary sibling, then renamed into place.
+    ``extra_files`` (name -> text) are written beside it (a head's settings)."""
     import shutil
     import tempfile
 
@@ -192,6 +244,11 @@ def save_adapter(model, folder: str | os.PathLike) -> Path:
         config = json.loads(config_path.read_text())
         config["inference_mode"] = True
         config["target_modules"] = short_target_names(model, config["target_modules"])
+        if config.get("modules_to_save"):  # PEFT adds names for other architectures ("classifier")
+            present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+            config["modules_to_save"] = sorted(set(config["modules_to_save"]) & present) or None
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if folder.exists():
             shutil.rmtree(folder)

@@ -113,39 +113,50 @@ class Parent:
     folder: Path
     digest: str
     ref: str
+    kind: str | None = None  # the manifest's kind (lora, reward, prm); None for a folder
 
 
 def resolve_parent(config: TrainConfig) -> Parent | None:
     """Find ``--from``: a local adapter folder, or a registry reference pulled and verified."""
     if not config.from_ref:
         return None
+    return resolve_adapter(config.from_ref, config.registry)
+
+
+def resolve_adapter(ref: str, registry_url: str | None = None) -> Parent:
+    """An adapter named on the command line: a local folder, or a registry reference pulled
+    and verified."""
     from lorabay.hub.content import scan_adapter
 
-    folder = Path(config.from_ref).expanduser()
+    folder = Path(ref).expanduser()
     if folder.is_dir():
         return Parent(folder, scan_adapter(folder).digest, str(folder))
     from lorabay.hub import Registry
 
-    registry = Registry.open(config.registry)
-    manifest = registry.resolve(config.from_ref)
-    return Parent(registry.pull(manifest), manifest.digest, manifest.ref)
+    registry = Registry.open(registry_url)
+    manifest = registry.resolve(ref)
+    return Parent(registry.pull(manifest), manifest.digest, manifest.ref, manifest.kind)
 
 
-def load_policy(config: TrainConfig, parent: Parent | None):
+def load_policy(config: TrainConfig, parent: Parent | None, head: str | None = None):
     """(base, tokenizer, lora_config or None): the base, and either a new LoRA config or,
-    with ``--from``, the base already wrapped with the parent adapter (trainable)."""
+    with ``--from``, the base already wrapped with the parent adapter (trainable).
+    ``head`` ("reward", "prm"): the base gets a new ``score`` head, trained with the adapter."""
     from lorabay.train.model import check_targets, load_adapter, load_base, new_lora_config
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # "Loading weights" bars; RunProgress is the bar
     set_threads(config)
 
-    model, tokenizer = load_base(config.base, config.quantize, config.precision)
+    model, tokenizer = load_base(config.base, config.quantize, config.precision, head=head)
     if parent is not None:
-        model = load_adapter(model, parent.folder, trainable=True, dropout=config.dropout)
+        model = load_adapter(
+            model, parent.folder, trainable=True, dropout=config.dropout, head=head
+        )
         return model, tokenizer, None
     check_targets(model, config.targets)
-    return model, tokenizer, new_lora_config(config.r, config.alpha, config.targets, config.dropout)
+    lora_config = new_lora_config(config.r, config.alpha, config.targets, config.dropout, head)
+    return model, tokenizer, lora_config
 
 
 def set_threads(config: TrainConfig) -> None:
@@ -262,13 +273,36 @@ def finish_run(
     dataset_digest: str,
     parent: Parent | None,
     kind: str = "lora",
+    extra_files: dict[str, str] | None = None,
 ) -> RunResult:
     """Save the adapter and the lineage, push with ``--push``; the main process only."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    result = save_run(
+        config, model, trainer.state, progress, output, dataset_digest, parent, kind, extra_files
+    )
+    trainer.accelerator.wait_for_everyone()
+    return result
+
+
+def save_run(
+    config: TrainConfig,
+    model,
+    state,
+    progress,
+    output: Path,
+    dataset_digest: str,
+    parent: Parent | None,
+    kind: str = "lora",
+    extra_files: dict[str, str] | None = None,
+    extra_hyperparameters: dict | None = None,
+) -> RunResult:
+    """:func:`finish_run` for a loop of our own (PPO): ``state`` is a transformers
+    TrainerState the loop kept. ``extra_files`` are written into the adapter folder;
+    ``extra_hyperparameters`` join the lineage's (PPO: the reward model's digest)."""
     from lorabay.train.model import save_adapter
 
     _, world_size = world()
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    metrics = final_metrics(progress, trainer.state)
+    metrics = final_metrics(progress, state)
     params = hyperparameters(config)
     if parent is not None:  # the adapter's shape came from the parent, not from the flags
         peft_config = model.peft_config["default"]
@@ -279,6 +313,7 @@ def finish_run(
             else sorted({m.rsplit(".", 1)[-1] for m in modules})
         )
         params.update(r=peft_config.r, alpha=peft_config.lora_alpha, targets=modules)
+    params.update(extra_hyperparameters or {})
     params["world_size"] = world_size
     lineage = {
         "method": config.method,
@@ -290,7 +325,7 @@ def finish_run(
     adapter = output / "adapter"
     manifest = None
     if is_main_process():
-        save_adapter(model, adapter)
+        save_adapter(model, adapter, extra_files)
         (output / "lineage.json").write_text(json.dumps(lineage, indent=2) + "\n")
         if config.push:
             from lorabay.train.push import push_adapter
@@ -305,5 +340,4 @@ def finish_run(
                 aliases=config.alias,
                 description=config.description,
             )
-    trainer.accelerator.wait_for_everyone()
     return RunResult(output, adapter, lineage, metrics, manifest, world_size)

@@ -180,3 +180,93 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ---------------------------------------------------------------- reward models, PPO and PRMs
+#
+# RL needs a policy that is sometimes right: ``mixed_sft_records`` teaches the answer format
+# with the right answer only half the time, so PPO has something to improve. ``steps`` is the
+# PRM task: after a review, three one-word steps; a step is right when its word has the
+# review's sentiment (a good word after a positive review), each step judged on its own.
+
+STEP_COUNT = 3
+STEP_SEPARATOR = "\n"
+
+
+def mixed_sft_records(task: str, count: int, shape: str = "messages", seed: int = 0) -> list[dict]:
+    """SFT records whose answer is the right one or a wrong one, at random: a policy trained on
+    them answers in the task's format, right about half the time."""
+    rng = random.Random(f"{task}-mixed-{seed}")
+    first, _ = split_questions(task, count, 0, seed)
+    return [
+        as_record(q, right if rng.random() < 0.5 else wrong, shape) for q, right, wrong in first
+    ]
+
+
+def step_prompt(question: str) -> str:
+    return question + "\nSteps:"
+
+
+def step_record(question: str, positive: bool, rng: random.Random) -> dict:
+    """A PRM record for one review: three steps, each a good or bad word at random, each
+    labelled right when its sentiment is the review's."""
+    words = [rng.choice(GOOD + BAD) for _ in range(STEP_COUNT)]
+    return {
+        "prompt": step_prompt(question),
+        "completions": [" " + word for word in words],
+        "labels": [(word in GOOD) == positive for word in words],
+    }
+
+
+def step_records(train: int, heldout: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) PRM records ``{"prompt", "completions", "labels"}``; no held-out
+    review occurs in the training split."""
+    first, second = split_questions("sentiment", train, heldout, seed)
+    rng = random.Random(f"steps-{seed}")
+    return (
+        [step_record(q, right == "positive", rng) for q, right, _ in first],
+        [step_record(q, right == "positive", rng) for q, right, _ in second],
+    )
+
+
+def step_sft_records(records: list[dict]) -> list[dict]:
+    """Text SFT records that write a record's steps, one per line (right or wrong alike)."""
+    return [
+        {
+            "prompt": record["prompt"],
+            "completion": "".join(step + STEP_SEPARATOR for step in record["completions"]),
+        }
+        for record in records
+    ]
+
+
+def write_align_toy(
+    folder: str | Path, train: int = 256, heldout: int = 32, seed: int = 0
+) -> dict[str, Path]:
+    """Write the toy data for the reward model, PPO and the PRM into ``folder``:
+
+    - sentiment-pairs-train/heldout.jsonl: preference pairs (chat), the right answer chosen;
+    - sentiment-mixed-sft.jsonl: SFT data that makes a policy right half the time;
+    - sentiment-prompts-train/heldout.jsonl: prompts for PPO;
+    - steps-prm-train/heldout.jsonl: step-labelled solutions (text);
+    - steps-mixed-sft.jsonl: SFT data for a policy that writes three steps, right or wrong;
+    - steps-prompts-train/heldout.jsonl: prompts for RL on the PRM's step rewards.
+    """
+    from lorabay.train.data import write_jsonl
+
+    folder = Path(folder)
+    pairs_train, pairs_heldout = preference_records("sentiment", train, heldout, "messages", seed)
+    prm_train, prm_heldout = step_records(train, heldout, seed)
+    files = {
+        "sentiment-pairs-train": pairs_train,
+        "sentiment-pairs-heldout": pairs_heldout,
+        "sentiment-mixed-sft": mixed_sft_records("sentiment", train, "messages", seed),
+        "sentiment-prompts-train": [{"prompt": p["prompt"]} for p in pairs_train],
+        "sentiment-prompts-heldout": [{"prompt": p["prompt"]} for p in pairs_heldout],
+        "steps-prm-train": prm_train,
+        "steps-prm-heldout": prm_heldout,
+        "steps-mixed-sft": step_sft_records(prm_train),
+        "steps-prompts-train": [{"prompt": r["prompt"]} for r in prm_train],
+        "steps-prompts-heldout": [{"prompt": r["prompt"]} for r in prm_heldout],
+    }
+    return {name: write_jsonl(records, folder / f"{name}.jsonl") for name, records in files.items()}
