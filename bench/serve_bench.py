@@ -397,6 +397,53 @@ def plot(runs: list[Run], counts: list[int], path: Path) -> None:
     figure.savefig(path)
 
 
+def measure_count(gateway, naive_url, manifests, count: int, args, rounds: int) -> list[Run]:
+    """(b) and (a) alternating ``rounds`` times (best of each kept), then (c) once."""
+    gateway_models = ["small"] if count == 0 else [m.name for m in manifests[:count]]
+    engine_models = ["small"] if count == 0 else [f"{m.name}@{m.digest}" for m in manifests[:count]]
+    # Warm-up through the gateway: it loads the adapters (the engine names (b) uses).
+    measure("gateway", f"{gateway.url}/v1/completions", {}, gateway_models, count, 8, 4)
+    paths = [
+        (
+            "engine",
+            gateway.engine_url,
+            {"Authorization": f"Bearer {gateway.engine_token}"},
+            engine_models,
+        ),
+        ("gateway", gateway.url, {}, gateway_models),
+    ]
+    best: dict[str, Run] = {}
+    for _ in range(rounds):
+        for path_name, url, headers, models in paths:
+            run = measure(
+                path_name,
+                f"{url}/v1/completions",
+                headers,
+                models,
+                count,
+                args.requests,
+                args.new_tokens,
+            )
+            print(f"  {count:>2} adapters  {path_name:<8} {run.tok_s:7.1f} tok/s", flush=True)
+            if path_name not in best or run.tok_s > best[path_name].tok_s:
+                best[path_name] = run
+    runs = list(best.values())
+    if naive_url:
+        run = measure(
+            "naive",
+            f"{naive_url}/v1/completions",
+            {},
+            gateway_models,
+            count,
+            args.requests,
+            args.new_tokens,
+            stream=False,
+        )
+        print(f"  {count:>2} adapters  naive    {run.tok_s:7.1f} tok/s", flush=True)
+        runs.append(run)
+    return runs
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "naive-server":
         serve_naive(*sys.argv[2:4], int(sys.argv[4]))
@@ -415,8 +462,8 @@ def main() -> None:
     args = parser.parse_args()
     quick = args.quick
     counts = [int(c) for c in (args.counts or ("0,1,8" if quick else "0,1,8,32")).split(",")]
-    requests = args.requests or (32 if quick else 64)
-    new_tokens = args.new_tokens or (16 if quick else 32)
+    args.requests = args.requests or (32 if quick else 64)
+    args.new_tokens = args.new_tokens or (16 if quick else 32)
     rounds = args.rounds or (1 if quick else 2)
     cold_count = args.cold if args.cold is not None else (3 if quick else 8)
 
@@ -447,85 +494,36 @@ def main() -> None:
     cold_manifests = push_adapters(registry_url, base, folders[most:], "bench/cold")
 
     runs: list[Run] = []
-    gateway = Gateway(base, registry_url, env, max_loras=max(1, most))
-    print("starting lorabay serve ...", flush=True)
-    gateway.start()
-    try:
-        for count in counts:
-            gateway_models = ["small"] if count == 0 else [m.name for m in manifests[:count]]
-            engine_models = (
-                ["small"] if count == 0 else [f"{m.name}@{m.digest}" for m in manifests[:count]]
-            )
-            # Warm-up through the gateway: loads the adapters (the engine names (b) uses).
-            measure(
-                "gateway",
-                f"{gateway.url}/v1/completions",
-                {},
-                gateway_models,
-                count,
-                max(len(gateway_models), 8),
-                4,
-            )
-            best: dict[str, Run] = {}
-            for _ in range(rounds):
-                for path_name, url, headers, models in (
-                    (
-                        "engine",
-                        gateway.engine_url,
-                        {"Authorization": f"Bearer {gateway.engine_token}"},
-                        engine_models,
-                    ),
-                    ("gateway", gateway.url, {}, gateway_models),
-                ):
-                    run = measure(
-                        path_name,
-                        f"{url}/v1/completions",
-                        headers,
-                        models,
-                        count,
-                        requests,
-                        new_tokens,
-                    )
-                    print(
-                        f"  {count:>2} adapters  {path_name:<8} {run.tok_s:7.1f} tok/s", flush=True
-                    )
-                    if path_name not in best or run.tok_s > best[path_name].tok_s:
-                        best[path_name] = run
-            runs += best.values()
-        print("cold adapters ...", flush=True)
-        cold = cold_adapter_latency(gateway, cold_manifests, new_tokens) if cold_count else []
-    finally:
-        gateway.stop()
-
+    load_before = os.getloadavg()[0]
+    naive = naive_url = None
     if not args.skip_naive:
+        # Up beside the gateway, idle while the others run: all three paths are measured
+        # in the same minutes, so the other users of a shared machine weigh on each alike.
         print("starting the naive transformers + PEFT server ...", flush=True)
         names = {m.name: str(folders[i]) for i, m in enumerate(manifests)}
-        naive, url = start_naive(base, names, workdir, env)
-        try:
-            for count in counts:
-                models = ["small"] if count == 0 else [m.name for m in manifests[:count]]
-                run = measure(
-                    "naive",
-                    f"{url}/v1/completions",
-                    {},
-                    models,
-                    count,
-                    requests,
-                    new_tokens,
-                    stream=False,
-                )
-                print(f"  {count:>2} adapters  naive    {run.tok_s:7.1f} tok/s", flush=True)
-                runs.append(run)
-        finally:
+        naive, naive_url = start_naive(base, names, workdir, env)
+    gateway = Gateway(base, registry_url, env, max_loras=max(1, most))
+    print("starting lorabay serve ...", flush=True)
+    try:
+        gateway.start()
+        for count in counts:
+            runs += measure_count(gateway, naive_url, manifests, count, args, rounds)
+        print("cold adapters ...", flush=True)
+        cold = cold_adapter_latency(gateway, cold_manifests, args.new_tokens) if cold_count else []
+    finally:
+        gateway.stop()
+        if naive is not None:
             naive.send_signal(signal.SIGTERM)
             naive.wait(60)
 
+    requests, new_tokens = args.requests, args.new_tokens
+    load = f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
     report = table(runs, cold, counts)
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
     print()
     print(
         f"small base (bf16), {requests} concurrent requests x {new_tokens} new tokens, "
-        f"best of {rounds} alternating round(s) for (a)/(b); {machine}"
+        f"best of {rounds} alternating round(s) for (a)/(b); {machine}; {load}"
     )
     print(report)
     plot(runs, counts, args.plot)

@@ -164,6 +164,23 @@ def test_health_and_ready(served):
     assert httpx.get(f"{served.url}/ready").status_code == 200
 
 
+def test_engine_listens_on_loopback_only_and_wants_the_gateways_token(served):
+    engine = served.gateway.engine_process()
+    listening = [
+        c.laddr
+        for p in [engine, *engine.children(recursive=True)]
+        for c in p.net_connections(kind="inet")
+        if c.status == "LISTEN"
+    ]
+    assert listening and all(address.ip == "127.0.0.1" for address in listening)
+    command = engine.cmdline()
+    engine_url = f"http://127.0.0.1:{command[command.index('--port') + 1]}"
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 1}
+    assert httpx.post(f"{engine_url}/v1/completions", json=body).status_code == 401
+    load = {"lora_name": "mine", "lora_path": "/etc"}
+    assert httpx.post(f"{engine_url}/v1/load_lora_adapter", json=load).status_code == 401
+
+
 # -- the OpenAI surface ----------------------------------------------------------------
 
 
