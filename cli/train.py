@@ -10,7 +10,15 @@ from __future__ import annotations
 import json
 
 import click
-from lorabay.train.config import DPOConfig, SFTConfig, TrainConfig, click_options
+from lorabay.train.config import (
+    DPOConfig,
+    PRMConfig,
+    RewardConfig,
+    RLHFConfig,
+    SFTConfig,
+    TrainConfig,
+    click_options,
+)
 
 
 @click.group()
@@ -115,5 +123,68 @@ dpo = training_command(
     \b
     Examples:
       lorabay train dpo --base ./tiny --data pairs.jsonl --from team/sentiment:1 --push team/sentiment
+    """,
+)
+
+reward = training_command(
+    RewardConfig,
+    "reward",
+    "lorabay.train.reward:train_reward",
+    """Train a Bradley-Terry reward model (TRL RewardTrainer): LoRA plus a scalar head.
+
+    Loss -log sigmoid(r(chosen) - r(rejected)). The head is saved inside the adapter
+    (modules_to_save) and the registry records the kind `reward`.
+
+    \b
+    Data (JSONL or Parquet), one record per line:
+      {"prompt": ..., "chosen": ..., "rejected": ...}   (text or message lists)
+
+    \b
+    Examples:
+      lorabay train reward --base ./tiny --data pairs.jsonl --lr 1e-3 --push team/rm
+    """,
+)
+
+rlhf = training_command(
+    RLHFConfig,
+    "rlhf",
+    "lorabay.train.ppo:train_rlhf",
+    """RLHF with PPO (InstructGPT): maximise the reward model's score minus a KL penalty.
+
+    One base holds the policy (the trained adapter), the reference (the starting adapter
+    frozen, or the base with adapters off), the reward model (its own adapter and head)
+    and the value head. Logs per step: reward, kl, entropy, value_loss, clip_fraction,
+    response_length. --reward prm:REF gives every step of a response the process reward
+    model's judgement (dense rewards) instead of one score at the end.
+
+    \b
+    Prompts (JSONL or Parquet), one record per line:
+      {"prompt": "..."}   or   {"prompt": [{"role": "user", "content": "..."}]}
+
+    \b
+    Examples:
+      lorabay train rlhf --base ./tiny --policy team/sft:1 --reward team/rm:1 \\
+          --prompts prompts.jsonl --kl-coef 0.05 --push team/policy
+      lorabay train rlhf --base ./tiny --policy team/sft:1 --reward prm:team/prm:1 \\
+          --prompts problems.jsonl --max-new-tokens 64
+    """,
+)
+
+prm = training_command(
+    PRMConfig,
+    "prm",
+    "lorabay.train.prm:train_prm",
+    """Train a process reward model: LoRA plus a head that judges each solution step.
+
+    The label of each step sits on the step separator's token; every other token is
+    ignored in the loss. The registry records the kind `prm`; `lorabay score` uses it.
+
+    \b
+    Data (JSONL or Parquet), one record per line:
+      {"prompt": "...", "completions": ["step 1", "step 2"], "labels": [true, false]}
+
+    \b
+    Examples:
+      lorabay train prm --base ./tiny --data steps.jsonl --lr 1e-3 --push team/prm
     """,
 )

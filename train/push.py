@@ -15,6 +15,9 @@ from pathlib import Path
 
 from lorabay.hub.errors import ConfigError
 
+# Training methods whose adapter carries a head, pushed as that kind (the rest: "lora").
+HEAD_KINDS = {"reward": "reward", "prm": "prm"}
+
 
 def push_adapter(
     adapter: str | os.PathLike,
@@ -55,9 +58,10 @@ def push_run(
     registry: str | None = None,
     aliases: list[str] | tuple[str, ...] = (),
     description: str = "",
-    kind: str = "lora",
+    kind: str | None = None,
 ):
-    """Push the adapter of a finished run folder, with the lineage the run wrote."""
+    """Push the adapter of a finished run folder, with the lineage the run wrote; ``kind``
+    defaults to the run's (a reward or prm run pushes its kind, any other run ``lora``)."""
     import yaml
 
     output = Path(output)
@@ -69,12 +73,13 @@ def push_run(
         )
     recipe_file = output / "recipe.yaml"
     recipe = yaml.safe_load(recipe_file.read_text()) if recipe_file.is_file() else {}
+    lineage = json.loads(lineage_file.read_text())
     return push_adapter(
         adapter,
         name,
         base=recipe.get("base"),
-        lineage=json.loads(lineage_file.read_text()),
-        kind=kind,
+        lineage=lineage,
+        kind=kind or HEAD_KINDS.get(lineage.get("method"), "lora"),
         registry=registry,
         aliases=aliases,
         description=description,

@@ -1,0 +1,68 @@
+"""A Bradley-Terry reward model with TRL's RewardTrainer: a LoRA adapter plus a scalar head.
+
+The base is loaded as a sequence classifier with one output: the new ``score`` head
+(hidden size -> 1) reads the last token of prompt + response. Training lowers
+
+    loss = -log sigmoid(r(prompt, chosen) - r(prompt, rejected))
+
+(Bradley and Terry 1952; InstructGPT, arXiv:2203.02155 eq. 1). The head is trained
+with the adapter and saved inside it (PEFT ``modules_to_save``), so the adapter
+folder is the whole reward model; the registry records it as kind ``reward``.
+:mod:`lorabay.train.heads` puts it beside a policy on one base for PPO.
+
+    lorabay train reward --base ./tiny --data pairs.jsonl --push team/rm
+"""
+
+from __future__ import annotations
+
+import json
+
+from lorabay.train.config import RewardConfig
+from lorabay.train.run import RunResult
+
+KIND = "reward"
+
+
+def train_reward(config: RewardConfig, show_progress: bool = True) -> RunResult:
+    """Train ``config`` (already validated by build_config) and return the finished run."""
+    import datasets
+    from lorabay.train.data import dataset_digest, load_dataset
+    from lorabay.train.heads import head_settings
+    from lorabay.train.progress import RunProgress
+    from lorabay.train.run import (
+        finish_run,
+        load_policy,
+        prepare_output,
+        quiet_trainer,
+        resolve_parent,
+        resume_checkpoint,
+        trainer_arguments,
+    )
+    from trl import RewardConfig as TRLRewardConfig
+    from trl import RewardTrainer
+
+    datasets.disable_progress_bars()
+    dataset, _ = load_dataset(config.data, "preference")
+    digest = dataset_digest(config.data)
+    parent = resolve_parent(config)
+    output = prepare_output(config)
+    checkpoint = resume_checkpoint(config, output)
+
+    model, tokenizer, lora_config = load_policy(config, parent, head=KIND)
+    args = TRLRewardConfig(
+        **trainer_arguments(config, output),
+        center_rewards_coefficient=config.center_rewards or None,
+    )
+    progress = RunProgress(output / "metrics.jsonl", show_bar=show_progress)
+    trainer = RewardTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config,
+        callbacks=[progress],
+    )
+    quiet_trainer(trainer)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    settings = {"head.json": json.dumps(head_settings(KIND), indent=2) + "\n"}
+    return finish_run(config, trainer, progress, output, digest, parent, KIND, settings)
