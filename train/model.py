@@ -133,6 +133,18 @@ def check_targets(model, targets: list[str]) -> None:
     """Refuse target modules the base does not have, naming the ones it does."""
     if targets == ["all-linear"]:
         return
+    present = linear_module_names(model)
+    missing = [t for t in targets if t not in present]
+    if missing:
+        raise ConfigError(
+            f"--targets {','.join(missing)}: not a linear module of this base",
+            f"pick from {','.join(sorted(present))} or all-linear",
+        )
+
+
+def linear_module_names(model) -> list[str]:
+    """Leaf names of the base's linear layers, its output heads (lm_head, score) left out:
+    what "all-linear" adapts. PEFT's own expansion keeps a token classifier's ``score``."""
     import torch
 
     present = {
@@ -141,13 +153,7 @@ def check_targets(model, targets: list[str]) -> None:
         if isinstance(module, torch.nn.Linear)
         or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
     }
-    present.discard("lm_head")
-    missing = [t for t in targets if t not in present]
-    if missing:
-        raise ConfigError(
-            f"--targets {','.join(missing)}: not a linear module of this base",
-            f"pick from {','.join(sorted(present))} or all-linear",
-        )
+    return sorted(present - {"lm_head", HEAD_MODULE})
 
 
 def attach_adapter(model, lora_config):

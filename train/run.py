@@ -142,7 +142,13 @@ def load_policy(config: TrainConfig, parent: Parent | None, head: str | None = N
     """(base, tokenizer, lora_config or None): the base, and either a new LoRA config or,
     with ``--from``, the base already wrapped with the parent adapter (trainable).
     ``head`` ("reward", "prm"): the base gets a new ``score`` head, trained with the adapter."""
-    from lorabay.train.model import check_targets, load_adapter, load_base, new_lora_config
+    from lorabay.train.model import (
+        check_targets,
+        linear_module_names,
+        load_adapter,
+        load_base,
+        new_lora_config,
+    )
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # "Loading weights" bars; RunProgress is the bar
@@ -155,7 +161,10 @@ def load_policy(config: TrainConfig, parent: Parent | None, head: str | None = N
         )
         return model, tokenizer, None
     check_targets(model, config.targets)
-    lora_config = new_lora_config(config.r, config.alpha, config.targets, config.dropout, head)
+    targets = config.targets
+    if head is not None and targets == ["all-linear"]:
+        targets = linear_module_names(model)  # not the new head: it is trained whole
+    lora_config = new_lora_config(config.r, config.alpha, targets, config.dropout, head)
     return model, tokenizer, lora_config
 
 

@@ -52,3 +52,15 @@ def train(tiny_base):
         return train_dpo(config, show_progress=False)
 
     return run
+
+
+# -- reward models, PPO and PRMs (issue 7): trained once per session, pushed to one registry --
+
+
+@pytest.fixture(scope="session")
+def align(tiny_base, tmp_path_factory):
+    """The toy alignment world: data (train/toy.py ``write_align_toy``), a session registry,
+    and ``align.run(*args)`` that runs ``lorabay ...`` in-process and returns its JSON."""
+    from aligntools import AlignWorld
+
+    return AlignWorld(tiny_base, tmp_path_factory.mktemp("align"))
