@@ -402,7 +402,8 @@ def measure_count(gateway, naive_url, manifests, count: int, args, rounds: int) 
     gateway_models = ["small"] if count == 0 else [m.name for m in manifests[:count]]
     engine_models = ["small"] if count == 0 else [f"{m.name}@{m.digest}" for m in manifests[:count]]
     # Warm-up through the gateway: it loads the adapters (the engine names (b) uses).
-    measure("gateway", f"{gateway.url}/v1/completions", {}, gateway_models, count, 8, 4)
+    warm = max(len(gateway_models), 8)
+    measure("gateway", f"{gateway.url}/v1/completions", {}, gateway_models, count, warm, 4)
     paths = [
         (
             "engine",

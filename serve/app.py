@@ -233,12 +233,10 @@ async def finish_plain(gateway: Gateway, response, timer: RequestTimer, lease) -
     # The engine's own refusal (a prompt beyond the context, a field vLLM rejects): the
     # same message, in the gateway's error shape; its failures are a bad gateway.
     code = {400: "invalid_request_error", 404: "model_not_found"}.get(status, "engine_error")
-    timer.finish(status, code)
-    message = engine_error_message(response)
-    param = engine_error_param(content)
     if status >= 500 and status != 503:
-        return error_response(502, message, code, param)
-    return error_response(status, message, code, param)
+        status = 502
+    timer.finish(status, code)
+    return error_response(status, engine_error_message(response), code, engine_error_param(content))
 
 
 def engine_error_param(content: bytes) -> str | None:
