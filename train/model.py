@@ -90,7 +90,7 @@ def load_base(
     if head is None:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs), tokenizer
     auto_class, outputs, _ = HEADS[head]
-    with _quiet_load_report():  # "score MISSING, lm_head UNEXPECTED" is the point of a head
+    with quiet_transformers():  # "score MISSING, lm_head UNEXPECTED" is the point of a head
         model = getattr(transformers, auto_class).from_pretrained(
             path, num_labels=outputs, pad_token_id=tokenizer.pad_token_id, **kwargs
         )
@@ -98,7 +98,8 @@ def load_base(
 
 
 @contextlib.contextmanager
-def _quiet_load_report():
+def quiet_transformers():
+    """transformers logs errors only, for a call whose warnings are expected."""
     from transformers.utils import logging as transformers_logging
 
     level = transformers_logging.get_verbosity()

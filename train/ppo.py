@@ -116,6 +116,7 @@ def generate_rollouts(
     on); prompts longer than ``max_length`` tokens keep their end."""
     import torch
     from lorabay.train.evaluate import prompt_ids
+    from lorabay.train.model import quiet_transformers
     from transformers import GenerationConfig
 
     encoded = [prompt_ids(tokenizer, prompt)[-max_length:] for prompt in prompts]
@@ -131,14 +132,21 @@ def generate_rollouts(
     sampling = GenerationConfig(
         do_sample=True,
         temperature=temperature,
-        top_k=0,
+        top_k=0,  # 0 turns top-k off; unset, transformers applies 50
         top_p=1.0,
         max_new_tokens=max_new_tokens,
         eos_token_id=stops,
         pad_token_id=tokenizer.pad_token_id,
     )
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=sampling)
+    # generate() fills every unset option from the base's generation_config.json (a
+    # repetition penalty, top-k, ...); with it swapped out, nothing reshapes the samples.
+    base = model.get_base_model()
+    saved, base.generation_config = base.generation_config, sampling
+    try:
+        with torch.no_grad(), quiet_transformers():  # "top_k=0 may be ignored": it should be
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=sampling)
+    finally:
+        base.generation_config = saved
     response = out[:, length:]  # (B, T)
     is_stop = torch.isin(response, torch.tensor(stops, device=device))
     after_stop = (is_stop.cumsum(1) - is_stop.long()) > 0  # (B, T) strictly after the first stop

@@ -149,10 +149,13 @@ def load_policy(config: TrainConfig, parent: Parent | None, head: str | None = N
         load_base,
         new_lora_config,
     )
+    from transformers import set_seed
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # "Loading weights" bars; RunProgress is the bar
     set_threads(config)
+    # A new head (reward, prm) is initialised here, before any trainer seeds: same seed, same run.
+    set_seed(config.seed)
 
     model, tokenizer = load_base(config.base, config.quantize, config.precision, head=head)
     if parent is not None:

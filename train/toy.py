@@ -9,6 +9,8 @@ there (" cat", " good", ...) and a task is only the pattern. Tests and the demo 
 - ``reverse``: "Reverse: cat book" -> "book cat". 300 steps at a constant learning rate
   (a linear decay leaves it half learned): all 32 held-out pairs right.
 - preference pairs for either task: the right answer chosen, a wrong one rejected.
+- ``align`` (:func:`write_align_toy`): pairs and prompts for a reward model and PPO, and
+  step-labelled "praise" solutions for a process reward model and RL on its step rewards.
 
 Measured on 2 shared cores, one thread: ~0.1 s per step, so 15-30 s of training; the
 adapters trained on the fp32 base answer the same on the NF4-quantized base.
@@ -161,83 +163,63 @@ def write_recipe(values: dict, path: Path) -> Path:
     return path
 
 
-def main() -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Write toy datasets for the tiny base.")
-    parser.add_argument("task", choices=TASKS)
-    parser.add_argument("folder")
-    parser.add_argument("--train", type=int, default=256)
-    parser.add_argument("--heldout", type=int, default=32)
-    parser.add_argument("--shape", choices=("messages", "prompt_completion"), default="messages")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    for name, path in write_toy(
-        args.task, args.folder, args.train, args.heldout, args.shape, args.seed
-    ).items():
-        print(f"{name}: {path}")
-
-
-if __name__ == "__main__":
-    main()
-
-
 # ---------------------------------------------------------------- reward models, PPO and PRMs
 #
-# RL needs a policy that is sometimes right: ``mixed_sft_records`` teaches the answer format
-# with the right answer only half the time, so PPO has something to improve. ``steps`` is the
-# PRM task: after a review, three one-word steps; a step is right when its word has the
-# review's sentiment (a good word after a positive review), each step judged on its own.
+# RL needs a policy that is sometimes right: PPO starts from a policy SFT-trained on the
+# sentiment answers only briefly (tests/train/aligntools.py: 60 steps, right about 60% of the
+# time at the rollouts' temperature), which it sharpens. ``steps`` is the PRM task: "Praise: cat tree" asks for three kind words, one per step. A step is right when
+# its word is kind and every step before it was right: once a solution has gone wrong, no
+# later step saves it (Math-Shepherd's labels, arXiv:2312.08935), so a PRM must read the
+# earlier steps, not only the word. Words are kind 70% of the time, so about half the labels
+# are true; the SFT data for the policy that RL improves picks kind words at even odds.
 
 STEP_COUNT = 3
 STEP_SEPARATOR = "\n"
+KIND_SHARE = 0.7
+STEP_PROMPTS = len(NOUNS) * (len(NOUNS) - 1)  # ordered pairs of two different nouns
 
 
-def mixed_sft_records(task: str, count: int, shape: str = "messages", seed: int = 0) -> list[dict]:
-    """SFT records whose answer is the right one or a wrong one, at random: a policy trained on
-    them answers in the task's format, right about half the time."""
-    rng = random.Random(f"{task}-mixed-{seed}")
-    first, _ = split_questions(task, count, 0, seed)
-    return [
-        as_record(q, right if rng.random() < 0.5 else wrong, shape) for q, right, wrong in first
+def step_prompt(nouns: list[str]) -> str:
+    return "Praise: " + " ".join(nouns) + "\nSteps:"
+
+
+def step_record(nouns: list[str], rng: random.Random, kind_share: float = KIND_SHARE) -> dict:
+    """A PRM record: three one-word steps, each kind with probability ``kind_share``; a step
+    is right while every word so far is kind."""
+    words = [
+        rng.choice(GOOD) if rng.random() < kind_share else rng.choice(BAD)
+        for _ in range(STEP_COUNT)
     ]
-
-
-def step_prompt(question: str) -> str:
-    return question + "\nSteps:"
-
-
-def step_record(question: str, positive: bool, rng: random.Random) -> dict:
-    """A PRM record for one review: three steps, each a good or bad word at random, each
-    labelled right when its sentiment is the review's."""
-    words = [rng.choice(GOOD + BAD) for _ in range(STEP_COUNT)]
+    labels = [all(word in GOOD for word in words[: k + 1]) for k in range(len(words))]
     return {
-        "prompt": step_prompt(question),
+        "prompt": step_prompt(nouns),
         "completions": [" " + word for word in words],
-        "labels": [(word in GOOD) == positive for word in words],
+        "labels": labels,
     }
 
 
 def step_records(train: int, heldout: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """(train, held-out) PRM records ``{"prompt", "completions", "labels"}``; no held-out
-    review occurs in the training split."""
-    first, second = split_questions("sentiment", train, heldout, seed)
+    prompt occurs in the training split (the task has 380 prompts, ordered noun pairs)."""
     rng = random.Random(f"steps-{seed}")
-    return (
-        [step_record(q, right == "positive", rng) for q, right, _ in first],
-        [step_record(q, right == "positive", rng) for q, right, _ in second],
-    )
+    pairs = [[a, b] for a in NOUNS for b in NOUNS if a != b]  # STEP_PROMPTS of them
+    if train + heldout > len(pairs):
+        raise ValueError(f"the steps task has {len(pairs)} prompts: ask for fewer")
+    rng.shuffle(pairs)
+    first, second = pairs[:train], pairs[train : train + heldout]
+    return [step_record(n, rng) for n in first], [step_record(n, rng) for n in second]
 
 
-def step_sft_records(records: list[dict]) -> list[dict]:
-    """Text SFT records that write a record's steps, one per line (right or wrong alike)."""
-    return [
-        {
-            "prompt": record["prompt"],
-            "completion": "".join(step + STEP_SEPARATOR for step in record["completions"]),
-        }
-        for record in records
-    ]
+def step_sft_records(prm_records: list[dict], seed: int = 0) -> list[dict]:
+    """Text SFT records for the prompts of ``prm_records``: three steps, one per line, kind or
+    unkind at even odds, so a policy trained on them is fully right one time in eight."""
+    rng = random.Random(f"steps-sft-{seed}")
+    records = []
+    for prm_record in prm_records:
+        steps = step_record([], rng, kind_share=0.5)["completions"]
+        completion = "".join(step + STEP_SEPARATOR for step in steps)
+        records.append({"prompt": prm_record["prompt"], "completion": completion})
+    return records
 
 
 def write_align_toy(
@@ -246,27 +228,51 @@ def write_align_toy(
     """Write the toy data for the reward model, PPO and the PRM into ``folder``:
 
     - sentiment-pairs-train/heldout.jsonl: preference pairs (chat), the right answer chosen;
-    - sentiment-mixed-sft.jsonl: SFT data that makes a policy right half the time;
+    - sentiment-sft.jsonl: SFT data (chat) for the policy PPO starts from;
     - sentiment-prompts-train/heldout.jsonl: prompts for PPO;
     - steps-prm-train/heldout.jsonl: step-labelled solutions (text);
-    - steps-mixed-sft.jsonl: SFT data for a policy that writes three steps, right or wrong;
+    - steps-mixed-sft.jsonl: SFT data for a policy that writes three steps, kind or not;
     - steps-prompts-train/heldout.jsonl: prompts for RL on the PRM's step rewards.
     """
     from lorabay.train.data import write_jsonl
 
     folder = Path(folder)
     pairs_train, pairs_heldout = preference_records("sentiment", train, heldout, "messages", seed)
-    prm_train, prm_heldout = step_records(train, heldout, seed)
+    # The praise task has 380 prompts: a larger ``train`` gets what is left of them.
+    prm_train, prm_heldout = step_records(min(train, STEP_PROMPTS - heldout), heldout, seed)
     files = {
         "sentiment-pairs-train": pairs_train,
         "sentiment-pairs-heldout": pairs_heldout,
-        "sentiment-mixed-sft": mixed_sft_records("sentiment", train, "messages", seed),
+        "sentiment-sft": sft_records("sentiment", train, 0, "messages", seed)[0],
         "sentiment-prompts-train": [{"prompt": p["prompt"]} for p in pairs_train],
         "sentiment-prompts-heldout": [{"prompt": p["prompt"]} for p in pairs_heldout],
         "steps-prm-train": prm_train,
         "steps-prm-heldout": prm_heldout,
-        "steps-mixed-sft": step_sft_records(prm_train),
+        "steps-mixed-sft": step_sft_records(prm_train, seed),
         "steps-prompts-train": [{"prompt": r["prompt"]} for r in prm_train],
         "steps-prompts-heldout": [{"prompt": r["prompt"]} for r in prm_heldout],
     }
     return {name: write_jsonl(records, folder / f"{name}.jsonl") for name, records in files.items()}
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write toy datasets for the tiny base.")
+    parser.add_argument("task", choices=(*TASKS, "align"), help="align: write_align_toy's data")
+    parser.add_argument("folder")
+    parser.add_argument("--train", type=int, default=256)
+    parser.add_argument("--heldout", type=int, default=32)
+    parser.add_argument("--shape", choices=("messages", "prompt_completion"), default="messages")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.task == "align":
+        written = write_align_toy(args.folder, args.train, args.heldout, args.seed)
+    else:
+        written = write_toy(args.task, args.folder, args.train, args.heldout, args.shape, args.seed)
+    for name, path in written.items():
+        print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    main()

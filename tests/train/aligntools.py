@@ -3,8 +3,8 @@
 Two tasks on the tiny base (train/toy.py ``write_align_toy``):
 
 - sentiment: a reward model learns "the answer names the review's sentiment" from
-  preference pairs; a policy SFT-trained on answers that are right half the time is
-  what PPO improves;
+  preference pairs; a policy SFT-trained on the answers only briefly (60 steps, right
+  about 60% of the time when sampled at 0.3) is what PPO improves;
 - praise: a PRM learns "a step is right while every word so far is kind"; a policy
   SFT-trained to write three words, kind or not at even odds, is what RL on the PRM's
   step rewards improves.
@@ -47,7 +47,8 @@ class AlignWorld:
         from lorabay.cli.main import cli
 
         result = CliRunner().invoke(cli, [*args, "--json"])
-        assert result.exit_code == 0, result.output
+        if result.exit_code != 0:  # with the traceback of what failed, not only the output
+            raise AssertionError(result.output[-2000:]) from result.exception
         return json.loads(result.stdout.strip().splitlines()[-1])
 
     def train(self, method: str, name: str, *args: str) -> dict:
@@ -63,8 +64,9 @@ class AlignWorld:
 
     @functools.cached_property
     def sentiment_policy(self) -> dict:
-        """SFT on answers right half the time: PPO's starting policy."""
-        data = str(self.data["sentiment-mixed-sft"])
+        """60 SFT steps on the right answers: half learned, PPO's starting policy. (At 80 steps
+        it is right 98% of the time when sampled at 0.3, leaving PPO nothing to do.)"""
+        data = str(self.data["sentiment-sft"])
         args = ["--data", data, *NEW_ADAPTER, "--scheduler", "constant", "--max-steps", "60"]
         return self.train("sft", "toy/sentiment-sft", *args)
 
