@@ -472,6 +472,8 @@ def click_options(cls: type[TrainConfig]):
         for spec in reversed(config_fields(cls)):
             default = ",".join(spec.default) if spec.kind is list else spec.default
             shown = "" if default in (None, "", []) else f" [default: {default}]"
+            if isinstance(default, str) and default != default.strip():  # "\n" shows as '\n'
+                shown = f" [default: {default!r}]"
             if spec.kind is bool:
                 opt = click.option(
                     f"{spec.flag}/--no-{spec.flag[2:]}",

@@ -42,6 +42,11 @@ def head_settings(kind: str, step_separator: str | None = None) -> dict:
     return settings
 
 
+def head_files(kind: str, step_separator: str | None = None) -> dict[str, str]:
+    """The files a head adapter carries beside its weights: {"head.json": text}."""
+    return {HEAD_FILE: json.dumps(head_settings(kind, step_separator), indent=2) + "\n"}
+
+
 def read_head_settings(folder: Path, flag: str, ref: str) -> dict:
     path = Path(folder) / HEAD_FILE
     if not path.is_file():
@@ -77,13 +82,7 @@ def attach_head(model, parent, name: str, kind: str | None = None, flag: str = "
     from peft import PeftConfig, PeftModel
     from safetensors.torch import load_file
 
-    settings = read_head_settings(parent.folder, flag, parent.ref)
-    found = parent.kind if parent.kind not in (None, "lora") else settings["kind"]
-    if kind is not None and found != kind:
-        raise ConfigError(
-            f"{flag} {parent.ref} is a {NAMES.get(found, found)}, not a {NAMES[kind]}",
-            f"give a {NAMES[kind]} (`lorabay train {kind}` makes one)",
-        )
+    settings = check_head(parent, kind, flag)
     config = PeftConfig.from_pretrained(str(parent.folder))
     # The LoRA part only: the head is no module of a causal LM; it is read separately below.
     config.task_type, config.modules_to_save, config.inference_mode = "CAUSAL_LM", None, True
@@ -104,6 +103,18 @@ def attach_head(model, parent, name: str, kind: str | None = None, flag: str = "
     linear.requires_grad_(False)
     device = next(p.device for p in model.parameters())
     return model, Head(model, name, linear.to(device), settings)
+
+
+def check_head(parent, kind: str | None, flag: str) -> dict:
+    """``parent``'s head settings; ConfigError unless it is a head adapter of ``kind``."""
+    settings = read_head_settings(parent.folder, flag, parent.ref)
+    found = parent.kind if parent.kind not in (None, "lora") else settings["kind"]
+    if kind is not None and found != kind:
+        raise ConfigError(
+            f"{flag} {parent.ref} is a {NAMES.get(found, found)}, not a {NAMES[kind]}",
+            f"give a {NAMES[kind]} (`lorabay train {kind}` makes one)",
+        )
+    return settings
 
 
 @contextlib.contextmanager

@@ -41,7 +41,8 @@ Everything shares ONE base (PEFT multi-adapter):
   adapter disabled when the run starts from the base (train/model.py
   ``reference_policy``);
 - reward: the reward model's (or PRM's) own adapter loaded as ``judge`` with its
-  score head (train/heads.py), switched on only to score;
+  score head (train/heads.py), switched on only to score; it reads the decoded
+  response rendered as it was trained (chat template, or text + EOS);
 - value: a linear head (hidden -> 1) on the policy's final hidden states, detached,
   so the value loss trains the head alone and never pulls on the policy (a value
   adapter would cost a second pass per update). It is saved in the run folder
@@ -50,7 +51,10 @@ Everything shares ONE base (PEFT multi-adapter):
 Logged every ``--logging-steps`` steps (metrics.jsonl, the bar shows reward and kl):
 reward, kl (per response, summed over its tokens), entropy (per token), value_loss,
 policy_loss, loss, clip_fraction, response_length (tokens); with a PRM also
-solution_score (the product of the step probabilities).
+solution_score (the product of the step probabilities) and steps; and the seconds
+a step spent sampling, scoring and updating (time_generate, time_score, time_update).
+A closing line holds train_runtime. Rollouts sample plainly at ``--temperature`` (no top-k/top-p), so
+they follow the distribution the ratio is computed on.
 
     lorabay train rlhf --base ./tiny --policy team/sft:1 --reward team/rm:1 \\
         --prompts prompts.jsonl --kl-coef 0.05 --push team/policy
@@ -60,6 +64,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from dataclasses import dataclass
 
 from lorabay.train.config import RLHFConfig, reward_source
@@ -278,9 +283,11 @@ def ppo_step(model, value_head, optimizer, scheduler, judge, kind, tokenizer, pr
     import torch
     from lorabay.train.model import reference_policy
 
+    started = time.perf_counter()
     rollouts = generate_rollouts(
         model, tokenizer, prompts, config.temperature, config.max_new_tokens, config.max_length
     )
+    generated = time.perf_counter()
     mask = rollouts.response_mask
     with torch.no_grad():
         old_logprobs, entropy, old_values = policy_forward(
@@ -293,6 +300,7 @@ def ppo_step(model, value_head, optimizer, scheduler, judge, kind, tokenizer, pr
         rewards = rewards - config.kl_coef * kl
         advantages, returns = gae(rewards, old_values, mask, config.gamma, config.lam)
         advantages = whiten(advantages, mask)
+    scored = time.perf_counter()
 
     totals = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0}
     updates = 0
@@ -330,6 +338,10 @@ def ppo_step(model, value_head, optimizer, scheduler, judge, kind, tokenizer, pr
         **metrics,
         "response_length": float(mask.sum(1).mean()),
         "learning_rate": scheduler.get_last_lr()[0],
+        # Where a step's time goes: sampling; the policy, reference and judge passes; PPO.
+        "time_generate": generated - started,
+        "time_score": scored - generated,
+        "time_update": time.perf_counter() - scored,
     }
 
 
@@ -353,28 +365,22 @@ def prompt_batches(prompts: list, batch_size: int, steps: int, seed: int):
 def train_rlhf(config: RLHFConfig, show_progress: bool = True) -> RunResult:
     """Train ``config`` (already validated by build_config) and return the finished run."""
     import torch
-    from lorabay.train.data import dataset_digest, detect_shape, load_records
-    from lorabay.train.heads import attach_head
+    from lorabay.train.data import detect_shape, load_records
+    from lorabay.train.heads import attach_head, check_head
     from lorabay.train.model import TRAINED_ADAPTER, add_reference_adapter, attach_adapter
     from lorabay.train.progress import RunProgress
-    from lorabay.train.run import (
-        load_policy,
-        prepare_output,
-        resolve_adapter,
-        resolve_parent,
-        save_run,
-    )
+    from lorabay.train.run import begin_run, load_policy, resolve_adapter, save_run
     from safetensors.torch import save_file
     from transformers import TrainerState, get_scheduler
 
     records = load_records(config.data)
     detect_shape(records, "prompts", config.data)
     prompts = [record["prompt"] for record in records]
-    digest = dataset_digest(config.data)
-    parent = resolve_parent(config)
     kind, judge_ref = reward_source(config.reward)
     judge_source = resolve_adapter(judge_ref, config.registry)
-    output = prepare_output(config)
+    check_head(judge_source, kind, "--reward")  # before the run folder exists
+    run = begin_run(config)
+    output, parent = run.output, run.parent
 
     torch.manual_seed(config.seed)
     model, tokenizer, lora_config = load_policy(config, parent)
@@ -407,6 +413,7 @@ def train_rlhf(config: RLHFConfig, show_progress: bool = True) -> RunResult:
         output / "metrics.jsonl", show_bar=show_progress, bar_keys=("reward", "kl")
     )
     progress.on_train_begin(None, state, None)
+    started = time.perf_counter()
     for step, batch in enumerate(prompt_batches(prompts, config.batch_size, steps, config.seed)):
         logs = ppo_step(
             model, value_head, optimizer, scheduler, judge, kind, tokenizer, batch, config
@@ -417,6 +424,8 @@ def train_rlhf(config: RLHFConfig, show_progress: bool = True) -> RunResult:
             state.log_history.append({**logs, "step": state.global_step})
             progress.on_log(None, state, None, logs=logs)
         progress.on_step_end(None, state, None)
+    # As the transformers Trainer closes a run: the loop's wall time (setup excluded).
+    progress.on_log(None, state, None, logs={"train_runtime": time.perf_counter() - started})
     progress.on_train_end(None, state, None)
 
     save_file(
@@ -429,7 +438,14 @@ def train_rlhf(config: RLHFConfig, show_progress: bool = True) -> RunResult:
         "reward_digest": judge_source.digest,
     }
     result = save_run(
-        config, model, state, progress, output, digest, parent, extra_hyperparameters=judge_record
+        config,
+        model,
+        state,
+        progress,
+        output,
+        run.dataset_digest,
+        parent,
+        extra_hyperparameters=judge_record,
     )
     result.extra["reference"] = (
         "frozen adapter 'ref' (the starting policy)"

@@ -24,8 +24,6 @@ the probability that each step is right, and the solution's score, their product
 
 from __future__ import annotations
 
-import json
-
 from lorabay.train.config import PRMConfig
 from lorabay.train.run import RunResult
 
@@ -51,16 +49,14 @@ def step_dataset(records: list[dict], tokenizer, separator: str, max_length: int
 def train_prm(config: PRMConfig, show_progress: bool = True) -> RunResult:
     """Train ``config`` (already validated by build_config) and return the finished run."""
     import datasets
-    from lorabay.train.data import dataset_digest, detect_shape, load_records
-    from lorabay.train.heads import head_settings
+    from lorabay.train.data import detect_shape, load_records
+    from lorabay.train.heads import head_files
     from lorabay.train.progress import RunProgress
     from lorabay.train.run import (
+        begin_run,
         finish_run,
         load_policy,
-        prepare_output,
         quiet_trainer,
-        resolve_parent,
-        resume_checkpoint,
         trainer_arguments,
     )
     from peft import get_peft_model
@@ -69,17 +65,14 @@ def train_prm(config: PRMConfig, show_progress: bool = True) -> RunResult:
     datasets.disable_progress_bars()
     records = load_records(config.data)
     detect_shape(records, "steps", config.data)
-    digest = dataset_digest(config.data)
-    parent = resolve_parent(config)
-    output = prepare_output(config)
-    checkpoint = resume_checkpoint(config, output)
+    run = begin_run(config)
 
-    model, tokenizer, lora_config = load_policy(config, parent, head=KIND)
+    model, tokenizer, lora_config = load_policy(config, run.parent, head=KIND)
     if lora_config is not None:
         model = get_peft_model(model, lora_config)
-    arguments = trainer_arguments(config, output)
+    arguments = trainer_arguments(config, run.output)
     arguments.pop("max_length")  # a TRL option; the examples are cut in step_dataset
-    progress = RunProgress(output / "metrics.jsonl", show_bar=show_progress)
+    progress = RunProgress(run.output / "metrics.jsonl", show_bar=show_progress)
     trainer = Trainer(
         model=model,
         args=TrainingArguments(**arguments, remove_unused_columns=False),
@@ -89,7 +82,8 @@ def train_prm(config: PRMConfig, show_progress: bool = True) -> RunResult:
         callbacks=[progress],
     )
     quiet_trainer(trainer)
-    trainer.train(resume_from_checkpoint=checkpoint)
-    settings = head_settings(KIND, config.step_separator)
-    files = {"head.json": json.dumps(settings, indent=2) + "\n"}
-    return finish_run(config, trainer, progress, output, digest, parent, KIND, files)
+    trainer.train(resume_from_checkpoint=run.checkpoint)
+    files = head_files(KIND, config.step_separator)
+    return finish_run(
+        config, trainer, progress, run.output, run.dataset_digest, run.parent, KIND, files
+    )

@@ -15,8 +15,6 @@ folder is the whole reward model; the registry records it as kind ``reward``.
 
 from __future__ import annotations
 
-import json
-
 from lorabay.train.config import RewardConfig
 from lorabay.train.run import RunResult
 
@@ -26,16 +24,14 @@ KIND = "reward"
 def train_reward(config: RewardConfig, show_progress: bool = True) -> RunResult:
     """Train ``config`` (already validated by build_config) and return the finished run."""
     import datasets
-    from lorabay.train.data import dataset_digest, load_dataset
-    from lorabay.train.heads import head_settings
+    from lorabay.train.data import load_dataset
+    from lorabay.train.heads import head_files
     from lorabay.train.progress import RunProgress
     from lorabay.train.run import (
+        begin_run,
         finish_run,
         load_policy,
-        prepare_output,
         quiet_trainer,
-        resolve_parent,
-        resume_checkpoint,
         trainer_arguments,
     )
     from trl import RewardConfig as TRLRewardConfig
@@ -43,17 +39,14 @@ def train_reward(config: RewardConfig, show_progress: bool = True) -> RunResult:
 
     datasets.disable_progress_bars()
     dataset, _ = load_dataset(config.data, "preference")
-    digest = dataset_digest(config.data)
-    parent = resolve_parent(config)
-    output = prepare_output(config)
-    checkpoint = resume_checkpoint(config, output)
+    run = begin_run(config)
 
-    model, tokenizer, lora_config = load_policy(config, parent, head=KIND)
+    model, tokenizer, lora_config = load_policy(config, run.parent, head=KIND)
     args = TRLRewardConfig(
-        **trainer_arguments(config, output),
+        **trainer_arguments(config, run.output),
         center_rewards_coefficient=config.center_rewards or None,
     )
-    progress = RunProgress(output / "metrics.jsonl", show_bar=show_progress)
+    progress = RunProgress(run.output / "metrics.jsonl", show_bar=show_progress)
     trainer = RewardTrainer(
         model=model,
         args=args,
@@ -63,6 +56,8 @@ def train_reward(config: RewardConfig, show_progress: bool = True) -> RunResult:
         callbacks=[progress],
     )
     quiet_trainer(trainer)
-    trainer.train(resume_from_checkpoint=checkpoint)
-    settings = {"head.json": json.dumps(head_settings(KIND), indent=2) + "\n"}
-    return finish_run(config, trainer, progress, output, digest, parent, KIND, settings)
+    trainer.train(resume_from_checkpoint=run.checkpoint)
+    files = head_files(KIND)
+    return finish_run(
+        config, trainer, progress, run.output, run.dataset_digest, run.parent, KIND, files
+    )

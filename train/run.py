@@ -116,6 +116,26 @@ class Parent:
     kind: str | None = None  # the manifest's kind (lora, reward, prm); None for a folder
 
 
+@dataclass(frozen=True)
+class RunStart:
+    """What a run knows before it loads a model (:func:`begin_run`)."""
+
+    output: Path
+    dataset_digest: str
+    parent: Parent | None
+    checkpoint: str | None  # the checkpoint --resume continues from
+
+
+def begin_run(config: TrainConfig) -> RunStart:
+    """Digest the data, find ``--from``, make the run folder, find the checkpoint to resume."""
+    from lorabay.train.data import dataset_digest
+
+    digest = dataset_digest(config.data)
+    parent = resolve_parent(config)
+    output = prepare_output(config)
+    return RunStart(output, digest, parent, resume_checkpoint(config, output))
+
+
 def resolve_parent(config: TrainConfig) -> Parent | None:
     """Find ``--from``: a local adapter folder, or a registry reference pulled and verified."""
     if not config.from_ref:

@@ -31,8 +31,9 @@ def ppo_runs(align):
         args += ["--policy", "toy/sentiment-sft:1", "--reward", "toy/rm:1", "--prompts", prompts]
         args += ["--kl-coef", str(kl_coef), "--output", str(output), "--threads", "1"]
         result = align.run(*args, *SENTIMENT_PPO, *push)
-        rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-        runs[kl_coef] = (result, rows)
+        lines = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+        assert lines[-1]["train_runtime"] > 0  # the closing line, as the Trainer writes one
+        runs[kl_coef] = (result, lines[:-1])
     return runs
 
 
@@ -153,7 +154,7 @@ def test_ppo_pieces_match_their_formulas():
     policy, value, clipped = ppo_losses(
         logprobs, zeros, advantage, zeros, zeros, zeros, mask, config
     )
-    assert float(policy) == pytest.approx(-1.0) and float(clipped) == 0.0 and float(value) == 0.0
+    assert policy.item() == pytest.approx(-1.0) and clipped.item() == 0.0 and value.item() == 0.0
     moved = torch.full((1, 4), math.log(2.0), requires_grad=True)  # ratio 2 > 1.2
     policy, _, clipped = ppo_losses(moved, zeros, advantage, zeros, zeros, zeros, mask, config)
     policy.backward()
@@ -181,3 +182,17 @@ def test_rlhf_options_are_checked_together(tiny_base, tmp_path):
         assert expected in text, (expected, text)
     with pytest.raises(ConfigError, match="--reward is required"):
         build_config(RLHFConfig, flags={"base": str(tiny_base), "prompts": str(tmp_path)})
+
+
+@pytest.mark.slow
+def test_rlhf_from_the_base_keeps_the_base_as_reference(align):
+    assert align.reward_model
+    output = align.root / "runs" / "ppo-from-base"
+    args = ["train", "rlhf", "--base", str(align.base), "--registry", align.registry]
+    args += ["--reward", "toy/rm:1", "--prompts", str(align.data["sentiment-prompts-train"])]
+    args += ["--output", str(output), "--max-steps", "2", "--batch-size", "4", "--threads", "1"]
+    result = align.run(*args, "--max-new-tokens", "4")
+    assert result["reference"] == "base with the adapter disabled"
+    assert result["lineage"]["parent_digest"] is None
+    first = json.loads((output / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["kl"] == pytest.approx(0.0, abs=1e-5)  # a new LoRA starts as the base itself
