@@ -158,7 +158,7 @@ def test_ppo_pieces_match_their_formulas():
     moved = torch.full((1, 4), math.log(2.0), requires_grad=True)  # ratio 2 > 1.2
     policy, _, clipped = ppo_losses(moved, zeros, advantage, zeros, zeros, zeros, mask, config)
     policy.backward()
-    assert float(policy) == pytest.approx(-1.2) and float(clipped) == 1.0
+    assert policy.item() == pytest.approx(-1.2) and clipped.item() == 1.0
     assert float(moved.grad.abs().sum()) == 0.0
 
 
