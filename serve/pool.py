@@ -99,6 +99,7 @@ class AdapterPool:
         path = await prepare()
         if key in self._unloading:  # the engine is still dropping an earlier copy
             await asyncio.shield(self._unloading[key])
+        prepared = time.perf_counter()
         await self._load(engine_name, path)
         seconds = time.perf_counter() - started
         if epoch != self._epoch:
@@ -108,7 +109,13 @@ class AdapterPool:
             self.metrics.loads.labels(*labels).inc()
             self.metrics.load_seconds.labels(*labels).observe(seconds)
             self.metrics.loaded.set(len(self._loaded))
-        log.info("adapter loaded: %s in %.0f ms", engine_name, seconds * 1000)
+        log.info(
+            "adapter loaded: %s in %.0f ms (pull, verify, check %.0f ms; engine %.0f ms)",
+            engine_name,
+            seconds * 1000,
+            (prepared - started) * 1000,
+            (started + seconds - prepared) * 1000,
+        )
 
     def release(self, entry: LoadedAdapter) -> None:
         entry.users -= 1

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorabay.hub import Manifest, Registry
+from lorabay.hub.compat import check_manifest_against_base, read_base_shapes
 from lorabay.hub.errors import AdapterNotFound, IncompatibleBase, InvalidReference
 from lorabay.hub.reference import parse_reference
 from lorabay.serve.keys import KeyGrant
@@ -112,6 +113,12 @@ class ModelResolver:
         self._inflight: dict[str, asyncio.Task] = {}
         self._fit: dict[str, list[str]] = {}  # digest -> reasons it does not fit ([] = fits)
 
+    def warm_up(self) -> None:
+        """Read the base's tensor shapes once now: the first check costs ~0.1 s cold (imports,
+        the safetensors header off disk), which would land on a client's first token."""
+        if self.base_folder is not None:
+            read_base_shapes(self.base_folder)
+
     async def resolve(self, model: str, grant: KeyGrant) -> Target:
         if model == self.served_name:
             return Target(self.served_name)
@@ -155,18 +162,26 @@ class ModelResolver:
         """Pull and verify the adapter, check it fits the base; its local folder."""
         manifest = target.manifest
         assert manifest is not None
+        known = self._fit.get(manifest.digest)
+        if known:
+            raise IncompatibleBase(manifest.ref, self.served_name, known)
+        return await asyncio.to_thread(self._pull_and_check, manifest)
+
+    def _pull_and_check(self, manifest: Manifest) -> Path:
+        # One verified pull, then the check on that folder (Registry.check would pull,
+        # i.e. re-hash, a second time): the cold path is on a client's first token.
+        folder = self.registry.pull(manifest)
         reasons = self._fit.get(manifest.digest)
         if reasons is None:
-            if self.base_folder is None:
-                reasons = []  # a hub id, not a folder: vLLM checks the shapes when loading
-            else:
-                reasons = await asyncio.to_thread(
-                    self.registry.check, manifest, self.base_folder, self.max_rank
-                )
+            reasons = (
+                check_manifest_against_base(manifest, folder, self.base_folder, self.max_rank)
+                if self.base_folder is not None
+                else []  # a hub id, not a folder: vLLM checks the shapes when loading
+            )
             self._fit[manifest.digest] = reasons
         if reasons:
             raise IncompatibleBase(manifest.ref, self.served_name, reasons)
-        return await asyncio.to_thread(self.registry.pull, manifest)
+        return folder
 
     def fits(self, manifest: Manifest) -> bool:
         """For /v1/models: a known result, else the manifest-only check."""

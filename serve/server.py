@@ -145,6 +145,7 @@ async def serve_gateway(options, supervisor, registry, keys, sock) -> None:
         max_body_bytes=options.max_body_bytes,
     )
     await gateway.connect()
+    await asyncio.to_thread(resolver.warm_up)
     supervisor.start_watching()
     config = uvicorn.Config(
         create_app(gateway),
