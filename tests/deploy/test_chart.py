@@ -62,7 +62,15 @@ VALUE_SETS: dict[str, dict] = {
         },
         "quantization": "nf4",
         "dtype": "bfloat16",
-        "engine": {"maxLoras": 4, "maxCpuLoras": 64, "maxLoraRank": 64, "maxLoaded": 48},
+        "engine": {
+            "maxLoras": 4,
+            "maxCpuLoras": 64,
+            "maxLoraRank": 64,
+            "maxLoaded": 48,
+            "maxNumSeqs": 256,
+            "args": ["--enable-prefix-caching", "--seed=1"],
+        },
+        "gateway": {"maxBodyBytes": 1048576},
         "extraArgs": ["--max-model-len", "8192"],
     },
     "s3-registry-secrets": {
@@ -141,6 +149,11 @@ def serve_option_flags() -> set[str]:
     }
 
 
+def flags_in(container: dict) -> set[str]:
+    """The `lorabay serve` flags in a container's arguments (`--flag=value` counts as --flag)."""
+    return {arg.split("=", 1)[0] for arg in container["args"] if arg.startswith("--")}
+
+
 def parse_serve_args(container: dict, tmp_path) -> click.Context:
     """Run the container's arguments through `lorabay serve`'s own parser (not its callback).
 
@@ -213,13 +226,16 @@ def test_chart_sources_lint():
 @pytest.mark.parametrize("name", VALUE_SETS)
 def test_container_command_is_real_serve_flags_with_valid_values(name, tmp_path):
     container = server_container(rendered(name))
-    flags = {a for a in container["args"] if a.startswith("--")}
+    flags = flags_in(container)
     assert flags <= serve_option_flags(), flags - serve_option_flags()
     ctx = parse_serve_args(container, tmp_path)  # click raises on an unknown flag or a bad value
     assert ctx.params["port"] == ports_named(container)["http"]
     assert ctx.params["host"] in ("0.0.0.0", "::")
     # Outside loopback the gateway needs API keys, or an explicit --insecure.
     assert ctx.params["api_keys"] or ctx.params["insecure"]
+    # Engine flags arrive verbatim, each as one --engine-arg.
+    engine_args = VALUE_SETS[name].get("engine", {}).get("args", [])
+    assert list(ctx.params["engine_args"]) == engine_args
 
 
 def test_command_carries_the_values(tmp_path):
@@ -250,10 +266,7 @@ def test_an_unknown_flag_or_a_bad_value_is_caught(tmp_path):
 def test_every_serve_option_is_reachable_from_values():
     """An option added to `lorabay serve` needs a chart value (and a value set here using it)."""
     rendered_flags = {
-        arg
-        for name in VALUE_SETS
-        for arg in server_container(rendered(name))["args"]
-        if arg.startswith("--")
+        flag for name in VALUE_SETS for flag in flags_in(server_container(rendered(name)))
     }
     missing = serve_option_flags() - rendered_flags
     assert not missing, f"`lorabay serve` options the chart never renders: {sorted(missing)}"
@@ -379,6 +392,15 @@ def test_startup_budget_covers_a_base_download():
     custom = server_container(rendered("autoscaling-monitoring-ingress"))
     assert custom["startupProbe"]["periodSeconds"] == 15
     assert 3600 <= startup_budget(custom) < 3600 + 15
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_engine_gives_up_before_the_startup_probe(name, tmp_path):
+    # The engine's own error reaches the log (and the pod exits non-zero) before the
+    # kubelet kills a pod that never got ready.
+    container = server_container(rendered(name))
+    timeout = parse_serve_args(container, tmp_path).params["engine_start_timeout"]
+    assert 0.9 * startup_budget(container) <= timeout < startup_budget(container)
 
 
 # ------------------------------------------------------------ security context
@@ -568,6 +590,8 @@ def test_service_monitor_only_with_the_prometheus_operator():
         ({"registry": {"url": "http://adapters/prod"}}, "at '/registry/url'"),
         ({"autoscaling": {"minReplicas": 0}}, "at '/autoscaling/minReplicas'"),
         ({"gateway": {"port": "8000"}}, "at '/gateway/port'"),
+        ({"engine": {"args": ["seed=1"]}}, "at '/engine/args/0'"),
+        ({"engine": {"maxNumSeqs": 0}}, "at '/engine/maxNumSeqs'"),
         ({"replicas": 2}, "additional properties 'replicas'"),  # a typo of replicaCount
         # Credentials have no place in values: only Secret names do.
         (

@@ -108,6 +108,18 @@ click command lorabay.cli.serve:serve; tests/deploy parses this list with it.
 {{- if not (kindIs "invalid" $v.maxModelLen) }}
 {{- $args = concat $args (list "--max-model-len" (toString (int $v.maxModelLen))) }}
 {{- end }}
+{{- if not (kindIs "invalid" $v.engine.maxNumSeqs) }}
+{{- $args = concat $args (list "--max-num-seqs" (toString (int $v.engine.maxNumSeqs))) }}
+{{- end }}
+{{- range $v.engine.args }}
+{{- $args = concat $args (list (printf "--engine-arg=%s" .)) }}
+{{- end }}
+{{- if not (kindIs "invalid" $v.gateway.maxBodyBytes) }}
+{{- $args = concat $args (list "--max-body-bytes" (toString (int $v.gateway.maxBodyBytes))) }}
+{{- end }}
+{{- /* the engine gives up (with its own error in the log) one probe period before the kubelet would */}}
+{{- $startup := $v.probes.startup }}
+{{- $args = concat $args (list "--engine-start-timeout" (toString (max 60 (sub (int $startup.budgetSeconds) (int $startup.periodSeconds))))) }}
 {{- if $v.gateway.jsonLogs }}
 {{- $args = concat $args (list "--json-logs") }}
 {{- end }}
