@@ -20,15 +20,13 @@ from lorabay.train.run import RunResult
 def train_dpo(config: DPOConfig, show_progress: bool = True) -> RunResult:
     """Train ``config`` (already validated by build_config) and return the finished run."""
     import datasets
-    from lorabay.train.data import dataset_digest, load_dataset
+    from lorabay.train.data import load_dataset
     from lorabay.train.progress import RunProgress
     from lorabay.train.run import (
+        begin_run,
         finish_run,
         load_policy,
-        prepare_output,
         quiet_trainer,
-        resolve_parent,
-        resume_checkpoint,
         trainer_arguments,
     )
     from trl import DPOConfig as TRLDPOConfig
@@ -36,19 +34,16 @@ def train_dpo(config: DPOConfig, show_progress: bool = True) -> RunResult:
 
     datasets.disable_progress_bars()
     dataset, _ = load_dataset(config.data, "preference")
-    digest = dataset_digest(config.data)
-    parent = resolve_parent(config)
-    output = prepare_output(config)
-    checkpoint = resume_checkpoint(config, output)
+    run = begin_run(config)
 
-    model, tokenizer, lora_config = load_policy(config, parent)
+    model, tokenizer, lora_config = load_policy(config, run.parent)
     args = TRLDPOConfig(
-        **trainer_arguments(config, output),
+        **trainer_arguments(config, run.output),
         beta=config.beta,
         loss_type=[config.loss],
         precompute_ref_log_probs=False,  # the reference is one adapter switch away
     )
-    progress = RunProgress(output / "metrics.jsonl", show_bar=show_progress)
+    progress = RunProgress(run.output / "metrics.jsonl", show_bar=show_progress)
     trainer = DPOTrainer(
         model=model,
         ref_model=None,
@@ -59,8 +54,8 @@ def train_dpo(config: DPOConfig, show_progress: bool = True) -> RunResult:
         callbacks=[progress],
     )
     quiet_trainer(trainer)
-    trainer.train(resume_from_checkpoint=checkpoint)
-    result = finish_run(config, trainer, progress, output, digest, parent)
+    trainer.train(resume_from_checkpoint=run.checkpoint)
+    result = finish_run(config, trainer, progress, run.output, run.dataset_digest, run.parent)
     result.extra["reference"] = describe_reference(trainer)
     return result
 

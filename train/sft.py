@@ -19,15 +19,13 @@ from lorabay.train.run import RunResult
 def train_sft(config: SFTConfig, show_progress: bool = True) -> RunResult:
     """Train ``config`` (already validated by build_config) and return the finished run."""
     import datasets
-    from lorabay.train.data import dataset_digest, load_dataset
+    from lorabay.train.data import load_dataset
     from lorabay.train.progress import RunProgress
     from lorabay.train.run import (
+        begin_run,
         finish_run,
         load_policy,
-        prepare_output,
         quiet_trainer,
-        resolve_parent,
-        resume_checkpoint,
         trainer_arguments,
     )
     from trl import SFTConfig as TRLSFTConfig
@@ -35,19 +33,16 @@ def train_sft(config: SFTConfig, show_progress: bool = True) -> RunResult:
 
     datasets.disable_progress_bars()
     dataset, shape = load_dataset(config.data, "sft")
-    digest = dataset_digest(config.data)
-    parent = resolve_parent(config)
-    output = prepare_output(config)
-    checkpoint = resume_checkpoint(config, output)
+    run = begin_run(config)
 
-    model, tokenizer, lora_config = load_policy(config, parent)
+    model, tokenizer, lora_config = load_policy(config, run.parent)
     args = TRLSFTConfig(
-        **trainer_arguments(config, output),
+        **trainer_arguments(config, run.output),
         completion_only_loss=shape == "prompt_completion",
         assistant_only_loss=shape == "messages",
         packing=False,
     )
-    progress = RunProgress(output / "metrics.jsonl", show_bar=show_progress)
+    progress = RunProgress(run.output / "metrics.jsonl", show_bar=show_progress)
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -57,5 +52,5 @@ def train_sft(config: SFTConfig, show_progress: bool = True) -> RunResult:
         callbacks=[progress],
     )
     quiet_trainer(trainer)
-    trainer.train(resume_from_checkpoint=checkpoint)
-    return finish_run(config, trainer, progress, output, digest, parent)
+    trainer.train(resume_from_checkpoint=run.checkpoint)
+    return finish_run(config, trainer, progress, run.output, run.dataset_digest, run.parent)
