@@ -163,6 +163,7 @@ def epoch_seconds(iso: str) -> int:
 async def generate(gateway: Gateway, request: Request, endpoint: str):
     timer = RequestTimer(gateway.metrics, endpoint)
     lease = None
+    streaming = False
     try:
         grant = gateway.authenticate(request.headers.get("authorization"))
         body = parse_request(await gateway.read_body(request), endpoint, gateway.max_model_len)
@@ -187,6 +188,7 @@ async def generate(gateway: Gateway, request: Request, endpoint: str):
         if not stream or response.status_code != 200:
             return await finish_plain(gateway, response, timer, lease)
         held, lease = lease, None  # the stream releases it when it ends
+        streaming = True  # and finishes the timer
         return StreamingResponse(
             stream_body(gateway, response, timer, held, wants_usage),
             status_code=200,
@@ -203,6 +205,8 @@ async def generate(gateway: Gateway, request: Request, endpoint: str):
     finally:
         if lease is not None:
             gateway.pool.release(lease)
+        if not streaming:  # cancelled: the client went away before its answer
+            timer.finish(499, "client_closed_request")
 
 
 def target_ref(target) -> str:

@@ -224,7 +224,7 @@ def error_event(error: LorabayError) -> bytes:
 
 
 class RequestTimer:
-    """Latency, TTFT and tokens of one request, recorded once at its end."""
+    """Latency, TTFT and tokens of one request, recorded once at its end; in flight until then."""
 
     def __init__(self, metrics: GatewayMetrics, endpoint: str):
         self.metrics = metrics
@@ -232,6 +232,7 @@ class RequestTimer:
         self.started = time.perf_counter()
         self.labels = ("", "")
         self.done = False
+        metrics.in_flight.inc()
 
     def first_token(self) -> None:
         self.metrics.ttft.labels(*self.labels).observe(time.perf_counter() - self.started)
@@ -244,6 +245,7 @@ class RequestTimer:
         if self.done:
             return
         self.done = True
+        self.metrics.in_flight.dec()
         self.metrics.requests.labels(*self.labels, self.endpoint, str(status)).inc()
         if status >= 400:
             self.metrics.errors.labels(*self.labels, code or str(status)).inc()

@@ -49,6 +49,11 @@ class GatewayMetrics:
         self.generated_tokens = Counter(
             "lorabay_generated_tokens", "Tokens generated.", ADAPTER, registry=r
         )
+        self.in_flight = Gauge(
+            "lorabay_requests_in_flight",
+            "Generation requests being answered now (a signal to autoscale on).",
+            registry=r,
+        )
         self.latency = Histogram(
             "lorabay_request_latency_seconds",
             "Time from request to the last byte of the answer.",

@@ -78,6 +78,11 @@ def describe_mismatch(manifest: Manifest, config: dict, max_rank: int | None) ->
     Used to filter /v1/models; the full check (tensor shapes) runs before a load.
     """
     reasons = []
+    if manifest.kind != "lora":
+        reasons.append(
+            f"kind {manifest.kind!r} scores text with its own head and generates nothing; "
+            "the engine serves kind 'lora' (score with `lorabay score` or `lorabay train rlhf`)"
+        )
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
     actual = {
         "architecture": (config.get("architectures") or [None])[0],
@@ -163,6 +168,8 @@ class ModelResolver:
         manifest = target.manifest
         assert manifest is not None
         known = self._fit.get(manifest.digest)
+        if known is None and manifest.kind != "lora":  # refused before any download
+            known = self._fit[manifest.digest] = describe_mismatch(manifest, {}, None)
         if known:
             raise IncompatibleBase(manifest.ref, self.served_name, known)
         return await asyncio.to_thread(self._pull_and_check, manifest)

@@ -91,6 +91,8 @@ def served(tiny_base, make_lora, tmp_path_factory):
     registry.push(make_lora(seed=21), "team-a/x", base=tiny_base, aliases=["prod"])
     registry.push(make_lora(seed=22), "team-a/x", base=tiny_base)
     registry.push(make_lora(seed=15, r=32), "team-a/wide", base=tiny_base)
+    # A judge (reward model): its kind alone keeps it out of the engine.
+    registry.push(make_lora(seed=16), "team-a/judge", base=tiny_base, kind="reward")
     keys = home / "keys.yaml"
     keys.write_text(f"keys:\n  {ADMIN_KEY}: '*'\n  {TEAM_A_KEY}: ['team-a/*']\n")
     gateway = GatewayProcess(
@@ -194,6 +196,7 @@ def test_models_lists_what_the_key_may_use_with_versions_digests_aliases(served)
     assert x1["digest"] == served.registry.resolve("team-a/x:1").digest
     assert ids["team-a/x:2"].model_extra["aliases"] == ["latest"]
     assert "team-a/wide:1" not in ids  # rank 32 does not fit --max-lora-rank 16
+    assert "team-a/judge:1" not in ids  # a reward model generates nothing
 
     team = {m.id for m in served.client(TEAM_A_KEY).models.list().data}
     assert "tiny" in team and "team-a/a:1" in team
@@ -360,6 +363,11 @@ def test_incompatible_adapter_is_refused_with_the_reason(served):
     assert error["code"] == "incompatible_adapter"
     assert "rank" in error["message"] and "32" in error["message"]
 
+    with pytest.raises(openai.BadRequestError) as caught:
+        served.client().completions.create(model="team-a/judge", prompt="hi", max_tokens=1)
+    assert caught.value.body["code"] == "incompatible_adapter"
+    assert "kind 'reward'" in caught.value.body["message"]
+
 
 def test_unknown_reference_is_404_naming_it(served):
     with pytest.raises(openai.NotFoundError) as caught:
@@ -456,6 +464,8 @@ def test_metrics_are_labelled_by_adapter_name_and_version(served):
     assert metric(text, "lorabay_adapter_cache_hits_total", adapter="team-a/a") > 0
     assert metric(text, "lorabay_request_errors_total", code="adapter_corrupted") > 0
     assert metric(text, "lorabay_request_errors_total", adapter="", version="") > 0
+    # Every request so far ended (answers, refusals, streams, a client that left early).
+    assert metric(text, "lorabay_requests_in_flight") == 0
 
 
 # -- failures of the engine, and stopping ------------------------------------------------
@@ -482,7 +492,13 @@ def test_engine_death_gives_503_in_flight_then_the_engine_is_restarted(served, p
     threads = [threading.Thread(target=long_request) for _ in range(3)]
     for thread in threads:
         thread.start()
-    time.sleep(1.5)
+    # Kill while they are being answered: 1000 tokens take the tiny base about a second,
+    # so wait for the first to arrive, not for all three (they may not overlap).
+    deadline = time.monotonic() + 60
+    while metric(served.metrics(), "lorabay_requests_in_flight") < 1:
+        assert time.monotonic() < deadline, outcomes
+        time.sleep(0.01)
+    time.sleep(0.1)
     engine.send_signal(signal.SIGKILL)
     for thread in threads:
         thread.join(60)
