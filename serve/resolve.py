@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorabay.hub import Manifest, Registry
-from lorabay.hub.compat import check_manifest_against_base, read_base_shapes
+from lorabay.hub.compat import check_manifest_against_base, compare_config, read_base_shapes
 from lorabay.hub.errors import AdapterNotFound, IncompatibleBase, InvalidReference
 from lorabay.hub.reference import parse_reference
 from lorabay.serve.keys import KeyGrant
@@ -83,17 +83,7 @@ def describe_mismatch(manifest: Manifest, config: dict, max_rank: int | None) ->
             f"kind {manifest.kind!r} scores text with its own head and generates nothing; "
             "the engine serves kind 'lora' (score with `lorabay score` or `lorabay train rlhf`)"
         )
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    actual = {
-        "architecture": (config.get("architectures") or [None])[0],
-        "hidden_size": text.get("hidden_size"),
-        "num_hidden_layers": text.get("num_hidden_layers"),
-        "vocab_size": text.get("vocab_size"),
-    }
-    recorded = manifest.base or {}
-    for key, value in actual.items():
-        if recorded.get(key) is not None and value is not None and recorded[key] != value:
-            reasons.append(f"{key}: adapter was trained on {recorded[key]}, base has {value}")
+    reasons += compare_config(manifest.base or {}, config)
     rank = (manifest.peft or {}).get("r")
     if max_rank is not None and isinstance(rank, int) and rank > max_rank:
         reasons.append(f"rank {rank} is above the engine's --max-lora-rank {max_rank}")
