@@ -174,6 +174,8 @@ def main() -> None:
         str(write_random_adapter(base, OUT / "adapters" / f"a{k}", seed=k)) for k in range(most)
     ]
     common = {"VLLM_CPU_KVCACHE_SPACE": "2", "TOKENIZERS_PARALLELISM": "false"}
+    if (os.cpu_count() or 0) <= 4:  # as `lorabay serve` runs it (serve/engine.py)
+        common["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
     stock = {"LORABAY_CPU_LORA": "0", "LORABAY_VLLM_PLUGIN": "0"}
     grouped = {"LORABAY_CPU_LORA": "1"}
 
