@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/serve_bench.py            # 0, 1, 8, 32 adapters; 64 requests x 32 tokens
     .venv/bin/python bench/serve_bench.py --quick    # 0, 1, 8 adapters; 32 requests x 16 tokens
+    .venv/bin/python bench/serve_bench.py --stock-lora   # + (a) on vLLM's stock CPU LoRA ops
 
 On the `small` base (155M parameters, bf16), built locally, with rank-8 q/v adapters
 pushed to a file:// registry, the same mixed workload (--requests concurrent
@@ -52,7 +53,7 @@ PROMPTS = [
 
 @dataclass
 class Run:
-    path: str  # gateway | engine | naive
+    path: str  # gateway | engine | naive | stock-lora
     adapters: int
     requests: int
     tokens: int
@@ -341,6 +342,9 @@ def start_naive(base: Path, adapters: dict[str, str], workdir: Path, env: dict):
     raise SystemExit("the naive server did not start in time")
 
 
+PATHS = ["gateway", "engine", "naive", "stock-lora"]
+
+
 # -- report ----------------------------------------------------------------------------
 
 
@@ -349,23 +353,26 @@ def table(runs: list[Run], cold: list[dict], counts: list[int]) -> str:
         "| adapters | path | tok/s | p50 latency s | p99 latency s | p50 TTFT s | p99 TTFT s |",
         "|---:|---|---:|---:|---:|---:|---:|",
     ]
-    for run in sorted(
-        runs, key=lambda r: (r.adapters, ["gateway", "engine", "naive"].index(r.path))
-    ):
+    for run in sorted(runs, key=lambda r: (r.adapters, PATHS.index(r.path))):
         lines.append(
             f"| {run.adapters} | {run.path} | {run.tok_s:.1f} | {run.pct(run.latencies, 0.5):.2f} "
             f"| {run.pct(run.latencies, 0.99):.2f} | {run.pct(run.ttfts, 0.5):.3f} "
             f"| {run.pct(run.ttfts, 0.99):.3f} |"
         )
     by = {(r.path, r.adapters): r for r in runs}
-    lines += ["", "| adapters | gateway / engine tok/s (goal >= 0.95) | gateway / naive tok/s |"]
-    lines.append("|---:|---:|---:|")
+    lines += [
+        "",
+        "| adapters | gateway / engine tok/s (goal >= 0.95) | gateway / naive tok/s "
+        "| gateway / gateway on stock CPU LoRA |",
+        "|---:|---:|---:|---:|",
+    ]
     for count in counts:
-        gateway, engine, naive = (by.get((p, count)) for p in ("gateway", "engine", "naive"))
+        gateway, engine, naive, stock = (by.get((p, count)) for p in PATHS)
         ratio_e = f"{gateway.tok_s / engine.tok_s:.3f}" if gateway and engine else "-"
         ratio_n = f"{gateway.tok_s / naive.tok_s:.1f}x" if gateway and naive else "-"
+        ratio_s = f"{gateway.tok_s / stock.tok_s:.2f}x" if gateway and stock else "-"
         goal = " (goal >= 5x)" if count == 8 and naive else ""
-        lines.append(f"| {count} | {ratio_e} | {ratio_n}{goal} |")
+        lines.append(f"| {count} | {ratio_e} | {ratio_n}{goal} | {ratio_s} |")
     if cold:
         deltas = [(c["cold_ttft"] - c["warm_ttft"]) * 1000 for c in cold]
         lines += [
@@ -392,6 +399,7 @@ def plot(runs: list[Run], counts: list[int], path: Path) -> None:
         "gateway": "(a) lorabay gateway",
         "engine": "(b) vLLM engine directly",
         "naive": "(c) transformers + PEFT, set_adapter",
+        "stock-lora": "(a) on vLLM's stock CPU LoRA ops",
     }
     for path_name, label in labels.items():
         points = sorted((r.adapters, r.tok_s) for r in runs if r.path == path_name)
@@ -407,6 +415,19 @@ def plot(runs: list[Run], counts: list[int], path: Path) -> None:
     axis.set_title("small base (155M, bf16), CPU")
     figure.tight_layout()
     figure.savefig(path)
+
+
+def measure_gateway(gateway, path_name: str, manifests, count: int, args, rounds: int) -> Run:
+    """(a) alone, best of ``rounds`` after a warm-up that loads the adapters."""
+    models = ["small"] if count == 0 else [m.name for m in manifests[:count]]
+    url = f"{gateway.url}/v1/completions"
+    measure(path_name, url, {}, models, count, max(len(models), 8), 4)
+    best = None
+    for _ in range(rounds):
+        run = measure(path_name, url, {}, models, count, args.requests, args.new_tokens)
+        print(f"  {count:>2} adapters  {path_name:<8} {run.tok_s:7.1f} tok/s", flush=True)
+        best = run if best is None or run.tok_s > best.tok_s else best
+    return best
 
 
 def measure_count(gateway, naive_url, manifests, count: int, args, rounds: int) -> list[Run]:
@@ -469,6 +490,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None, help="alternating (b)/(a) rounds")
     parser.add_argument("--cold", type=int, default=None, help="fresh adapters for cold latency")
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument(
+        "--stock-lora",
+        action="store_true",
+        help="also (a) again with vLLM's stock CPU LoRA path (LORABAY_CPU_LORA=0), after",
+    )
     parser.add_argument("--workdir", type=Path, default=ROOT / "bench" / "out" / "serve")
     parser.add_argument("--plot", type=Path, default=ROOT / "bench" / "serve_bench.png")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -528,6 +554,17 @@ def main() -> None:
         if naive is not None:
             naive.send_signal(signal.SIGTERM)
             naive.wait(60)
+
+    if args.stock_lora:
+        # Issue 5 end to end: the same gateway and workload on vLLM's own CPU LoRA ops.
+        stock = Gateway(base, registry_url, {**env, "LORABAY_CPU_LORA": "0"}, max(1, most))
+        print("starting lorabay serve on vLLM's stock CPU LoRA path ...", flush=True)
+        try:
+            stock.start()
+            for count in counts:
+                runs.append(measure_gateway(stock, "stock-lora", manifests, count, args, rounds))
+        finally:
+            stock.stop(home / "gateway-stock.log")
 
     requests, new_tokens = args.requests, args.new_tokens
     load = f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
