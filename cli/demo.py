@@ -26,6 +26,11 @@ QUESTIONS = [
     "Reverse: cat book",
     "Reverse: sun river",
 ]
+# What each adapter must answer to its own task's questions (the toy tasks' rules).
+EXPECTED = {
+    "demo/sentiment": {QUESTIONS[0]: "positive", QUESTIONS[1]: "negative"},
+    "demo/reverse": {QUESTIONS[2]: "book cat", QUESTIONS[3]: "river sun"},
+}
 TASKS = ("sentiment", "reverse")
 
 
@@ -187,6 +192,16 @@ def demo(workdir: str) -> None:
         models = ["tiny", "demo/sentiment", "demo/reverse"]
         rows = [[q, *(ask(client, m, q) for m in models)] for q in QUESTIONS]
         print_table(["question", *models], rows)
+        answers = {
+            (m, row[0]): answer for row in rows for m, answer in zip(models, row[1:], strict=True)
+        }
+        for model, expected in EXPECTED.items():
+            for question, answer in expected.items():
+                if answers[model, question] != answer:
+                    raise click.ClickException(
+                        f"{model} answered {answers[model, question]!r} to {question!r}, "
+                        f"not {answer!r}: it did not learn its task"
+                    )
 
         say("5. move an alias: demo/assistant:prod from version 1 (sentiment) to 2 (reverse)")
         question = QUESTIONS[2]
