@@ -81,7 +81,8 @@ def describe_mismatch(manifest: Manifest, config: dict, max_rank: int | None) ->
     if manifest.kind != "lora":
         reasons.append(
             f"kind {manifest.kind!r} scores text with its own head and generates nothing; "
-            "the engine serves kind 'lora' (score with `lorabay score` or `lorabay train rlhf`)"
+            "the engine serves kind 'lora' (judges score in `lorabay score --prm` "
+            "and `lorabay train rlhf --reward`)"
         )
     reasons += compare_config(manifest.base or {}, config)
     rank = (manifest.peft or {}).get("r")
