@@ -79,7 +79,8 @@ class RunProgress(TrainerCallback):
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.bar is not None and any(key in numbers for key in self.bar_keys):
-            self.bar.set_postfix(self._postfix(numbers, state))
+            # In a log file (no TTY) the bar redraws every `mininterval`, not every log.
+            self.bar.set_postfix(self._postfix(numbers, state), refresh=sys.stderr.isatty())
 
     def _postfix(self, numbers: dict, state) -> dict:
         shown = {key: f"{numbers[key]:.4g}" for key in self.bar_keys if key in numbers}
