@@ -437,16 +437,7 @@ def train_rlhf(config: RLHFConfig, show_progress: bool = True) -> RunResult:
         "reward_kind": kind,
         "reward_digest": judge_source.digest,
     }
-    result = save_run(
-        config,
-        model,
-        state,
-        progress,
-        output,
-        run.dataset_digest,
-        parent,
-        extra_hyperparameters=judge_record,
-    )
+    result = save_run(config, run, model, state, progress, extra_hyperparameters=judge_record)
     result.extra["reference"] = (
         "frozen adapter 'ref' (the starting policy)"
         if parent is not None

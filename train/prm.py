@@ -52,13 +52,7 @@ def train_prm(config: PRMConfig, show_progress: bool = True) -> RunResult:
     from lorabay.train.data import detect_shape, load_records
     from lorabay.train.heads import head_files
     from lorabay.train.progress import RunProgress
-    from lorabay.train.run import (
-        begin_run,
-        finish_run,
-        load_policy,
-        quiet_trainer,
-        trainer_arguments,
-    )
+    from lorabay.train.run import begin_run, load_policy, train_and_finish, trainer_arguments
     from peft import get_peft_model
     from transformers import DataCollatorForTokenClassification, Trainer, TrainingArguments
 
@@ -81,9 +75,6 @@ def train_prm(config: PRMConfig, show_progress: bool = True) -> RunResult:
         processing_class=tokenizer,
         callbacks=[progress],
     )
-    quiet_trainer(trainer)
-    trainer.train(resume_from_checkpoint=run.checkpoint)
-    files = head_files(KIND, config.step_separator)
-    return finish_run(
-        config, trainer, progress, run.output, run.dataset_digest, run.parent, KIND, files
+    return train_and_finish(
+        config, run, trainer, progress, KIND, head_files(KIND, config.step_separator)
     )

@@ -27,13 +27,7 @@ def train_reward(config: RewardConfig, show_progress: bool = True) -> RunResult:
     from lorabay.train.data import load_dataset
     from lorabay.train.heads import head_files
     from lorabay.train.progress import RunProgress
-    from lorabay.train.run import (
-        begin_run,
-        finish_run,
-        load_policy,
-        quiet_trainer,
-        trainer_arguments,
-    )
+    from lorabay.train.run import begin_run, load_policy, train_and_finish, trainer_arguments
     from trl import RewardConfig as TRLRewardConfig
     from trl import RewardTrainer
 
@@ -55,9 +49,4 @@ def train_reward(config: RewardConfig, show_progress: bool = True) -> RunResult:
         peft_config=lora_config,
         callbacks=[progress],
     )
-    quiet_trainer(trainer)
-    trainer.train(resume_from_checkpoint=run.checkpoint)
-    files = head_files(KIND)
-    return finish_run(
-        config, trainer, progress, run.output, run.dataset_digest, run.parent, KIND, files
-    )
+    return train_and_finish(config, run, trainer, progress, KIND, head_files(KIND))

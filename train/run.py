@@ -297,43 +297,41 @@ def _round(value: float) -> float:
     return float(f"{value:.6g}") if math.isfinite(value) else 0.0
 
 
-def finish_run(
+def train_and_finish(
     config: TrainConfig,
+    run: RunStart,
     trainer,
     progress,
-    output: Path,
-    dataset_digest: str,
-    parent: Parent | None,
     kind: str = "lora",
     extra_files: dict[str, str] | None = None,
 ) -> RunResult:
-    """Save the adapter and the lineage, push with ``--push``; the main process only."""
+    """Train (from ``--resume``'s checkpoint, if any), then save the adapter and the lineage
+    and push with ``--push`` (the main process only)."""
+    quiet_trainer(trainer)
+    trainer.train(resume_from_checkpoint=run.checkpoint)
     model = trainer.accelerator.unwrap_model(trainer.model)
-    result = save_run(
-        config, model, trainer.state, progress, output, dataset_digest, parent, kind, extra_files
-    )
+    result = save_run(config, run, model, trainer.state, progress, kind, extra_files)
     trainer.accelerator.wait_for_everyone()
     return result
 
 
 def save_run(
     config: TrainConfig,
+    run: RunStart,
     model,
     state,
     progress,
-    output: Path,
-    dataset_digest: str,
-    parent: Parent | None,
     kind: str = "lora",
     extra_files: dict[str, str] | None = None,
     extra_hyperparameters: dict | None = None,
 ) -> RunResult:
-    """:func:`finish_run` for a loop of our own (PPO): ``state`` is a transformers
+    """The end of :func:`train_and_finish`, for a loop of our own (PPO): ``state`` is a transformers
     TrainerState the loop kept. ``extra_files`` are written into the adapter folder;
     ``extra_hyperparameters`` join the lineage's (PPO: the reward model's digest)."""
     from lorabay.train.model import save_adapter
 
     _, world_size = world()
+    output, parent = run.output, run.parent
     metrics = final_metrics(progress, state)
     params = hyperparameters(config)
     if parent is not None:  # the adapter's shape came from the parent, not from the flags
@@ -349,7 +347,7 @@ def save_run(
     params["world_size"] = world_size
     lineage = {
         "method": config.method,
-        "dataset_digest": dataset_digest,
+        "dataset_digest": run.dataset_digest,
         "parent_digest": parent.digest if parent else None,
         "hyperparameters": params,
         "metrics": metrics,

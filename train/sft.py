@@ -21,13 +21,7 @@ def train_sft(config: SFTConfig, show_progress: bool = True) -> RunResult:
     import datasets
     from lorabay.train.data import load_dataset
     from lorabay.train.progress import RunProgress
-    from lorabay.train.run import (
-        begin_run,
-        finish_run,
-        load_policy,
-        quiet_trainer,
-        trainer_arguments,
-    )
+    from lorabay.train.run import begin_run, load_policy, train_and_finish, trainer_arguments
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
@@ -51,6 +45,4 @@ def train_sft(config: SFTConfig, show_progress: bool = True) -> RunResult:
         peft_config=lora_config,
         callbacks=[progress],
     )
-    quiet_trainer(trainer)
-    trainer.train(resume_from_checkpoint=run.checkpoint)
-    return finish_run(config, trainer, progress, run.output, run.dataset_digest, run.parent)
+    return train_and_finish(config, run, trainer, progress)
