@@ -171,7 +171,7 @@ def on_cpu() -> bool:
 
 def sizes_kv_cache(env: dict[str, str], extra_args: tuple[str, ...] | list[str]) -> bool:
     """Whether the caller sized the KV cache (environment or an --engine-arg)."""
-    flags = ("--kv-cache-memory-bytes", "--kv-cache-memory", "--gpu-memory-utilization")
+    flags = ("--kv-cache-memory-bytes", "--gpu-memory-utilization")
     return bool(env.get("VLLM_CPU_KVCACHE_SPACE")) or any(
         arg.split("=", 1)[0] in flags for arg in extra_args
     )
