@@ -220,8 +220,10 @@ def list_(name, include_yanked, registry_url, as_json):
     registry = open_registry(registry_url)
     manifests = registry.list(name, include_yanked=include_yanked)
     names = sorted({m.name for m in manifests})
-    aliases = {n: registry.aliases(n) for n in names}
-    yanked = {n: registry.yanked_versions(n) for n in names} if include_yanked else {}
+    aliases = registry.alias_tables(names)
+    yanked = (
+        {n: s.yanked for n, s in registry.version_table(name).items()} if include_yanked else {}
+    )
     rows = []
     for m in manifests:
         tags = sorted(a for a, v in aliases[m.name].items() if v == m.version)

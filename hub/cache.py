@@ -1,7 +1,8 @@
 """The pull cache: verified adapter folders at ``$LORABAY_HOME/cache/<digest-hex>/``.
 
 A pull fetches every file of a manifest into a temporary folder beside the cache,
-checking each file's size and sha256 while it streams, and renames the folder
+checking each file's sha256 (or, for a large file, each piece's: pieces.py) while it
+streams, several files and pieces at once, and renames the folder
 into place only when all of them match, under a per-digest file lock: concurrent
 pulls of one adapter fetch it once, and a reader never sees half a folder. A
 cached folder is re-hashed on every pull; one that was changed is moved away and
@@ -18,11 +19,12 @@ import shutil
 import threading
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock
-from lorabay.hub import faults
+from lorabay.hub import faults, pieces
 from lorabay.hub.content import check_relative_path, sha256_file
 from lorabay.hub.errors import DigestMismatch, InvalidAdapter, MissingBlob
 from lorabay.hub.manifest import Manifest
@@ -60,9 +62,20 @@ def find_damage(folder: Path, manifest: Manifest) -> str | None:
             return f"{path} is missing"
         if file.stat().st_size != entry["size"]:
             return f"{path} has {file.stat().st_size} bytes, the manifest says {entry['size']}"
-        if sha256_file(file) != entry["sha256"]:
+        if not content_matches(file, entry):
             return f"{path} does not match sha256:{entry['sha256']}"
     return None
+
+
+def content_matches(file: Path, entry: dict) -> bool:
+    """Whether ``file`` holds ``entry``'s bytes: its pieces hashed on every core, else its sha256."""
+    if entry.get("pieces") is None:
+        return sha256_file(file) == entry["sha256"]
+    expected = entry["pieces"]["sha256"]
+    spans = pieces.spans(entry["size"], entry["pieces"]["size"])
+    with open(file, "rb", buffering=0) as handle, ThreadPoolExecutor(pieces.hash_workers()) as pool:
+        actual = pool.map(lambda span: pieces.sha256_range(handle.fileno(), *span), spans)
+        return list(actual) == expected
 
 
 def fetch_file(store, entry: dict, dest: Path, progress: Progress | None) -> None:
@@ -79,6 +92,39 @@ def fetch_file(store, entry: dict, dest: Path, progress: Progress | None) -> Non
         raise DigestMismatch(entry["path"], "sha256:" + entry["sha256"], "sha256:" + actual)
 
 
+def fetch_piece(store, entry: dict, index: int, out: int, progress: Progress | None) -> None:
+    """Fetch piece ``index`` of ``entry``'s blob into the open file ``out`` and check it.
+
+    From a local store the piece is copied in the kernel and hashed from the cache file (the
+    bytes it will serve); from S3 it is one ranged GET, hashed as it streams in."""
+    offset, length = pieces.spans(entry["size"], entry["pieces"]["size"])[index]
+    key = blob_key(entry["sha256"])
+    try:
+        if hasattr(store, "local_path"):
+            with open(store.local_path(key), "rb", buffering=0) as src:
+                copy_range(src.fileno(), out, offset, length)
+            actual = pieces.sha256_range(out, offset, length, progress, mapped=True)
+        else:
+            actual = stream_range(store.read_range(key, offset, length), out, offset, progress)
+    except FileNotFoundError:
+        raise MissingBlob(entry["path"], "sha256:" + entry["sha256"]) from None
+    expected = entry["pieces"]["sha256"][index]
+    if actual != expected:
+        where = f"{entry['path']} (bytes {offset}-{offset + length - 1})"
+        raise DigestMismatch(where, "sha256:" + expected, "sha256:" + actual)
+
+
+def stream_range(chunks, out: int, offset: int, progress: Progress | None) -> str:
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
+        os.pwrite(out, chunk, offset)
+        offset += len(chunk)
+        if progress:
+            progress(len(chunk))
+    return digest.hexdigest()
+
+
 def stream_verified(chunks, dest: Path, progress: Progress | None) -> str:
     digest = hashlib.sha256()
     with open(dest, "wb") as out:
@@ -88,6 +134,23 @@ def stream_verified(chunks, dest: Path, progress: Progress | None) -> str:
             if progress:
                 progress(len(chunk))
     return digest.hexdigest()
+
+
+def copy_range(src: int, dst: int, offset: int, length: int, landed: Progress | None = None):
+    """Copy ``length`` bytes at ``offset`` between open files, in the kernel where it can;
+    ``landed(end)`` after each step. Stops early at the source's end."""
+    end = offset + length
+    while offset < end:
+        count = min(COPY_STEP, end - offset)
+        try:
+            done = os.copy_file_range(src, dst, count, offset, offset)
+        except OSError:  # no in-kernel copy here (old kernel, odd filesystem)
+            done = os.pwrite(dst, os.pread(src, count, offset), offset)
+        if done == 0:
+            break
+        offset += done
+        if landed:
+            landed(offset)
 
 
 def copy_local_verified(source: Path, dest: Path, progress: Progress | None) -> str:
@@ -100,20 +163,8 @@ def copy_local_verified(source: Path, dest: Path, progress: Progress | None) -> 
         size = os.fstat(src.fileno()).st_size
 
         def copy() -> None:
-            offset = 0
             try:
-                while offset < size:
-                    count = min(COPY_STEP, size - offset)
-                    try:
-                        done = os.copy_file_range(src.fileno(), out.fileno(), count, offset, offset)
-                    except OSError:  # no in-kernel copy here (old kernel, odd filesystem)
-                        done = os.pwrite(
-                            out.fileno(), os.pread(src.fileno(), count, offset), offset
-                        )
-                    if done == 0:
-                        break
-                    offset += done
-                    results.put(offset)
+                copy_range(src.fileno(), out.fileno(), 0, size, results.put)
                 results.put(None)
             except BaseException as error:  # handed to the hashing side, raised there
                 results.put(error)
@@ -137,11 +188,33 @@ def copy_local_verified(source: Path, dest: Path, progress: Progress | None) -> 
 
 
 def fetch_folder(store, manifest: Manifest, dest: Path, progress: Progress | None) -> None:
-    for entry in manifest.files:
-        path = check_relative_path(entry["path"], f"manifest {manifest.ref}")
-        target = dest / path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fetch_file(store, entry, target, progress)
+    """Fetch every file (and every piece of a large one) at once: one thread per core for a
+    local store, where hashing is the work, and the store's ``concurrent_reads`` for S3."""
+    progress = pieces.shared_progress(progress)
+    workers = max(pieces.hash_workers(), getattr(store, "concurrent_reads", 1))
+    targets, opened, jobs = [], [], []
+    pool = ThreadPoolExecutor(workers)
+    try:
+        for entry in manifest.files:
+            path = check_relative_path(entry["path"], f"manifest {manifest.ref}")
+            target = dest / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            targets.append(target)
+            if entry.get("pieces") is None:
+                jobs.append(pool.submit(fetch_file, store, entry, target, progress))
+                continue
+            out = os.open(target, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            opened.append(out)
+            os.ftruncate(out, entry["size"])
+            for index in range(len(entry["pieces"]["sha256"])):
+                jobs.append(pool.submit(fetch_piece, store, entry, index, out, progress))
+        for job in jobs:
+            job.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # after a failure: drop what is queued
+        for out in opened:
+            os.close(out)
+    for target in targets:
         os.chmod(target, 0o444)  # the cache is read-only by intent
         faults.checkpoint("pull:file-fetched")
 

@@ -18,9 +18,11 @@ import os
 import re
 import stat
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from lorabay.hub import pieces
 from lorabay.hub.errors import InvalidAdapter
 from lorabay.hub.manifest import digest_files, empty_base
 
@@ -40,9 +42,13 @@ class AdapterFile:
     source: Path  # where the bytes are read from
     size: int
     sha256: str = ""
+    pieces: dict | None = None  # see pieces.py: large files also hash piece by piece
 
     def entry(self) -> dict:
-        return {"path": self.path, "size": self.size, "sha256": self.sha256}
+        entry = {"path": self.path, "size": self.size, "sha256": self.sha256}
+        if self.pieces is not None:
+            entry["pieces"] = self.pieces
+        return entry
 
 
 @dataclass(frozen=True)
@@ -99,6 +105,25 @@ def sha256_file(path: Path, progress: Progress | None = None) -> str:
             if progress:
                 progress(len(chunk))
     return digest.hexdigest()
+
+
+def hash_file(path: Path, progress: Progress | None = None) -> tuple[str, dict | None]:
+    """The sha256 of ``path`` and, for a file over one piece, its piece digests (hashed on
+    the other cores meanwhile). Refuses a file that changed while it was read."""
+    before = path.stat()
+    if before.st_size <= pieces.PIECE_BYTES:
+        return sha256_file(path, progress), None
+    spans = pieces.spans(before.st_size)
+    with open(path, "rb", buffering=0) as handle, ThreadPoolExecutor(pieces.hash_workers()) as pool:
+        parts = [pool.submit(pieces.sha256_range, handle.fileno(), *span) for span in spans]
+        whole = sha256_file(path, progress)
+        digests = [part.result() for part in parts]
+    after = path.stat()
+    if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+        raise InvalidAdapter(
+            str(path), "changed while it was being hashed", "push again once nothing writes to it"
+        )
+    return whole, pieces.describe(before.st_size, digests)
 
 
 def list_adapter_files(folder: Path, links_within: Path | None = None) -> list[AdapterFile]:
@@ -272,7 +297,7 @@ def scan_adapter(
     shapes = read_tensor_shapes(by_path[WEIGHTS_FILE].source)
     check_shapes(folder / WEIGHTS_FILE, shapes, config)
     hashed = [
-        AdapterFile(f.path, f.source, f.size, sha256_file(f.source, progress))
+        AdapterFile(f.path, f.source, f.size, *hash_file(f.source, progress))
         for f in sorted(files, key=lambda f: f.path)
     ]
     return AdapterContent(folder=folder, files=hashed, config=config, shapes=shapes)

@@ -19,3 +19,14 @@ def name_from_prefix(key: str) -> tuple[str, str]:
     """``adapters/ns/name/3.json`` -> (``ns/name``, ``3.json``)."""
     _, namespace, short, leaf = key.split("/", 3)
     return (short if namespace == "_" else f"{namespace}/{short}"), leaf
+
+
+def name_from_alias_key(key: str) -> str:
+    """``aliases/ns/name.json`` -> ``ns/name``."""
+    _, namespace, leaf = key.split("/", 2)
+    short = leaf.removesuffix(".json")
+    return short if namespace == "_" else f"{namespace}/{short}"
+
+
+def manifest_key(name: str, version: int) -> str:
+    return f"{name_prefix(name)}{version}.json"

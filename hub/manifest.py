@@ -1,9 +1,11 @@
 """The version manifest: an immutable JSON record of one adapter version.
 
 The digest of a version is the sha256 of its canonical file list
-(``[{path, size, sha256}]`` sorted by path, compact JSON with sorted keys), so the
-same files give the same digest whatever their names in a store, and a manifest
-whose files were edited no longer matches its own digest.
+(``[{path, size, sha256, pieces?}]`` sorted by path, compact JSON with sorted keys), so
+the same files give the same digest whatever their names in a store, and a manifest
+whose files were edited no longer matches its own digest. ``pieces`` (schema 2, files
+over 16 MiB: see pieces.py) is part of it, so a pinned digest fixes the piece digests a
+pull checks.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 
+from lorabay.hub import pieces
 from lorabay.hub.errors import DamagedRecord
 
-SCHEMA = 1
+SCHEMA = 2  # 2: large files carry piece digests
 KINDS = ("lora", "reward", "prm", "value")
 PEFT_KEYS = ("peft_type", "r", "lora_alpha", "target_modules", "modules_to_save")
 BASE_KEYS = (
@@ -37,6 +40,7 @@ def digest_files(files: list[dict]) -> str:
     """``sha256:<hex>`` of the canonical file list (sorted by path)."""
     canonical = [
         {"path": f["path"], "size": int(f["size"]), "sha256": f["sha256"]}
+        | ({"pieces": f["pieces"]} if f.get("pieces") is not None else {})
         for f in sorted(files, key=lambda f: f["path"])
     ]
     return "sha256:" + hashlib.sha256(canonical_json(canonical)).hexdigest()
@@ -107,6 +111,8 @@ class Manifest:
             if data.get("schema", SCHEMA) > SCHEMA:
                 raise ValueError(f"schema {data['schema']} is newer than this lorabay reads")
             manifest = cls.from_dict(data)
+            for entry in manifest.files:
+                pieces.check(entry)
             if digest_files(manifest.files) != manifest.digest:
                 raise ValueError("its file list does not match its digest")
         except (ValueError, TypeError, KeyError, AttributeError) as error:

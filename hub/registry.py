@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from lorabay.hub import faults
+from lorabay.hub import faults, packs
 from lorabay.hub.cache import PullStats, blob_key, copy_out, pull_into_cache
 from lorabay.hub.content import find_base, scan_adapter
 from lorabay.hub.errors import (
@@ -43,7 +43,13 @@ from lorabay.hub.errors import (
     RegistryUnavailable,
     YankedVersion,
 )
-from lorabay.hub.keys import alias_key, name_from_prefix, name_prefix
+from lorabay.hub.keys import (
+    alias_key,
+    manifest_key,
+    name_from_alias_key,
+    name_from_prefix,
+    name_prefix,
+)
 from lorabay.hub.manifest import KINDS, LINEAGE_KEYS, Manifest, empty_lineage
 from lorabay.hub.reference import (
     LATEST,
@@ -54,7 +60,7 @@ from lorabay.hub.reference import (
     validate_name,
 )
 from lorabay.hub.settings import cache_dir, default_registry_url
-from lorabay.hub.store import PreconditionFailed, Store, open_store
+from lorabay.hub.store import ObjectInfo, PreconditionFailed, Store, open_store
 from lorabay.hub.upkeep import GcReport, Problem, collect_garbage, verify_registry
 
 log = logging.getLogger("lorabay.hub")
@@ -77,6 +83,30 @@ class NameState:
     def latest(self) -> int | None:
         live = [v for v in self.versions if v not in self.yanked]
         return max(live) if live else None
+
+
+def states_of(infos: Iterable[ObjectInfo]) -> dict[str, NameState]:
+    """Versions and yanked flags per name, from a listing of ``adapters/``."""
+    states: dict[str, NameState] = {}
+    for info in infos:
+        key_name, leaf = name_from_prefix(info.key)
+        stem, _, suffix = leaf.partition(".")
+        state = states.setdefault(key_name, NameState())
+        if stem.isdigit() and suffix == "json":
+            state.versions.append(int(stem))
+        elif stem.isdigit() and suffix == "yanked":
+            state.yanked.add(int(stem))
+    return states
+
+
+def parse_alias_table(raw: bytes, key: str) -> dict[str, int]:
+    try:
+        table = json.loads(raw)
+        if not isinstance(table, dict):
+            raise ValueError("not a JSON object")
+        return {str(k): int(v) for k, v in table.items()}
+    except (ValueError, TypeError) as error:
+        raise DamagedRecord(f"alias table {key}", str(error)) from None
 
 
 def save_copy(path: Path, data: bytes) -> None:
@@ -184,27 +214,35 @@ class Registry:
 
     def load_manifest(self, name: str, version: int) -> Manifest | None:
         """Version ``version`` of ``name`` (None if absent), cached: manifests never change."""
-        cached = self._manifests.get((name, version))
+        cached = self._manifests.get((name, version)) or self._kept_manifest(name, version)
         if cached is not None:
             return cached
-        key = f"{name_prefix(name)}{version}.json"
-        local = self._manifest_copy(key)
-        raw = local.read_bytes() if local is not None and local.is_file() else None
-        if raw is None:
-            raw = self.store.read(key)
-            if raw is None:
-                return None
-            if local is not None:
-                save_copy(local, raw)
+        key = manifest_key(name, version)
+        raw = self.store.read(key)
+        return None if raw is None else self._accept_manifest(name, version, raw, keep=True)
+
+    def _kept_manifest(self, name: str, version: int) -> Manifest | None:
+        """The copy this machine keeps of a remote store's manifest, if any."""
+        local = self._manifest_copy(manifest_key(name, version))
+        if local is None or not local.is_file():
+            return None
+        return self._accept_manifest(name, version, local.read_bytes(), keep=False)
+
+    def _accept_manifest(self, name: str, version: int, raw: bytes, keep: bool) -> Manifest:
+        """Check a manifest read from anywhere, remember it (and keep a copy if asked)."""
+        key = manifest_key(name, version)
         manifest = Manifest.from_json(raw, key)
         if (manifest.name, manifest.version) != (name, version):
             raise DamagedRecord(f"manifest {key}", f"it describes {manifest.ref}")
+        local = self._manifest_copy(key) if keep else None
+        if local is not None:
+            save_copy(local, raw)
         self._manifests[(name, version)] = manifest
         return manifest
 
     def read_stored_manifest(self, name: str, version: int) -> Manifest:
         """The manifest as the store holds it now (verify: no cached copy may hide damage)."""
-        key = f"{name_prefix(name)}{version}.json"
+        key = manifest_key(name, version)
         raw = self.store.read(key)
         if raw is None:
             raise DamagedRecord(f"manifest {key}", "it disappeared")
@@ -219,12 +257,23 @@ class Registry:
         store_id = hashlib.sha256(self.url.encode()).hexdigest()[:16]
         return cache_dir() / "manifests" / store_id / key
 
-    def _manifests_of(self, pairs: list[tuple[str, int]]) -> list[Manifest]:
-        missing = [p for p in pairs if p not in self._manifests]
-        workers = getattr(self.store, "concurrent_reads", 1)
-        if len(missing) > 4 and workers > 1:
-            with ThreadPoolExecutor(workers) as pool:
-                list(pool.map(lambda p: self.load_manifest(*p), missing))
+    def _manifests_of(
+        self, pairs: list[tuple[str, int]], listed: Mapping[str, ObjectInfo] | None = None
+    ) -> list[Manifest]:
+        """The manifests of ``pairs`` (absent ones left out): from memory, this machine's
+        copies, then all the others at once (``packs.read_many``: a few GETs on S3)."""
+        missing = [p for p in pairs if p not in self._manifests and self._kept_manifest(*p) is None]
+        if len(missing) > 4:
+            listed = listed or {}
+            infos = [
+                listed.get(manifest_key(*p)) or ObjectInfo(manifest_key(*p), 0, 0) for p in missing
+            ]
+            workers = getattr(self.store, "concurrent_reads", 1)
+            raws, fetched = packs.read_many(self.store, infos, workers)
+            fetched = set(fetched)
+            for pair, info in zip(missing, infos, strict=True):
+                if info.key in raws:
+                    self._accept_manifest(*pair, raws[info.key], keep=info.key in fetched)
         return [m for m in (self.load_manifest(*p) for p in pairs) if m is not None]
 
     def _read_aliases(self, name: str) -> tuple[dict[str, int], str | None]:
@@ -232,13 +281,23 @@ class Registry:
         tagged = self.store.read_tagged(key)
         if tagged is None:
             return {}, None
-        try:
-            table = json.loads(tagged[0])
-            if not isinstance(table, dict):
-                raise ValueError("not a JSON object")
-            return {str(k): int(v) for k, v in table.items()}, tagged[1]
-        except (ValueError, TypeError) as error:
-            raise DamagedRecord(f"alias table {key}", str(error)) from None
+        return parse_alias_table(tagged[0], key), tagged[1]
+
+    def alias_tables(self, names: Iterable[str] | None = None) -> dict[str, dict[str, int]]:
+        """The alias table of each of ``names`` (None: every name), read all at once: one LIST
+        and, on S3, the packs plus a GET per table changed since (``packs.py``)."""
+        if not self.is_readable():
+            return {}
+        listed = {name_from_alias_key(i.key): i for i in self.store.list("aliases/")}
+        wanted = sorted(listed) if names is None else sorted(set(names) & set(listed))
+        workers = getattr(self.store, "concurrent_reads", 1)
+        raws, _ = packs.read_many(self.store, [listed[n] for n in wanted], workers)
+        tables = {n: {} for n in ([] if names is None else names)}
+        for name in wanted:
+            raw = raws.get(listed[name].key)
+            if raw is not None:
+                tables[name] = dict(sorted(parse_alias_table(raw, listed[name].key).items()))
+        return tables
 
     def resolve(self, ref: str | Reference) -> Manifest:
         """The manifest ``ref`` names: ``name``, ``name:3``, ``name:alias``, ``name@sha256:hex``."""
@@ -295,17 +354,7 @@ class Registry:
 
     def version_table(self, name: str | None) -> dict[str, NameState]:
         """Versions and yanked flags per name (of ``name``, or of all), from one listing."""
-        states: dict[str, NameState] = {}
-        prefix = name_prefix(name) if name else "adapters/"
-        for info in self.store.list(prefix):
-            key_name, leaf = name_from_prefix(info.key)
-            stem, _, suffix = leaf.partition(".")
-            state = states.setdefault(key_name, NameState())
-            if stem.isdigit() and suffix == "json":
-                state.versions.append(int(stem))
-            elif stem.isdigit() and suffix == "yanked":
-                state.yanked.add(int(stem))
-        return states
+        return states_of(self.store.list(name_prefix(name) if name else "adapters/"))
 
     def list(self, name: str | None = None, include_yanked: bool = False) -> list[Manifest]:
         """Every version (of ``name``), oldest first per name; yanked ones only if asked."""
@@ -313,13 +362,14 @@ class Registry:
             validate_name(name)
         if not self.is_readable():
             return []
+        listed = {i.key: i for i in self.store.list(name_prefix(name) if name else "adapters/")}
         pairs = [
             (n, v)
-            for n, state in sorted(self.version_table(name).items())
+            for n, state in sorted(states_of(listed.values()).items())
             for v in sorted(state.versions)
             if include_yanked or v not in state.yanked
         ]
-        return self._manifests_of(pairs)
+        return self._manifests_of(pairs, listed)
 
     def yanked_versions(self, name: str) -> set[int]:
         validate_name(name)
@@ -418,7 +468,7 @@ class Registry:
                 description=description,
                 labels=labels,
             )
-            key = f"{name_prefix(name)}{candidate.version}.json"
+            key = manifest_key(name, candidate.version)
             if self.store.create(key, candidate.to_json()):
                 manifest = candidate
                 self.last_push_created = True

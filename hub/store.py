@@ -18,6 +18,7 @@ Keys (the same in every store)::
     adapters/<ns or _>/<name>/<version>.yanked   the yanked flag, beside the manifest
     aliases/<ns or _>/<name>.json             {alias: version}, moved by compare-and-swap
     events/<time-ns>-<random>.json            append-only event log, one object per event
+    packs/<time-ns>-<random>.json             copies of many records for one GET (packs.py)
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class ObjectInfo:
     key: str
     size: int
     mtime: float  # seconds since the epoch
+    etag: str | None = None  # as the store's LIST gives it (S3), None where it gives none
 
 
 class Store(Protocol):
@@ -77,6 +79,9 @@ class Store(Protocol):
 
     def read_chunks(self, key: str) -> Iterator[bytes]:
         """Stream ``key``'s content; raises FileNotFoundError when absent."""
+
+    def read_range(self, key: str, offset: int, length: int) -> Iterator[bytes]:
+        """Stream up to ``length`` bytes of ``key`` from ``offset`` (fewer past its end)."""
 
     def list_temporary(self) -> list[ObjectInfo]:
         """Leftovers of interrupted writes (temporary files, unfinished uploads)."""

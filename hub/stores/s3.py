@@ -188,7 +188,10 @@ class S3Store:
                 for item in page.get("Contents", []):
                     found.append(
                         ObjectInfo(
-                            item["Key"][strip:], item["Size"], item["LastModified"].timestamp()
+                            item["Key"][strip:],
+                            item["Size"],
+                            item["LastModified"].timestamp(),
+                            item.get("ETag", "").strip('"') or None,
                         )
                     )
         return found
@@ -250,14 +253,22 @@ class S3Store:
         return True
 
     def read_chunks(self, key: str) -> Iterator[bytes]:
+        yield from self._get(key)
+
+    def read_range(self, key: str, offset: int, length: int) -> Iterator[bytes]:
+        yield from self._get(key, Range=f"bytes={offset}-{offset + length - 1}")
+
+    def _get(self, key: str, **extra) -> Iterator[bytes]:
         from botocore.exceptions import ClientError
 
         with self._reachable():
             try:
-                response = self.client.get_object(Bucket=self.bucket, Key=self.key(key))
+                response = self.client.get_object(Bucket=self.bucket, Key=self.key(key), **extra)
             except ClientError as error:
                 if error_code(error) in ("NoSuchKey", "404"):
                     raise FileNotFoundError(key) from None
+                if error_code(error) in ("InvalidRange", "416"):
+                    return  # the object is shorter than the range: nothing there
                 raise
             yield from response["Body"].iter_chunks(CHUNK)
 
