@@ -189,12 +189,7 @@ async def generate(gateway: Gateway, request: Request, endpoint: str):
             return await finish_plain(gateway, response, timer, lease)
         held, lease = lease, None  # the stream releases it when it ends
         streaming = True  # and finishes the timer
-        return StreamingResponse(
-            stream_body(gateway, response, timer, held, wants_usage),
-            status_code=200,
-            media_type="text/event-stream",
-            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
-        )
+        return RelayResponse(StreamRelay(gateway, response, timer, held, wants_usage))
     except LorabayError as error:
         timer.finish(error.http_status, error.code)
         return lorabay_error_response(error)
@@ -251,18 +246,60 @@ def engine_error_param(content: bytes) -> str | None:
     return param if isinstance(param, str) else None
 
 
-async def stream_body(gateway: Gateway, response, timer: RequestTimer, lease, wants_usage):
-    status = 200
-    try:
-        async for chunk in relay_events(response, wants_usage, timer.first_token, timer.usage):
-            yield chunk
-    except Exception as error:  # the engine died mid-stream: the status line is sent already
-        gateway.supervisor.mark_down()
-        status = 503
-        down = engine_down(type(error).__name__)
-        yield error_event(down)
-    finally:
-        timer.finish(status, None if status == 200 else "engine_unavailable")
-        await response.aclose()
-        if lease is not None:
-            gateway.pool.release(lease)
+class StreamRelay:
+    """One streamed answer: the engine's events relayed, then everything it holds let go
+    (the engine response, the adapter lease, the in-flight gauge) exactly once, however
+    it ends: finished, the engine dead midway, or the client gone before it started."""
+
+    def __init__(self, gateway: Gateway, response, timer: RequestTimer, lease, wants_usage):
+        self.gateway, self.response, self.timer = gateway, response, timer
+        self.lease, self.wants_usage = lease, wants_usage
+        self.status, self.code = 499, "client_closed_request"  # until the body starts
+        self.closed = False
+
+    async def events(self):
+        self.status, self.code = 200, None
+        try:
+            async for chunk in relay_events(
+                self.response, self.wants_usage, self.timer.first_token, self.timer.usage
+            ):
+                yield chunk
+        except Exception as error:  # the engine died mid-stream: the status line is sent
+            self.gateway.supervisor.mark_down()
+            down = engine_down(type(error).__name__)
+            self.status, self.code = 503, "engine_unavailable"
+            yield error_event(down)
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.timer.finish(self.status, self.code)
+        try:
+            await self.response.aclose()
+        finally:
+            if self.lease is not None:
+                self.gateway.pool.release(self.lease)
+
+
+class RelayResponse(StreamingResponse):
+    """A StreamingResponse that closes its relay even when the body never started: a client
+    that leaves first makes Starlette cancel the body before its generator ever runs, and a
+    generator that never ran has no ``finally`` to run."""
+
+    def __init__(self, relay: StreamRelay):
+        super().__init__(
+            relay.events(),
+            status_code=200,
+            media_type="text/event-stream",
+            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+        )
+        self.relay = relay
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await asyncio.shield(self.relay.close())

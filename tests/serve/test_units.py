@@ -255,3 +255,63 @@ def test_serve_refuses_a_taken_port_at_once(tiny_base):
         result = CliRunner().invoke(cli, ["serve", "--base", str(tiny_base), "--port", str(port)])
     assert result.exit_code == 1
     assert "cannot listen" in result.output
+
+
+class FakePool:
+    def __init__(self):
+        self.released = []
+
+    def release(self, lease):
+        self.released.append(lease)
+
+
+class ClosableResponse(FakeResponse):
+    closed = 0
+
+    async def aclose(self):
+        self.closed += 1
+
+
+def stream_through_asgi(messages_in):
+    """Run a streamed answer as Starlette would, with the client's ASGI messages given."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from lorabay.serve.app import RelayResponse, StreamRelay
+    from lorabay.serve.gateway import RequestTimer
+    from lorabay.serve.metrics import GatewayMetrics
+
+    metrics = GatewayMetrics()
+    gateway = SimpleNamespace(pool=FakePool(), supervisor=None)
+    engine = ClosableResponse(EVENTS)
+    sent = []
+
+    async def main():
+        incoming = list(messages_in)
+
+        async def receive():
+            if incoming:
+                return incoming.pop(0)
+            await asyncio.sleep(3600)  # the client stays
+
+        async def send(message):
+            sent.append(message)
+            if message["type"] == "http.response.start":
+                await asyncio.sleep(0.01)  # a slow socket: the disconnect is seen first
+
+        relay = StreamRelay(gateway, engine, RequestTimer(metrics, "completions"), "lease", False)
+        scope = {"type": "http", "asgi": {"spec_version": "2.3"}, "method": "POST"}
+        await RelayResponse(relay)(scope, receive, send)
+
+    asyncio.run(main())
+    in_flight = metrics.registry.get_sample_value("lorabay_requests_in_flight")
+    return gateway.pool.released, engine.closed, in_flight, sent
+
+
+def test_a_stream_lets_go_of_its_lease_once_however_it_ends():
+    released, closed, in_flight, sent = stream_through_asgi([])
+    assert released == ["lease"] and closed == 1 and in_flight == 0
+    assert sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+    # The client leaves before the body starts: the generator never runs, the relay closes.
+    released, closed, in_flight, _ = stream_through_asgi([{"type": "http.disconnect"}])
+    assert released == ["lease"] and closed == 1 and in_flight == 0
