@@ -115,6 +115,7 @@ def fetch_piece(store, entry: dict, index: int, out: int, progress: Progress | N
 
 
 def stream_range(chunks, out: int, offset: int, progress: Progress | None) -> str:
+    """Write ``chunks`` into the open file ``out`` from ``offset``; their sha256."""
     digest = hashlib.sha256()
     for chunk in chunks:
         digest.update(chunk)
@@ -126,14 +127,8 @@ def stream_range(chunks, out: int, offset: int, progress: Progress | None) -> st
 
 
 def stream_verified(chunks, dest: Path, progress: Progress | None) -> str:
-    digest = hashlib.sha256()
     with open(dest, "wb") as out:
-        for chunk in chunks:
-            digest.update(chunk)
-            out.write(chunk)
-            if progress:
-                progress(len(chunk))
-    return digest.hexdigest()
+        return stream_range(chunks, out.fileno(), 0, progress)
 
 
 def copy_range(src: int, dst: int, offset: int, length: int, landed: Progress | None = None):
