@@ -2,7 +2,9 @@
 
     .venv/bin/python bench/align_bench.py                    # tiny base, 256 pairs, ~4 min
     .venv/bin/python bench/align_bench.py --size small --pairs 16 --batch-size 8 --sft-steps 4 \
-        --repeat 2                                           # 155M base, ~25 min on 2 cores
+        --repeat 2                                           # 155M base, ~6 min on 2 cores
+    .venv/bin/python bench/align_bench.py --answer-words 16 --max-new-tokens 48 \
+        --sft-steps 240 --repeat 1                           # long answers, ~2 min
 
 The seed's claim: "DPO compute 1x, RLHF 3-5x". One run, one base, one preference set
 (the sentiment toy of train/toy.py), one starting policy (an SFT adapter trained first,
@@ -47,14 +49,15 @@ PPO_EPOCHS = 4  # RLHFConfig's default, kept
 
 def phase_flags(phase: str, work: Path, args) -> dict:
     """The run each phase trains: one epoch over the same pairs, the same batch size."""
-    data = str(work / "toy" / "sentiment-pairs-train.jsonl")
+    toy = "long" if args.answer_words else "sentiment"
+    data = str(work / "toy" / f"{toy}-pairs-train.jsonl")
     sft = str(work / "runs" / "sft" / "adapter")
     base = {"base": str(work / "base"), "output": str(work / "runs" / phase)}
     epoch = {"epochs": 1, "batch_size": args.batch_size}
     if phase == "idle":
         return base
     if phase == "sft":
-        data = str(work / "toy" / "sentiment-sft.jsonl")
+        data = str(work / "toy" / f"{toy}-sft.jsonl")
         return {**base, **COMMON, "data": data, "lr": 1e-3, "max_steps": args.sft_steps}
     if phase == "dpo":
         extra = {"dropout": 0.0, "logging_steps": 5, "overwrite": True}
@@ -75,6 +78,23 @@ def phase_flags(phase: str, work: Path, args) -> dict:
             "overwrite": True,
         }
     raise ValueError(phase)
+
+
+def write_long_toy(folder: Path, pairs: int, words: int, seed: int = 0) -> None:
+    """Preference pairs with long answers: "Reverse: w1 .. wN" -> the N words reversed
+    (chosen) or as given (rejected), and the SFT records for the starting policy."""
+    import random
+
+    from lorabay.train.data import write_jsonl
+    from lorabay.train.toy import NOUNS, as_preference, as_record
+
+    rng = random.Random(seed)
+    questions = [[rng.choice(NOUNS) for _ in range(words)] for _ in range(pairs)]
+    triples = [("Reverse: " + " ".join(q), " ".join(q[::-1]), " ".join(q)) for q in questions]
+    write_jsonl([as_preference(*t, "messages") for t in triples], folder / "long-pairs-train.jsonl")
+    write_jsonl(
+        [as_record(q, right, "messages") for q, right, _ in triples], folder / "long-sft.jsonl"
+    )
 
 
 def run_phase(phase: str, flags: dict) -> dict:
@@ -166,7 +186,9 @@ def table(reports: dict, args) -> str:
     rows.append("")
     rows.append(
         f"RLHF / DPO training-loop time: **{claim:.2f}x** ({verdict} the claimed 3-5x); "
-        f"{args.pairs} pairs, batch {args.batch_size}, base {args.size}, "
+        f"{args.pairs} pairs"
+        + (f" (answers of {args.answer_words} words)" if args.answer_words else "")
+        + f", batch {args.batch_size}, base {args.size}, "
         f"best of {args.repeat} rounds, "
         f"PPO responses up to {args.max_new_tokens} tokens."
     )
@@ -184,6 +206,12 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=256, help="preference pairs (one epoch)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument(
+        "--answer-words",
+        type=int,
+        default=0,
+        help="long answers: pairs 'Reverse: N words' instead of the sentiment toy (0)",
+    )
     parser.add_argument(
         "--sft-steps", type=int, default=60, help="steps of the starting policy (not counted)"
     )
@@ -205,6 +233,8 @@ def main() -> None:
     if not (work / "base" / "config.json").is_file():  # a kept --workdir reuses its base
         create_base(work / "base", size=args.size, seed=0)
     write_align_toy(work / "toy", train=args.pairs, heldout=8)
+    if args.answer_words:
+        write_long_toy(work / "toy", args.pairs, args.answer_words)
     print(f"base {args.size}, {args.pairs} pairs, work in {work}", file=sys.stderr)
     spawn("sft", phase_flags("sft", work, args))  # the shared starting policy, not counted
     # Rounds interleave the phases, so a burst of load from elsewhere hits all of them alike;
