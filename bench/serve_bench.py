@@ -394,7 +394,7 @@ def plot(runs: list[Run], counts: list[int], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    figure, axis = plt.subplots(figsize=(6.4, 4.6), dpi=120)
     labels = {
         "gateway": "(a) lorabay gateway",
         "engine": "(b) vLLM engine directly",
@@ -411,7 +411,8 @@ def plot(runs: list[Run], counts: list[int], path: Path) -> None:
     axis.set_ylabel("generated tokens / s")
     axis.set_ylim(bottom=0)
     axis.grid(alpha=0.3)
-    axis.legend()
+    # Below the axes, not on them: the lines cross the whole plot.
+    axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, fontsize="small")
     axis.set_title("small base (155M, bf16), CPU")
     figure.tight_layout()
     figure.savefig(path)
