@@ -11,7 +11,9 @@ and the next reader, on any machine, takes a record from a pack only when the LI
 just made shows the same etag for that key (S3 lists each object's etag), else it GETs
 it: a pack can be old, never stale. Where an etag is a plain MD5 (S3 and SeaweedFS for
 objects put in one part) the data is checked against it; manifests are also checked
-against their own digest by the caller. The writer deletes the packs it merged, so
+against their own digest by the caller. (A bucket whose etags are not the MD5 of the
+content, SSE-KMS on AWS, fails that check: its packs are ignored and every record is
+read by GET, correct but as slow as before.) The writer deletes the packs it merged, so
 there are a few at most; losing a race (a pack deleted between LIST and GET) only
 costs the GETs. Packs are for listing many records; ``resolve`` always reads the
 record itself.
