@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, fields
 from lorabay.hub import pieces
 from lorabay.hub.errors import DamagedRecord
 
-SCHEMA = 2  # 2: large files carry piece digests
+SCHEMA = 2  # the newest this reads; 2: large files carry piece digests (pieces.py)
 KINDS = ("lora", "reward", "prm", "value")
 PEFT_KEYS = ("peft_type", "r", "lora_alpha", "target_modules", "modules_to_save")
 BASE_KEYS = (
@@ -90,7 +90,9 @@ class Manifest:
         return sum(int(f["size"]) for f in self.files)
 
     def to_dict(self) -> dict:
-        return {"schema": SCHEMA, **asdict(self)}
+        # Schema 1 unless a file has pieces, so older readers still read small adapters.
+        schema = 2 if any(f.get("pieces") for f in self.files) else 1
+        return {"schema": schema, **asdict(self)}
 
     def to_json(self) -> bytes:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True).encode() + b"\n"

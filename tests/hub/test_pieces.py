@@ -26,7 +26,7 @@ def weights_entry(manifest: Manifest) -> dict:
     return next(f for f in manifest.files if f["path"] == WEIGHTS)
 
 
-def test_push_records_each_piece_and_the_digest_covers_them(store_url, lora):
+def test_push_records_each_piece_and_the_digest_covers_them(store_url, lora, monkeypatch):
     folder = lora(seed=1)
     m = Registry.open(store_url).push(folder, "a")
     data = (folder / WEIGHTS).read_bytes()
@@ -39,11 +39,16 @@ def test_push_records_each_piece_and_the_digest_covers_them(store_url, lora):
             hashlib.sha256(data[i : i + PIECE]).hexdigest() for i in range(0, len(data), PIECE)
         ],
     }
-    small = next(f for f in m.files if f["path"] == "adapter_config.json")
-    assert "pieces" not in small  # one piece: its sha256 says it all
+    config = next(f for f in m.files if f["path"] == "adapter_config.json")
+    assert "pieces" not in config  # one piece: its sha256 says it all
     without = [{k: v for k, v in f.items() if k != "pieces"} for f in m.files]
     assert digest_files(without) != m.digest  # a pinned digest fixes the pieces too
     assert json.loads(m.to_json())["schema"] == 2
+
+    monkeypatch.setattr(pieces, "PIECE_BYTES", 16 << 20)  # the real size: no file is over it
+    small = Registry.open(store_url).push(lora(seed=2), "b")
+    assert not any("pieces" in f for f in small.files)
+    assert json.loads(small.to_json())["schema"] == 1  # older lorabay versions still read it
 
 
 def test_pull_checks_pieces_and_names_the_damaged_one(store_url, lora, lorabay_home):
