@@ -122,7 +122,7 @@ async def list_models(gateway: Gateway, grant) -> list[dict]:
 
     def read() -> list[tuple]:
         manifests = [m for m in registry.list() if grant.allows(m.name)]
-        aliases = {name: registry.aliases(name) for name in {m.name for m in manifests}}
+        aliases = registry.alias_tables({m.name for m in manifests})  # one LIST, few GETs
         return manifests, aliases
 
     manifests, aliases = await asyncio.to_thread(read)
