@@ -75,8 +75,12 @@ def read_many(
             raws = list(pool.map(store.read, [i.key for i in infos]))
         found = {i.key: raw for i, raw in zip(infos, raws, strict=True) if raw is not None}
         return found, list(found)
-    packs = store.list(PREFIX)
-    records = read_packs(store, packs, workers) if packs else {}
+    try:
+        packs = store.list(PREFIX)
+        records = read_packs(store, packs, workers) if packs else {}
+    except Exception as error:  # noqa: BLE001 - e.g. a policy that hides packs/: read by GET
+        log.debug("not using packs: %s", error)
+        packs, records = [], {}
     found: dict[str, bytes] = {}
     missing = []
     for info in infos:
