@@ -15,6 +15,7 @@ Only the main process writes; every process trains.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -249,11 +250,21 @@ def trainer_arguments(config: TrainConfig, output: Path) -> dict:
 
 
 def quiet_trainer(trainer) -> None:
-    """Drop the Trainer's own printing of log dicts: RunProgress shows and records them."""
+    """Drop the Trainer's own printing of log dicts: RunProgress shows and records them. And
+    its "mtime may not be reliable" warning, which only means two checkpoints were saved
+    within a second (a short run); it then orders them by step number, as it should."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
+    checkpoints_log = logging.getLogger("transformers.trainer_utils")
+    if not any(isinstance(f, MtimeNotice) for f in checkpoints_log.filters):
+        checkpoints_log.addFilter(MtimeNotice())
+
+
+class MtimeNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "mtime may not be reliable" not in record.getMessage()
 
 
 def resume_checkpoint(config: TrainConfig, output: Path) -> str | None:
