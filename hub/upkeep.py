@@ -9,8 +9,10 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from lorabay.hub import pieces
 from lorabay.hub.cache import blob_key
 from lorabay.hub.errors import LorabayError
 from lorabay.hub.keys import name_prefix
@@ -68,7 +70,10 @@ def verify_registry(
     for manifest in manifests:
         for entry in manifest.files:
             users.setdefault(entry["sha256"], []).append((manifest.ref, entry["path"]))
-    for sha256, uses in sorted(users.items()):
+    progress = pieces.shared_progress(progress)
+
+    def check(item: tuple[str, list[tuple[str, str]]]) -> Problem | None:
+        sha256, uses = item
         refs = tuple(sorted({r for r, _ in uses}))
         where = ", ".join(sorted({p for _, p in uses}))
         digest = hashlib.sha256()
@@ -78,30 +83,20 @@ def verify_registry(
                 if progress:
                     progress(len(chunk))
         except FileNotFoundError:
-            problems.append(
-                Problem(
-                    "missing",
-                    where,
-                    refs,
-                    f"sha256:{sha256}",
-                    None,
-                    f"{where} ({', '.join(refs)}): blob sha256:{sha256} is missing",
-                )
-            )
-            continue
-        if digest.hexdigest() != sha256:
-            actual = f"sha256:{digest.hexdigest()}"
-            problems.append(
-                Problem(
-                    "mismatch",
-                    where,
-                    refs,
-                    f"sha256:{sha256}",
-                    actual,
-                    f"{where} ({', '.join(refs)}): expected sha256:{sha256}, stored "
-                    f"content is {actual}",
-                )
-            )
+            message = f"{where} ({', '.join(refs)}): blob sha256:{sha256} is missing"
+            return Problem("missing", where, refs, f"sha256:{sha256}", None, message)
+        if digest.hexdigest() == sha256:
+            return None
+        actual = f"sha256:{digest.hexdigest()}"
+        message = (
+            f"{where} ({', '.join(refs)}): expected sha256:{sha256}, stored content is {actual}"
+        )
+        return Problem("mismatch", where, refs, f"sha256:{sha256}", actual, message)
+
+    # Blobs are checked at once: one per core, or as many as the store reads at once (S3).
+    workers = max(pieces.hash_workers(), getattr(registry.store, "concurrent_reads", 1))
+    with ThreadPoolExecutor(workers) as pool:
+        problems += [p for p in pool.map(check, sorted(users.items())) if p is not None]
     return problems
 
 
@@ -111,12 +106,9 @@ def collect_garbage(registry, grace_seconds: float, dry_run: bool = False) -> Gc
     report = GcReport(dry_run=dry_run)
     if not registry.is_readable():
         return report
-    referenced: set[str] = set()
-    for name, state in registry.version_table(None).items():
-        for version in state.versions:
-            # A damaged manifest aborts gc: its blobs cannot be told from garbage.
-            manifest = registry.load_manifest(name, version)
-            referenced.update(f["sha256"] for f in manifest.files)
+    # Every manifest, yanked ones too (read in bulk: packs on S3); a damaged one raises and
+    # aborts gc, since its blobs could not be told from garbage.
+    referenced = {f["sha256"] for m in registry.list(include_yanked=True) for f in m.files}
     cutoff = time.time() - grace_seconds
     for info in registry.store.list("blobs/sha256/"):
         sha256 = info.key.rsplit("/", 1)[1]
