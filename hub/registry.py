@@ -226,7 +226,12 @@ class Registry:
         local = self._manifest_copy(manifest_key(name, version))
         if local is None or not local.is_file():
             return None
-        return self._accept_manifest(name, version, local.read_bytes(), keep=False)
+        try:
+            return self._accept_manifest(name, version, local.read_bytes(), keep=False)
+        except (DamagedRecord, OSError) as error:  # this machine's copy, not the store's record
+            log.warning("dropping a damaged local copy %s: %s", local, error)
+            local.unlink(missing_ok=True)
+            return None
 
     def _accept_manifest(self, name: str, version: int, raw: bytes, keep: bool) -> Manifest:
         """Check a manifest read from anywhere, remember it (and keep a copy if asked)."""

@@ -90,3 +90,12 @@ def test_the_cli_lists_with_aliases(filled):
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
     assert len(rows) == COUNT and all(r["aliases"] == ["prod"] for r in rows)
+
+
+def test_a_damaged_local_copy_is_dropped_not_reported(filled):
+    fresh(filled).list()  # keeps a copy of every manifest on this machine
+    copies = sorted((cache_dir() / "manifests").rglob("*.json"))
+    assert len(copies) == COUNT
+    copies[0].write_text("{ not json")
+    assert len(Registry.open(filled).list()) == COUNT  # read from the store instead
+    assert copies[0].is_file() and copies[0].read_text().startswith("{\n")  # kept again
