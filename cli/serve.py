@@ -119,6 +119,13 @@ import click
     multiple=True,
     help="An extra vLLM server flag, verbatim (repeatable), e.g. --engine-arg=--seed=1.",
 )
+@click.option(
+    "--peers",
+    default=None,
+    help="The gateways serving this base (this one included), for adapter affinity: "
+    "http://HOST:PORT,... or dns:NAME:PORT (a headless Service). Each adapter name gets one "
+    "home among them; requests arriving elsewhere are forwarded there.",
+)
 @click.option("--json-logs", is_flag=True, help="Log one JSON object per line.")
 def serve(**options) -> None:
     """Serve one base and the registry's adapters on an OpenAI-compatible endpoint.

@@ -166,7 +166,14 @@ async def generate(gateway: Gateway, request: Request, endpoint: str):
     streaming = False
     try:
         grant = gateway.authenticate(request.headers.get("authorization"))
-        body = parse_request(await gateway.read_body(request), endpoint, gateway.max_model_len)
+        raw = await gateway.read_body(request)
+        body = parse_request(raw, endpoint, gateway.max_model_len)
+        peer = await gateway.peer_for(body, request.headers)
+        if peer is not None:  # another gateway is home to this adapter (--peers)
+            forwarded = await gateway.forward(peer, endpoint, raw, request.headers)
+            if forwarded is not None:
+                timer.forwarded(peer)
+                return peer_response(forwarded)
         target, lease = await gateway.open_target(body, grant)
         timer.labels = target.labels
         body["model"] = target.engine_name
@@ -189,7 +196,7 @@ async def generate(gateway: Gateway, request: Request, endpoint: str):
             return await finish_plain(gateway, response, timer, lease)
         held, lease = lease, None  # the stream releases it when it ends
         streaming = True  # and finishes the timer
-        return RelayResponse(StreamRelay(gateway, response, timer, held, wants_usage))
+        return relay_response(StreamRelay(gateway, response, timer, held, wants_usage))
     except LorabayError as error:
         timer.finish(error.http_status, error.code)
         return lorabay_error_response(error)
@@ -284,22 +291,38 @@ class StreamRelay:
                 self.gateway.pool.release(self.lease)
 
 
-class RelayResponse(StreamingResponse):
-    """A StreamingResponse that closes its relay even when the body never started: a client
-    that leaves first makes Starlette cancel the body before its generator ever runs, and a
-    generator that never ran has no ``finally`` to run."""
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
-    def __init__(self, relay: StreamRelay):
-        super().__init__(
-            relay.events(),
-            status_code=200,
-            media_type="text/event-stream",
-            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
-        )
-        self.relay = relay
+
+class ClosingStream(StreamingResponse):
+    """A StreamingResponse that runs ``on_close`` however it ends, even when the body never
+    started: a client that leaves first makes Starlette cancel the body before its generator
+    ever runs, and a generator that never ran has no ``finally`` to run."""
+
+    def __init__(self, content, on_close, **kwargs):
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await asyncio.shield(self.relay.close())
+            await asyncio.shield(self.on_close())
+
+
+def relay_response(relay: StreamRelay) -> ClosingStream:
+    return ClosingStream(
+        relay.events(), relay.close, media_type="text/event-stream", headers=SSE_HEADERS
+    )
+
+
+def peer_response(response) -> ClosingStream:
+    """A peer gateway's answer, passed through as it comes (status, type, bytes)."""
+    headers = {k: v for k, v in response.headers.items() if k.lower() in SSE_HEADERS}
+    return ClosingStream(
+        response.aiter_raw(),
+        response.aclose,
+        status_code=response.status_code,
+        media_type=response.headers.get("content-type"),
+        headers=headers,
+    )

@@ -25,13 +25,17 @@ from lorabay.hub.errors import (
     InvalidRequest,
     LorabayError,
 )
+from lorabay.hub.reference import parse_reference
 from lorabay.serve.engine import EngineSupervisor
 from lorabay.serve.keys import OPEN, ApiKeys, KeyGrant
 from lorabay.serve.metrics import GatewayMetrics
+from lorabay.serve.peers import FORWARDED, Peers
 from lorabay.serve.pool import AdapterPool, LoadedAdapter
 from lorabay.serve.resolve import ModelResolver, Target
 
 log = logging.getLogger("lorabay.serve")
+# What a forwarded request keeps of the client's headers (the peer checks the key again).
+FORWARDED_HEADERS = ("authorization", "content-type", "accept")
 
 USAGE_MARK = b'"usage":{'
 EVENT_END = b"\n\n"
@@ -54,6 +58,7 @@ class Gateway:
     max_model_len: int | None = None
     client: httpx.AsyncClient | None = None
     pool: AdapterPool | None = None
+    peers: Peers | None = None  # --peers: adapter affinity across gateways (peers.py)
 
     def __post_init__(self) -> None:
         # Enough connections for every request in flight; no overall timeout, since a
@@ -151,6 +156,33 @@ class Gateway:
         )
         return target, lease
 
+    async def peer_for(self, body: dict, headers) -> str | None:
+        """The peer gateway that is home to this request's adapter, when it is not this one
+        (None: answer here: no peers, the base, a request forwarded once already)."""
+        if self.peers is None or FORWARDED in headers:
+            return None
+        model = body["model"]
+        if model == self.resolver.served_name:
+            return None
+        try:
+            name = parse_reference(model).name
+        except LorabayError:
+            return None  # answered here, with the reference's own error
+        return await self.peers.home(name)
+
+    async def forward(self, peer: str, endpoint: str, raw: bytes, headers) -> httpx.Response | None:
+        """Send the request as it came to ``peer``; its response (streamed), or None when
+        the peer cannot be reached (then it is skipped for a while and this one answers)."""
+        sent = {k: v for k, v in headers.items() if k.lower() in FORWARDED_HEADERS}
+        request = self.client.build_request(
+            "POST", f"{peer}/v1/{endpoint}", content=raw, headers={**sent, FORWARDED: "1"}
+        )
+        try:
+            return await self.client.send(request, stream=True)
+        except httpx.TransportError:
+            self.peers.mark_down(peer)
+            return None
+
     async def send(self, endpoint: str, body: dict, stream: bool) -> httpx.Response:
         request = self.client.build_request(
             "POST",
@@ -240,6 +272,13 @@ class RequestTimer:
     def usage(self, usage: dict) -> None:
         self.metrics.prompt_tokens.labels(*self.labels).inc(usage.get("prompt_tokens") or 0)
         self.metrics.generated_tokens.labels(*self.labels).inc(usage.get("completion_tokens") or 0)
+
+    def forwarded(self, peer: str) -> None:
+        """Sent on to ``peer``, which records the request itself."""
+        if not self.done:
+            self.done = True
+            self.metrics.in_flight.dec()
+            self.metrics.forwarded.labels(peer).inc()
 
     def finish(self, status: int, code: str | None = None) -> None:
         if self.done:

@@ -49,6 +49,12 @@ class GatewayMetrics:
         self.generated_tokens = Counter(
             "lorabay_generated_tokens", "Tokens generated.", ADAPTER, registry=r
         )
+        self.forwarded = Counter(
+            "lorabay_requests_forwarded",
+            "Generation requests sent on to the peer gateway that is home to their adapter.",
+            ("peer",),
+            registry=r,
+        )
         self.in_flight = Gauge(
             "lorabay_requests_in_flight",
             "Generation requests being answered now (a signal to autoscale on).",

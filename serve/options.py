@@ -39,6 +39,7 @@ class ServeOptions:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # request bodies above this get 400
     engine_start_timeout: float = 900.0  # seconds to wait for the engine to be ready
     engine_args: tuple[str, ...] = field(default_factory=tuple)  # extra vLLM flags, verbatim
+    peers: str | None = None  # the gateways serving this base: adapter affinity (peers.py)
 
     @property
     def served_model_name(self) -> str:
@@ -100,5 +101,12 @@ def check_options(options: ServeOptions) -> None:
         )
     if options.max_body_bytes < 1024:
         problems.append("--max-body-bytes must be at least 1024")
+    if options.peers is not None:
+        from lorabay.serve.peers import parse_peers
+
+        try:
+            parse_peers(options.peers)
+        except ConfigError as error:
+            problems += [f"{problem}: {error.hint}" for problem in error.problems]
     if problems:
         raise ConfigError(problems, "see `lorabay serve --help`")

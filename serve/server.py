@@ -132,6 +132,7 @@ async def serve_gateway(options, supervisor, registry, keys, sock) -> None:
     import uvicorn
     from lorabay.serve.app import create_app
     from lorabay.serve.gateway import Gateway
+    from lorabay.serve.peers import Peers
     from lorabay.serve.resolve import ModelResolver
 
     resolver = ModelResolver(
@@ -143,6 +144,7 @@ async def serve_gateway(options, supervisor, registry, keys, sock) -> None:
         keys=keys,
         max_loaded=options.max_loaded,
         max_body_bytes=options.max_body_bytes,
+        peers=Peers(options.peers, sock.getsockname()[1]) if options.peers else None,
     )
     await gateway.connect()
     await asyncio.to_thread(resolver.warm_up)

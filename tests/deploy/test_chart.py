@@ -360,8 +360,34 @@ def test_engine_port_is_not_exposed(name):
 
 def test_network_policy_is_on_by_default_and_takes_peers():
     assert only(rendered("defaults"), "NetworkPolicy")["spec"]["ingress"][0].get("from") is None
-    rule = only(rendered("autoscaling-monitoring-ingress"), "NetworkPolicy")["spec"]["ingress"][0]
-    assert rule["from"] == VALUE_SETS["autoscaling-monitoring-ingress"]["networkPolicy"]["from"]
+    objects = rendered("autoscaling-monitoring-ingress")
+    rule = only(objects, "NetworkPolicy")["spec"]["ingress"][0]
+    allowed = VALUE_SETS["autoscaling-monitoring-ingress"]["networkPolicy"]["from"]
+    pods = only(objects, "Deployment")["spec"]["selector"]["matchLabels"]
+    assert rule["from"] == [*allowed, {"podSelector": {"matchLabels": pods}}]  # + the peers
+
+
+def gateway_service(objects: list[dict]) -> dict:
+    """The Service clients use (not the headless one the gateways find each other by)."""
+    (service,) = [o for o in objects if o["kind"] == "Service" and "clusterIP" not in o["spec"]]
+    return service
+
+
+def test_gateways_find_each_other_through_a_headless_service():
+    objects = rendered("autoscaling-monitoring-ingress")
+    (peers,) = [
+        o for o in objects if o["kind"] == "Service" and o["spec"].get("clusterIP") == "None"
+    ]
+    pods = only(objects, "Deployment")["spec"]["selector"]["matchLabels"]
+    assert peers["spec"]["selector"] == pods and not peers["spec"]["publishNotReadyAddresses"]
+    port = server_container(objects)["ports"][0]["containerPort"]
+    assert peers["spec"]["ports"][0]["port"] == port
+    name = peers["metadata"]["name"]
+    args = server_container(objects)["args"]
+    assert args[args.index("--peers") + 1] == f"dns:{name}.{NAMESPACE}.svc.cluster.local:{port}"
+    off = render({"peers": {"enabled": False}})
+    assert "--peers" not in flags_in(server_container(off))
+    assert [o["kind"] for o in off].count("Service") == 1
 
 
 # ------------------------------------------------------------------- probes
@@ -525,7 +551,7 @@ def test_autoscaling_targets_the_deployment():
 def test_ingress_routes_to_the_gateway_service():
     objects = rendered("autoscaling-monitoring-ingress")
     ingress = only(objects, "Ingress")
-    service = only(objects, "Service")
+    service = gateway_service(objects)
     assert ingress["spec"]["ingressClassName"] == "nginx"
     assert ingress["spec"]["tls"] == [{"secretName": "llm-tls", "hosts": ["llm.example.com"]}]
     (rule,) = ingress["spec"]["rules"]
@@ -563,11 +589,11 @@ def test_service_monitor_only_with_the_prometheus_operator():
     assert "ServiceMonitor" not in kinds(render(values))  # no CRDs: nothing the API would refuse
     objects = render(values, api_versions=PROMETHEUS_OPERATOR_APIS)
     monitor = only(objects, "ServiceMonitor")
-    check_service_monitor(monitor, only(objects, "Service"))
+    check_service_monitor(monitor, gateway_service(objects))
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
 
     forced = render({"serviceMonitor": {"force": True}})
-    check_service_monitor(only(forced, "ServiceMonitor"), only(forced, "Service"))
+    check_service_monitor(only(forced, "ServiceMonitor"), gateway_service(forced))
     off = render({"serviceMonitor": {"enabled": False}}, api_versions=PROMETHEUS_OPERATOR_APIS)
     assert "ServiceMonitor" not in kinds(off)
 

@@ -48,7 +48,10 @@ class GatewayProcess:
 
     def start(self, timeout: float = 600.0) -> GatewayProcess:
         """Start the command and wait until it listens (``url``) or exits."""
-        self.launch()
+        return self.launch().wait_listening(timeout)
+
+    def wait_listening(self, timeout: float = 600.0) -> GatewayProcess:
+        """Wait until the launched command listens (``url``) or exits."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.remember_descendants()

@@ -277,7 +277,7 @@ def stream_through_asgi(messages_in):
     import asyncio
     from types import SimpleNamespace
 
-    from lorabay.serve.app import RelayResponse, StreamRelay
+    from lorabay.serve.app import StreamRelay, relay_response
     from lorabay.serve.gateway import RequestTimer
     from lorabay.serve.metrics import GatewayMetrics
 
@@ -301,7 +301,7 @@ def stream_through_asgi(messages_in):
 
         relay = StreamRelay(gateway, engine, RequestTimer(metrics, "completions"), "lease", False)
         scope = {"type": "http", "asgi": {"spec_version": "2.3"}, "method": "POST"}
-        await RelayResponse(relay)(scope, receive, send)
+        await relay_response(relay)(scope, receive, send)
 
     asyncio.run(main())
     in_flight = metrics.registry.get_sample_value("lorabay_requests_in_flight")

@@ -120,6 +120,9 @@ click command lorabay.cli.serve:serve; tests/deploy parses this list with it.
 {{- /* the engine gives up (with its own error in the log) one probe period before the kubelet would */}}
 {{- $startup := $v.probes.startup }}
 {{- $args = concat $args (list "--engine-start-timeout" (toString (max 60 (sub (int $startup.budgetSeconds) (int $startup.periodSeconds))))) }}
+{{- if $v.peers.enabled }}
+{{- $args = concat $args (list "--peers" (printf "dns:%s-peers.%s.svc.%s:%d" (include "lorabay.fullname" .) .Release.Namespace ($v.peers.clusterDomain | default "cluster.local") (int $v.gateway.port))) }}
+{{- end }}
 {{- if $v.gateway.jsonLogs }}
 {{- $args = concat $args (list "--json-logs") }}
 {{- end }}

@@ -1,0 +1,142 @@
+"""Adapter affinity across gateways (`lorabay serve --peers`, serve/peers.py).
+
+The unit tests check the hashing and the membership; the last test runs two real
+`lorabay serve` processes (two vLLM engines, tiny base) that name each other as peers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import time
+
+import httpx
+import pytest
+from lorabay.hub.errors import ConfigError
+from lorabay.serve.peers import Peers, home_of, parse_peers
+
+NAMES = [f"team/a{i:03d}" for i in range(600)]
+
+
+def test_each_name_has_one_home_and_losing_a_member_moves_only_its_names():
+    members = ["http://10.0.0.1:8000", "http://10.0.0.2:8000", "http://10.0.0.3:8000"]
+    homes = {name: home_of(name, members) for name in NAMES}
+    counts = [list(homes.values()).count(m) for m in members]
+    assert all(count > len(NAMES) / 5 for count in counts), counts  # spread, not piled up
+    assert homes == {name: home_of(name, list(reversed(members))) for name in NAMES}
+    rest = members[:2]
+    for name, home in homes.items():
+        if home in rest:
+            assert home_of(name, rest) == home  # names of the remaining members stay put
+    assert home_of("x", []) is None
+
+
+def test_peers_are_a_url_list_or_a_dns_name():
+    assert parse_peers("http://a:1, http://b:2/") == (["http://a:1", "http://b:2"], None)
+    assert parse_peers("dns:lorabay-peers.ns.svc:8000") == ([], ("lorabay-peers.ns.svc", 8000))
+    for bad in ("", "dns:name", "a:1", "http://a", "ftp://a:1"):
+        with pytest.raises(ConfigError):
+            parse_peers(bad)
+
+
+def test_a_gateway_finds_itself_and_skips_a_peer_that_is_down():
+    me, other = "http://127.0.0.1:4001", "http://127.0.0.1:4002"
+
+    async def main():
+        peers = Peers(f"{me},{other}", port=4001)
+        homes = {name: await peers.home(name) for name in NAMES}
+        assert peers.me == me
+        assert {h for h in homes.values()} == {None, other}  # None: served here
+        peers.mark_down(other)
+        assert {await peers.home(name) for name in NAMES} == {None}
+
+        dns = Peers("dns:localhost:4001", port=4001)  # 127.0.0.1 and ::1: both this one
+        assert [await dns.home(name) for name in NAMES[:20]] == [None] * 20
+        assert len(dns.members) == 1
+
+    asyncio.run(main())
+
+
+# -- two real gateways -------------------------------------------------------------------
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def logged(gateway, text: str, seconds: float = 5.0) -> bool:
+    """Whether ``text`` shows in the gateway's log within ``seconds`` (it is read on a thread)."""
+    deadline = time.monotonic() + seconds
+    while text not in gateway.output and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return text in gateway.output
+
+
+@pytest.mark.vllm
+def test_two_gateways_send_each_adapter_to_its_home(tiny_base, make_lora, tmp_path):
+    from lorabay.hub import Registry
+    from servetools import GatewayProcess
+
+    registry_url = f"file://{tmp_path / 'registry'}"
+    registry = Registry.open(registry_url)
+    ports = free_ports(2)
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    names = [f"team/p{i}" for i in range(8)]
+    for i, name in enumerate(names):
+        registry.push(make_lora(seed=40 + i), name, base=tiny_base)
+    far = next(n for n in names if home_of(n, urls) == urls[1])  # B's, asked of A
+    near = next(n for n in names if home_of(n, urls) == urls[0])  # A's own
+    gateways = [
+        GatewayProcess(
+            [
+                *("--base", str(tiny_base), "--served-name", "tiny", "--dtype", "float32"),
+                *("--registry", registry_url, "--port", str(port), "--peers", ",".join(urls)),
+                *("--max-loras", "2"),
+            ],
+            env={"LORABAY_HOME": str(tmp_path / f"home-{port}")},
+        )
+        for port in ports
+    ]
+    try:
+        for gateway in gateways:  # both engines start at once
+            gateway.launch()
+        for gateway in gateways:
+            gateway.wait_listening()
+            assert gateway.url, gateway.output
+        a, b = gateways
+
+        def ask(model: str, stream: bool = False) -> httpx.Response:
+            body = {"model": model, "prompt": "hi", "max_tokens": 2, "stream": stream}
+            return httpx.post(f"{a.url}/v1/completions", json=body, timeout=300)
+
+        answer = ask(far)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["model"] == f"{far}@{registry.resolve(far).digest}"
+        streamed = ask(far, stream=True)
+        assert streamed.status_code == 200 and streamed.text.rstrip().endswith("[DONE]")
+        assert ask(near).status_code == 200
+        assert ask("tiny").status_code == 200  # the base: served where it arrives
+        assert logged(b, f"adapter loaded: {far}@") and f"adapter loaded: {far}@" not in a.output
+        assert logged(a, f"adapter loaded: {near}@")
+        metrics = httpx.get(f"{a.url}/metrics").text
+        assert f'lorabay_requests_forwarded_total{{peer="{urls[1]}"}} 2.0' in metrics
+        problem = ask("team/missing-name")  # the home answers with the registry's own error
+        assert problem.status_code == 404 and "team/missing-name" in json.dumps(problem.json())
+
+        b.stop(signal.SIGTERM)  # B goes away: A serves B's adapters itself
+        answer = ask(far)
+        assert answer.status_code == 200, answer.text
+        assert logged(a, f"adapter loaded: {far}@"), a.output[-3000:] + "\n" + answer.text
+        assert logged(a, f"peer {urls[1]} unreachable")
+    finally:
+        for gateway in gateways:
+            gateway.stop(signal.SIGTERM)
+            gateway.kill_leftovers()
