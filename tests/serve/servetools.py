@@ -118,6 +118,14 @@ class GatewayProcess:
         return names
 
 
+def tiny_serve_args(tiny_base, registry_url: str, port: int | str = 0) -> list[str]:
+    """The flags every serve test starts with: the tiny base in float32, one registry."""
+    return [
+        *("--base", str(tiny_base), "--served-name", "tiny", "--dtype", "float32"),
+        *("--registry", registry_url, "--port", str(port)),
+    ]
+
+
 def wait_gone(processes: list[psutil.Process], timeout: float = 15.0) -> list[psutil.Process]:
     _, alive = psutil.wait_procs(processes, timeout=timeout)
     return [p for p in alive if p.status() != "zombie"]

@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 from lorabay.hub import Registry
-from servetools import GatewayProcess, greedy_reference, wait_gone
+from servetools import GatewayProcess, greedy_reference, tiny_serve_args, wait_gone
 
 pytestmark = pytest.mark.vllm
 
@@ -97,16 +97,7 @@ def served(tiny_base, make_lora, tmp_path_factory):
     keys.write_text(f"keys:\n  {ADMIN_KEY}: '*'\n  {TEAM_A_KEY}: ['team-a/*']\n")
     gateway = GatewayProcess(
         [
-            "--base",
-            str(tiny_base),
-            "--served-name",
-            "tiny",
-            "--dtype",
-            "float32",
-            "--registry",
-            registry_url,
-            "--port",
-            "0",
+            *tiny_serve_args(tiny_base, registry_url),
             "--api-keys",
             str(keys),
             "--max-loras",

@@ -83,7 +83,7 @@ def logged(gateway, text: str, seconds: float = 5.0) -> bool:
 @pytest.mark.vllm
 def test_two_gateways_send_each_adapter_to_its_home(tiny_base, make_lora, tmp_path):
     from lorabay.hub import Registry
-    from servetools import GatewayProcess
+    from servetools import GatewayProcess, tiny_serve_args
 
     registry_url = f"file://{tmp_path / 'registry'}"
     registry = Registry.open(registry_url)
@@ -96,11 +96,7 @@ def test_two_gateways_send_each_adapter_to_its_home(tiny_base, make_lora, tmp_pa
     near = next(n for n in names if home_of(n, urls) == urls[0])  # A's own
     gateways = [
         GatewayProcess(
-            [
-                *("--base", str(tiny_base), "--served-name", "tiny", "--dtype", "float32"),
-                *("--registry", registry_url, "--port", str(port), "--peers", ",".join(urls)),
-                *("--max-loras", "2"),
-            ],
+            [*tiny_serve_args(tiny_base, registry_url, port), "--peers", ",".join(urls)],
             env={"LORABAY_HOME": str(tmp_path / f"home-{port}")},
         )
         for port in ports

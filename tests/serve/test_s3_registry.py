@@ -15,7 +15,7 @@ import uuid
 import openai
 import pytest
 from lorabay.hub import Registry
-from servetools import GatewayProcess
+from servetools import GatewayProcess, tiny_serve_args
 
 pytestmark = [pytest.mark.vllm, pytest.mark.s3]
 
@@ -30,20 +30,7 @@ def s3_served(tiny_base, make_lora, s3_server, tmp_path_factory):
     registry.push(make_lora(seed=31), "team/x", base=tiny_base, aliases=["prod"])
     registry.push(make_lora(seed=32), "team/x", base=tiny_base)
     gateway = GatewayProcess(
-        [
-            "--base",
-            str(tiny_base),
-            "--served-name",
-            "tiny",
-            "--dtype",
-            "float32",
-            "--registry",
-            url,
-            "--port",
-            "0",
-            "--max-loras",
-            "2",
-        ],
+        [*tiny_serve_args(tiny_base, url), "--max-loras", "2"],
         env={**s3_server.env(), "LORABAY_HOME": str(tmp_path_factory.mktemp("pod-home"))},
     )
     try:
