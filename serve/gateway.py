@@ -172,16 +172,22 @@ class Gateway:
 
     async def forward(self, peer: str, endpoint: str, raw: bytes, headers) -> httpx.Response | None:
         """Send the request as it came to ``peer``; its response (streamed), or None when
-        the peer cannot be reached (then it is skipped for a while and this one answers)."""
+        the peer cannot answer it (unreachable, or its engine down: 503); then the peer is
+        skipped for a while and this gateway answers."""
         sent = {k: v for k, v in headers.items() if k.lower() in FORWARDED_HEADERS}
         request = self.client.build_request(
             "POST", f"{peer}/v1/{endpoint}", content=raw, headers={**sent, FORWARDED: "1"}
         )
         try:
-            return await self.client.send(request, stream=True)
-        except httpx.TransportError:
-            self.peers.mark_down(peer)
+            response = await self.client.send(request, stream=True)
+        except httpx.TransportError as error:
+            self.peers.mark_down(peer, f"unreachable ({type(error).__name__})")
             return None
+        if response.status_code == 503:
+            await response.aclose()
+            self.peers.mark_down(peer, "its engine is not available (503)")
+            return None
+        return response
 
     async def send(self, endpoint: str, body: dict, stream: bool) -> httpx.Response:
         request = self.client.build_request(

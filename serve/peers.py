@@ -6,8 +6,8 @@ the gateways that serve one base agree, with no coordination, which of them serv
 adapter name: rendezvous (highest random weight) hashing of the name over the members,
 so adding or losing one replica moves only the names it gains or held. A request that
 arrives elsewhere is forwarded there once (marked ``x-lorabay-forwarded``, so it is never
-forwarded again); if the home cannot be reached it is served where it arrived and that
-peer is skipped for a while. The base itself is served by whichever replica got it.
+forwarded again); if the home cannot be reached, or answers 503 (its engine down or
+starting), it is served where it arrived and that peer is skipped for a while. The base itself is served by whichever replica got it.
 
     --peers http://10.0.0.5:8000,http://10.0.0.6:8000    a fixed list
     --peers dns:lorabay-peers.ns.svc.cluster.local:8000  every address a name resolves
@@ -147,8 +147,8 @@ class Peers:
         home = home_of(name, live)
         return None if home is None or home == self.me else home
 
-    def mark_down(self, url: str) -> None:
+    def mark_down(self, url: str, reason: str) -> None:
         log.warning(
-            "peer %s unreachable; its adapters go to the next in line for %.0f s", url, DOWN_SECONDS
+            "peer %s: %s; its adapters go to the next in line for %.0f s", url, reason, DOWN_SECONDS
         )
         self.down_until[url] = time.monotonic() + DOWN_SECONDS

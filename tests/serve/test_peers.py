@@ -15,7 +15,7 @@ import time
 import httpx
 import pytest
 from lorabay.hub.errors import ConfigError
-from lorabay.serve.peers import Peers, home_of, parse_peers
+from lorabay.serve.peers import DOWN_SECONDS, Peers, home_of, parse_peers
 
 NAMES = [f"team/a{i:03d}" for i in range(600)]
 
@@ -49,7 +49,7 @@ def test_a_gateway_finds_itself_and_skips_a_peer_that_is_down():
         homes = {name: await peers.home(name) for name in NAMES}
         assert peers.me == me
         assert {h for h in homes.values()} == {None, other}  # None: served here
-        peers.mark_down(other)
+        peers.mark_down(other, "unreachable")
         assert {await peers.home(name) for name in NAMES} == {None}
 
         dns = Peers("dns:localhost:4001", port=4001)  # 127.0.0.1 and ::1: both this one
@@ -89,7 +89,7 @@ def test_two_gateways_send_each_adapter_to_its_home(tiny_base, make_lora, tmp_pa
     registry = Registry.open(registry_url)
     ports = free_ports(2)
     urls = [f"http://127.0.0.1:{port}" for port in ports]
-    names = [f"team/p{i}" for i in range(8)]
+    names = [f"team/p{i}" for i in range(24)]  # each gateway is home to at least 2 (random ports)
     for i, name in enumerate(names):
         registry.push(make_lora(seed=40 + i), name, base=tiny_base)
     far = next(n for n in names if home_of(n, urls) == urls[1])  # B's, asked of A
@@ -127,11 +127,19 @@ def test_two_gateways_send_each_adapter_to_its_home(tiny_base, make_lora, tmp_pa
         problem = ask("team/missing-name")  # the home answers with the registry's own error
         assert problem.status_code == 404 and "team/missing-name" in json.dumps(problem.json())
 
-        b.stop(signal.SIGTERM)  # B goes away: A serves B's adapters itself
+        b.engine_process().kill()  # B's engine dies: B answers 503 while it restarts it
         answer = ask(far)
+        assert answer.status_code == 200, answer.text  # answered by A instead
+        assert logged(a, f"adapter loaded: {far}@")
+        assert logged(a, f"peer {urls[1]}: its engine is not available (503)")
+
+        time.sleep(DOWN_SECONDS)  # B is asked again after this
+        b.stop(signal.SIGTERM)  # B goes away: A serves B's adapters itself
+        other = next(n for n in names if home_of(n, urls) == urls[1] and n != far)
+        answer = ask(other)
         assert answer.status_code == 200, answer.text
-        assert logged(a, f"adapter loaded: {far}@"), a.output[-3000:] + "\n" + answer.text
-        assert logged(a, f"peer {urls[1]} unreachable")
+        assert logged(a, f"adapter loaded: {other}@")
+        assert logged(a, f"peer {urls[1]}: unreachable (ConnectError)")
     finally:
         for gateway in gateways:
             gateway.stop(signal.SIGTERM)
