@@ -48,8 +48,9 @@ def etag_holds(etag: str | None, data: bytes) -> bool:
 
 def read_packs(store: Store, packs: list[ObjectInfo], workers: int) -> dict[str, tuple[str, bytes]]:
     """Every record in ``packs``, newest pack last (so it wins): key -> (etag, data)."""
+    packs = sorted(packs, key=lambda p: p.key)  # time-ns names: oldest first
     with ThreadPoolExecutor(max(1, min(workers, len(packs) or 1))) as pool:
-        raws = list(pool.map(store.read, [p.key for p in sorted(packs, key=lambda p: p.key)]))
+        raws = list(pool.map(store.read, [p.key for p in packs]))
     records: dict[str, tuple[str, bytes]] = {}
     for info, raw in zip(packs, raws, strict=True):
         if raw is None:
@@ -91,11 +92,12 @@ def read_many(
             missing.append(info.key)
     with ThreadPoolExecutor(max(1, min(workers, len(missing) or 1))) as pool:
         fetched = list(pool.map(store.read_tagged, missing))
+    fetched_keys = []
     for key, tagged in zip(missing, fetched, strict=True):
         if tagged is not None:
             found[key] = tagged[0]
             records[key] = (tagged[1].strip('"'), tagged[0])
-    fetched_keys = [key for key, tagged in zip(missing, fetched, strict=True) if tagged]
+            fetched_keys.append(key)
     if len(fetched_keys) >= WRITE_AFTER or len(packs) > MERGE_AFTER:
         write_pack(store, records, packs)
     return found, fetched_keys

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from lorabay.hub import pieces
 from lorabay.hub.cache import blob_key
 from lorabay.hub.errors import LorabayError
-from lorabay.hub.keys import name_prefix
+from lorabay.hub.keys import manifest_key
 
 Progress = Callable[[int], None]
 
@@ -64,7 +64,7 @@ def verify_registry(
                 try:
                     manifests.append(registry.read_stored_manifest(name, version))
                 except LorabayError as error:
-                    where = f"{name_prefix(name)}{version}.json"
+                    where = manifest_key(name, version)
                     problems.append(Problem("damaged", where, (), message=str(error)))
     users: dict[str, list[tuple[str, str]]] = {}
     for manifest in manifests:

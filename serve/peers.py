@@ -7,7 +7,8 @@ adapter name: rendezvous (highest random weight) hashing of the name over the me
 so adding or losing one replica moves only the names it gains or held. A request that
 arrives elsewhere is forwarded there once (marked ``x-lorabay-forwarded``, so it is never
 forwarded again); if the home cannot be reached, or answers 503 (its engine down or
-starting), it is served where it arrived and that peer is skipped for a while. The base itself is served by whichever replica got it.
+starting), it is served where it arrived and that peer is skipped for a while. The base
+itself is served by whichever replica got it.
 
     --peers http://10.0.0.5:8000,http://10.0.0.6:8000    a fixed list
     --peers dns:lorabay-peers.ns.svc.cluster.local:8000  every address a name resolves
@@ -113,8 +114,11 @@ class Peers:
         return bool(addresses & self._mine)
 
     async def refresh(self) -> None:
-        """Re-read the members (DNS) at most every REFRESH_SECONDS; find this gateway."""
-        if time.monotonic() - self.refreshed < REFRESH_SECONDS:
+        """Re-read the members (DNS) at most every REFRESH_SECONDS; find this gateway. A
+        fixed list is read once."""
+        if self.refreshed and (
+            self.dns is None or time.monotonic() - self.refreshed < REFRESH_SECONDS
+        ):
             return
         async with self._lock:
             if time.monotonic() - self.refreshed < REFRESH_SECONDS:

@@ -189,15 +189,6 @@ class LocalStore:
             while chunk := handle.read(CHUNK):
                 yield chunk
 
-    def read_range(self, key: str, offset: int, length: int) -> Iterator[bytes]:
-        with open(self._path(key), "rb", buffering=0) as handle:
-            end = offset + length
-            while offset < end and (
-                chunk := os.pread(handle.fileno(), min(CHUNK, end - offset), offset)
-            ):
-                offset += len(chunk)
-                yield chunk
-
     def local_path(self, key: str) -> Path:
         """Where ``key`` lies on disk (lets a pull copy in the kernel)."""
         return self._path(key)
