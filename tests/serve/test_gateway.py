@@ -480,16 +480,18 @@ def test_engine_death_gives_503_in_flight_then_the_engine_is_restarted(served, p
         except openai.APIStatusError as error:
             outcomes.append(error.status_code)
 
+    # Freeze the engine first, so none of the three can finish before the kill (on a quiet
+    # machine the tiny base writes 1000 tokens in a fraction of a second): all three are
+    # then in flight, waiting on the engine, when it dies.
+    engine.send_signal(signal.SIGSTOP)
     threads = [threading.Thread(target=long_request) for _ in range(3)]
     for thread in threads:
         thread.start()
-    # Kill while they are being answered: 1000 tokens take the tiny base about a second,
-    # so wait for the first to arrive, not for all three (they may not overlap).
     deadline = time.monotonic() + 60
-    while metric(served.metrics(), "lorabay_requests_in_flight") < 1:
+    while metric(served.metrics(), "lorabay_requests_in_flight") < 3:
         assert time.monotonic() < deadline, outcomes
         time.sleep(0.01)
-    time.sleep(0.1)
+    time.sleep(0.2)  # the gateway has sent them on to the engine
     engine.send_signal(signal.SIGKILL)
     for thread in threads:
         thread.join(60)
