@@ -16,7 +16,6 @@ sha256 pass. ``hub verify`` still re-hashes whole blobs against their ``sha256``
 from __future__ import annotations
 
 import hashlib
-import mmap
 import os
 import threading
 from collections.abc import Callable
@@ -38,22 +37,9 @@ def spans(size: int, piece: int | None = None) -> list[tuple[int, int]]:
     return [(offset, min(piece, size - offset)) for offset in range(0, size, piece)]
 
 
-def sha256_range(
-    fd: int, offset: int, length: int, progress: Progress | None = None, *, mapped: bool = False
-) -> str:
-    """The sha256 of ``length`` bytes at ``offset`` of the open file ``fd``.
-
-    ``mapped`` hashes through a memory map, sparing a copy of every byte: only for a file
-    nobody else can truncate meanwhile (a pull's own temporary file), since touching a
-    mapped page past a file's end kills the process (SIGBUS)."""
+def sha256_range(fd: int, offset: int, length: int, progress: Progress | None = None) -> str:
+    """The sha256 of ``length`` bytes at ``offset`` of the open file ``fd``."""
     digest = hashlib.sha256()
-    if mapped and length and offset % mmap.ALLOCATIONGRANULARITY == 0:
-        with mmap.mmap(fd, length, offset=offset, access=mmap.ACCESS_READ) as view:
-            for start in range(0, length, READ_STEP):
-                digest.update(view[start : start + READ_STEP])
-                if progress:
-                    progress(min(READ_STEP, length - start))
-        return digest.hexdigest()
     end = offset + length
     while offset < end:
         chunk = os.pread(fd, min(READ_STEP, end - offset), offset)

@@ -81,9 +81,8 @@ class Store(Protocol):
         """Stream ``key``'s content; raises FileNotFoundError when absent."""
 
     def read_range(self, key: str, offset: int, length: int) -> Iterator[bytes]:
-        """Stream up to ``length`` bytes of ``key`` from ``offset`` (fewer past its end).
-        Pulls use it for pieces where the store has no ``local_path`` (S3); a local store
-        copies from the file instead."""
+        """Stream up to ``length`` bytes of ``key`` from ``offset`` (fewer past its end);
+        a pull fetches each piece of a large file with it, several at once."""
 
     def list_temporary(self) -> list[ObjectInfo]:
         """Leftovers of interrupted writes (temporary files, unfinished uploads)."""
