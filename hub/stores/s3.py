@@ -16,6 +16,8 @@ import contextlib
 import hashlib
 import os
 from collections.abc import Iterator
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 from lorabay.hub import faults
@@ -28,6 +30,35 @@ MULTIPART_THRESHOLD = 64 << 20  # bigger blobs go up in parts of this size
 
 def multipart_threshold() -> int:
     return int(os.environ.get("LORABAY_S3_MULTIPART_BYTES") or MULTIPART_THRESHOLD)
+
+
+def fast_timestamp(value):
+    """Timestamps as S3 sends them (ISO 8601 in listings, RFC 822 in headers) parsed by the
+    standard library: botocore's dateutil parser took 0.4 s of a 1,000-adapter ``hub list``
+    and ~1 ms of every GET. Anything else goes to botocore's."""
+    from botocore.utils import parse_timestamp
+
+    if not isinstance(value, str):
+        return parse_timestamp(value)
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        try:
+            parsed = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return parse_timestamp(value)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def fast_botocore():
+    """A botocore session whose responses parse timestamps with ``fast_timestamp``."""
+    import botocore.session
+
+    session = botocore.session.get_session()
+    session.get_component("response_parser_factory").set_parser_defaults(
+        timestamp_parser=fast_timestamp
+    )
+    return session
 
 
 def error_code(error) -> str:
@@ -48,7 +79,7 @@ class S3Store:
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         self.endpoint = os.environ.get("LORABAY_S3_ENDPOINT") or None
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        self.client = boto3.session.Session().client(
+        self.client = boto3.session.Session(botocore_session=fast_botocore()).client(
             "s3",
             endpoint_url=self.endpoint,
             region_name=region or "us-east-1",
