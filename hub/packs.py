@@ -1,21 +1,26 @@
 """Packs: many small registry records read in one GET instead of one GET each.
 
 ``hub list`` of 1,000 adapters reads 1,000 manifests and up to 1,000 alias tables; on
-S3 each is a GET (3 s here from a process that has none of them yet). So a reader that
-had to fetch many records one by one writes what it read into one object,
-``packs/<time-ns>-<random>.json``::
+S3 each is a GET (5 s here). So every record written to a remote store is also put in
+a pack, ``packs/<time-ns>-<random>.json``::
 
-    {"objects": {"adapters/_/a/1.json": {"etag": "\"9b2c...\"", "data": "{...}"}, ...}}
+    {"objects": {"adapters/_/a/1.json": {"etag": "9b2c...", "data": "{...}"}, ...}}
 
-and the next reader, on any machine, takes a record from a pack only when the LIST it
-just made shows the same etag for that key (S3 lists each object's etag), else it GETs
-it: a pack can be old, never stale. Where an etag is a plain MD5 (S3 and SeaweedFS for
-objects put in one part) the data is checked against it; manifests are also checked
-against their own digest by the caller. (A bucket whose etags are not the MD5 of the
-content, SSE-KMS on AWS, fails that check: its packs are ignored and every record is
-read by GET, correct but as slow as before.) The writer deletes the packs it merged, so
-there are a few at most; losing a race (a pack deleted between LIST and GET) only
-costs the GETs. Packs are for listing many records; ``resolve`` always reads the
+A push or an alias move writes a small pack of what it wrote; a reader that still had
+to GET many records writes a pack of those. After writing, the writer merges packs of
+about the same size, four at a time (size tiers, as a log-structured merge tree does):
+a registry of n records keeps O(log n) packs (about 10 for 1,000 adapters) and each
+record is rewritten O(log n) times in all, so a push pays two or three small requests
+more and the first ``hub list`` anywhere reads the packs in one round of GETs.
+
+A reader takes a record from a pack only when the LIST it just made shows the same
+etag for that key (S3 lists each object's etag), else it GETs it: a pack can be old,
+never stale. Where an etag is a plain MD5 (S3 and SeaweedFS for objects put in one
+part) the data is checked against it; manifests are also checked against their own
+digest by the caller. (A bucket whose etags are not the MD5 of the content, SSE-KMS on
+AWS, never matches: every record is read by GET, correct but as slow as without packs.)
+Merges race harmlessly: writers merging the same packs at once name the result after
+its inputs, so they make one pack (at worst the same one twice, by put). Packs are for listing many records; ``resolve`` always reads the
 record itself.
 """
 
@@ -24,16 +29,28 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import threading
 import time
 import uuid
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 from lorabay.hub.store import ObjectInfo, Store
 
 log = logging.getLogger("lorabay.hub")
 PREFIX = "packs/"
-WRITE_AFTER = 32  # records fetched one by one before a reader writes a pack
-MERGE_AFTER = 4  # packs before a reader merges them even if it fetched little
+WRITE_AFTER = 32  # records a reader fetched one by one before it writes a pack of them
+FANOUT = 4  # packs of one size tier merged into one
+TIER_BYTES = 16 << 10  # packs up to this size are all in the smallest tier
+TIDY_AFTER = 16  # packs a reader finds before it merges them (writers left them behind)
+
+Records = dict[str, tuple[str, bytes]]  # key -> (etag, data)
+_merging = threading.Lock()
+
+
+def md5_etag(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
 def etag_holds(etag: str | None, data: bytes) -> bool:
@@ -42,16 +59,16 @@ def etag_holds(etag: str | None, data: bytes) -> bool:
         return False
     plain = etag.strip('"')
     if len(plain) == 32 and all(c in "0123456789abcdef" for c in plain):
-        return hashlib.md5(data, usedforsecurity=False).hexdigest() == plain
+        return md5_etag(data) == plain
     return True  # a multipart or server-specific etag: trusted as the LIST gave it
 
 
-def read_packs(store: Store, packs: list[ObjectInfo], workers: int) -> dict[str, tuple[str, bytes]]:
-    """Every record in ``packs``, newest pack last (so it wins): key -> (etag, data)."""
+def read_packs(store: Store, packs: list[ObjectInfo], workers: int) -> dict[str, dict[str, bytes]]:
+    """Every record in ``packs``: key -> {etag: data}, each version a pack holds."""
     packs = sorted(packs, key=lambda p: p.key)  # time-ns names: oldest first
     with ThreadPoolExecutor(max(1, min(workers, len(packs) or 1))) as pool:
         raws = list(pool.map(store.read, [p.key for p in packs]))
-    records: dict[str, tuple[str, bytes]] = {}
+    records: dict[str, dict[str, bytes]] = {}
     for info, raw in zip(packs, raws, strict=True):
         if raw is None:
             continue  # merged away meanwhile
@@ -59,7 +76,9 @@ def read_packs(store: Store, packs: list[ObjectInfo], workers: int) -> dict[str,
             for key, record in json.loads(raw)["objects"].items():
                 data = record["data"].encode()
                 if etag_holds(record["etag"], data):
-                    records[key] = (record["etag"], data)
+                    versions = records.setdefault(key, {})
+                    versions.pop(record["etag"], None)  # re-inserted: the newest comes last
+                    versions[record["etag"]] = data
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             log.warning("ignoring damaged pack %s: %s", info.key, error)
     return records
@@ -69,8 +88,8 @@ def read_many(
     store: Store, infos: list[ObjectInfo], workers: int
 ) -> tuple[dict[str, bytes], list[str]]:
     """The content of every listed key (absent ones left out), from packs where their etag
-    still matches, else one GET each; and the keys that took a GET. Writes a pack when it
-    had to GET many."""
+    still matches, else one GET each; and the keys that took a GET. Packs what it had to
+    GET when that was many."""
     if not getattr(store, "remote", False) or not infos:
         with ThreadPoolExecutor(max(1, workers)) as pool:
             raws = list(pool.map(store.read, [i.key for i in infos]))
@@ -85,36 +104,82 @@ def read_many(
     found: dict[str, bytes] = {}
     missing = []
     for info in infos:
-        record = records.get(info.key)
-        if record is not None and info.etag is not None and record[0] == info.etag:
-            found[info.key] = record[1]
+        data = records.get(info.key, {}).get(info.etag) if info.etag else None
+        if data is not None:
+            found[info.key] = data
         else:
             missing.append(info.key)
     with ThreadPoolExecutor(max(1, min(workers, len(missing) or 1))) as pool:
         fetched = list(pool.map(store.read_tagged, missing))
-    fetched_keys = []
+    new: Records = {}
     for key, tagged in zip(missing, fetched, strict=True):
         if tagged is not None:
             found[key] = tagged[0]
-            records[key] = (tagged[1].strip('"'), tagged[0])
-            fetched_keys.append(key)
-    if len(fetched_keys) >= WRITE_AFTER or len(packs) > MERGE_AFTER:
-        write_pack(store, records, packs)
-    return found, fetched_keys
+            new[key] = (tagged[1].strip('"'), tagged[0])
+    if len(new) >= WRITE_AFTER or len(packs) > TIDY_AFTER:
+        add(store, new if len(new) >= WRITE_AFTER else None, workers)
+    return found, list(new)
 
 
-def write_pack(store: Store, records: dict[str, tuple[str, bytes]], merged: list[ObjectInfo]):
-    """One pack with ``records``; then the packs it merged go. Failures only cost speed."""
+def note(store: Store, written: Mapping[str, bytes]) -> None:
+    """Pack records just written to a remote store (a push's manifest, an alias table)."""
+    if getattr(store, "remote", False) and written:
+        records = {key: (md5_etag(data), data) for key, data in written.items()}
+        add(store, records, getattr(store, "concurrent_reads", 1))
+
+
+def add(store: Store, records: Records | None, workers: int) -> None:
+    """Write ``records`` (if any) as a new pack, then merge where a size tier is full
+    (unless another thread of this process is merging: it will see this pack). Failures
+    only cost speed: they are logged, never raised."""
+    try:
+        if records:
+            key = f"{PREFIX}{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"
+            write_pack(store, records, key)
+        if _merging.acquire(blocking=False):
+            try:
+                compact(store, workers)
+            finally:
+                _merging.release()
+    except Exception as error:  # noqa: BLE001 - a pack is an optimisation, never a failure
+        log.debug("could not update packs: %s", error)
+
+
+def tier(size: int) -> int:
+    return int(math.log(max(size, TIER_BYTES) / TIER_BYTES, FANOUT))
+
+
+def compact(store: Store, workers: int) -> None:
+    """Merge the packs of each size tier that holds ``FANOUT`` or more into one, smallest
+    tier first (a merged pack may fill the next tier: up to a few rounds)."""
+    for _ in range(8):
+        tiers: dict[int, list[ObjectInfo]] = {}
+        for info in store.list(PREFIX):
+            tiers.setdefault(tier(info.size), []).append(info)
+        full = [group for _, group in sorted(tiers.items()) if len(group) >= FANOUT]
+        if not full:
+            return
+        group = sorted(full[0], key=lambda p: p.key)  # all of the tier: writers may outpace us
+        # Named after its inputs (and their newest stamp, so a pack written meanwhile still
+        # reads as newer): writers that merge the same group at once make one pack, not
+        # several copies that would fill the next tier.
+        newest = group[-1].key[len(PREFIX) :].split("-")[0]
+        name = hashlib.sha256("".join(p.key for p in group).encode()).hexdigest()[:8]
+        key = f"{PREFIX}{newest}-{name}.json"
+        if not store.has(key):
+            merged: Records = {}
+            for record_key, versions in read_packs(store, group, workers).items():
+                merged[record_key] = list(versions.items())[-1]  # the newest pack's version
+            write_pack(store, merged, key)
+        for old in group:
+            store.delete(old.key)
+
+
+def write_pack(store: Store, records: Records, key: str) -> None:
     objects = {}
-    for key, (etag, data) in records.items():
+    for record_key, (etag, data) in records.items():
         try:
-            objects[key] = {"etag": etag, "data": data.decode()}
+            objects[record_key] = {"etag": etag, "data": data.decode()}
         except UnicodeDecodeError:
             continue
-    key = f"{PREFIX}{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"
-    try:
-        store.create(key, json.dumps({"objects": objects}, separators=(",", ":")).encode())
-        for old in merged:
-            store.delete(old.key)
-    except Exception as error:  # noqa: BLE001 - a pack is an optimisation, never a failure
-        log.debug("could not write pack %s: %s", key, error)
+    store.create(key, json.dumps({"objects": objects}, separators=(",", ":")).encode())

@@ -22,6 +22,7 @@ import logging
 import os
 import random
 import socket
+import threading
 import time
 import uuid
 import warnings
@@ -179,6 +180,8 @@ class Registry:
         self.pull_stats = PullStats()
         self.last_push_created = False  # whether the last push made a new version
         self._manifests: dict[tuple[str, int], Manifest] = {}  # immutable: cached forever
+        self._unpacked: dict[str, bytes] = {}  # records written and not yet in a pack
+        self._unpacked_lock = threading.Lock()
 
     # -- opening ---------------------------------------------------------------------
     @classmethod
@@ -275,7 +278,7 @@ class Registry:
             ]
             workers = getattr(self.store, "concurrent_reads", 1)
             raws, fetched = packs.read_many(self.store, infos, workers)
-            fetched = set(fetched)
+            fetched = set(fetched)  # kept on this machine; a pack's are in the pack
             for pair, info in zip(missing, infos, strict=True):
                 if info.key in raws:
                     self._accept_manifest(*pair, raws[info.key], keep=info.key in fetched)
@@ -475,6 +478,7 @@ class Registry:
             )
             key = manifest_key(name, candidate.version)
             if self.store.create(key, candidate.to_json()):
+                self._written(key, candidate.to_json())
                 manifest = candidate
                 self.last_push_created = True
                 self._manifests[(name, candidate.version)] = candidate
@@ -494,6 +498,7 @@ class Registry:
             )
         for alias in aliases:
             self.set_alias(name, alias, manifest.version)
+        self._pack_written()
         return manifest
 
     def _find_digest(
@@ -519,8 +524,10 @@ class Registry:
                 table.pop(alias)
             else:
                 table[alias] = version
+            data = json.dumps(table, sort_keys=True).encode()
             try:
-                self.store.swap(key, json.dumps(table, sort_keys=True).encode(), etag)
+                self.store.swap(key, data, etag)
+                self._written(key, data)
                 return previous
             except PreconditionFailed:
                 # Another writer moved an alias of this name: re-read and retry, with a
@@ -546,6 +553,7 @@ class Registry:
             raise YankedVersion(f"{name}:{version}")
         previous = self._move_alias(name, alias, version)
         self._log("aliased", name=name, alias=alias, version=version, previous=previous)
+        self._pack_written()
 
     def remove_alias(self, name: str, alias: str) -> None:
         validate_name(name)
@@ -553,6 +561,20 @@ class Registry:
         self._readable_or_raise(f"{name}:{alias}")
         previous = self._move_alias(name, alias, None)
         self._log("unaliased", name=name, alias=alias, previous=previous)
+        self._pack_written()
+
+    def _written(self, key: str, data: bytes) -> None:
+        """Remember a record just written, for the next pack (remote stores: packs.py)."""
+        if getattr(self.store, "remote", False):
+            with self._unpacked_lock:
+                self._unpacked[key] = data
+
+    def _pack_written(self) -> None:
+        """Put the records this registry wrote into one small pack, so the next ``list``
+        anywhere finds them without a GET each."""
+        with self._unpacked_lock:
+            written, self._unpacked = self._unpacked, {}
+        packs.note(self.store, written)
 
     def _readable_or_raise(self, shown: str) -> None:
         if not self.is_readable():
