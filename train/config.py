@@ -592,6 +592,13 @@ class RLHFConfig(TrainConfig):
     clip: float = option(0.2, "PPO clip range of the probability ratio.", above=0, maximum=1)
     value_clip: float = option(0.2, "Clip range of the value update.", above=0)
     vf_coef: float = option(0.1, "Weight of the value loss.", minimum=0)
+    value_model: str = option(
+        "head",
+        "The critic: 'head', a linear head on the policy's hidden states (no pass of its "
+        "own); 'adapter', its own LoRA on the same base plus a head, trained by its own "
+        "pass each update as InstructGPT's value model (about twice the update cost).",
+        choices=("head", "adapter"),
+    )
     gamma: float = option(1.0, "Discount per token.", minimum=0, maximum=1)
     lam: float = option(0.95, "GAE lambda.", minimum=0, maximum=1)
     ppo_epochs: int = option(4, "Optimization passes over each batch of rollouts.", minimum=1)

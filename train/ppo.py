@@ -43,10 +43,14 @@ Everything shares ONE base (PEFT multi-adapter):
 - reward: the reward model's (or PRM's) own adapter loaded as ``judge`` with its
   score head (train/heads.py), switched on only to score; it reads the decoded
   response rendered as it was trained (chat template, or text + EOS);
-- value: a linear head (hidden -> 1) on the policy's final hidden states, detached,
-  so the value loss trains the head alone and never pulls on the policy (a value
-  adapter would cost a second pass per update). It is saved in the run folder
-  (``value_head.safetensors``), not in the adapter, which serves as any LoRA does.
+- value (``--value-model head``, the default): a linear head (hidden -> 1) on the
+  policy's final hidden states, detached, so the value loss trains the head alone and
+  never pulls on the policy, at no pass of its own. ``--value-model adapter`` is
+  InstructGPT's separate value model instead: its own LoRA ``value`` (new, on the same
+  base) with the head on its hidden states, trained through its own forward and backward
+  pass each update, about twice PPO's update cost (bench/align_bench.py measures both).
+  The head is saved in the run folder (``value_head.safetensors``), not in the adapter,
+  which serves as any LoRA does.
 
 Logged every ``--logging-steps`` steps (metrics.jsonl, the bar shows reward and kl):
 reward, kl (per response, summed over its tokens), entropy (per token), value_loss,
@@ -62,6 +66,7 @@ they follow the distribution the ratio is computed on.
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import time
@@ -71,6 +76,7 @@ from lorabay.train.config import RLHFConfig, reward_source
 from lorabay.train.run import RunResult
 
 JUDGE_ADAPTER = "judge"
+VALUE_ADAPTER = "value"
 MAX_GRAD_NORM = 1.0  # the transformers Trainer's default, as the SFT/DPO runs use
 
 
@@ -164,23 +170,69 @@ def generate_rollouts(
     return Rollouts(prompts, out, attention, response_mask, texts, length)
 
 
-def policy_forward(model, value_head, rollouts: Rollouts, temperature: float):
-    """(log-probabilities, entropies, values), each (B, T), of the response tokens under the
-    active adapter; values from the detached hidden states."""
-    import torch
+def response_states(model, rollouts: Rollouts):
+    """(B, T, H) final hidden states before each response token, under the active adapter."""
     from lorabay.train.heads import decoder_states
 
     mask = rollouts.attention_mask
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, P+T) as generate numbers them
     hidden = decoder_states(model, rollouts.sequences, mask, positions)  # (B, P+T, H)
-    # The state before response token t sits at column P-1+t: (B, T, H).
-    hidden = hidden[:, rollouts.prompt_length - 1 : -1]
+    # The state before response token t sits at column P-1+t.
+    return hidden[:, rollouts.prompt_length - 1 : -1]
+
+
+def policy_forward(model, critic: Critic | None, rollouts: Rollouts, temperature: float):
+    """(log-probabilities, entropies, values), each (B, T), of the response tokens under the
+    active adapter; values from the critic (None without one)."""
+    import torch
+
+    hidden = response_states(model, rollouts)
     logits = model.get_output_embeddings()(hidden).float() / temperature  # (B, T, V)
     logprobs_all = torch.log_softmax(logits, dim=-1)
     logprobs = logprobs_all.gather(-1, rollouts.responses[..., None]).squeeze(-1)  # (B, T)
     entropy = -(logprobs_all.exp() * logprobs_all).sum(-1)  # (B, T)
-    values = value_head(hidden.detach().float()).squeeze(-1)  # (B, T)
+    values = critic.values(model, rollouts, hidden) if critic else None
     return logprobs, entropy, values
+
+
+class Critic:
+    """V(t) for each response token: a head on the policy's detached hidden states, or
+    (``adapter``) a head on the hidden states of the value adapter's own pass."""
+
+    def __init__(self, model, mode: str):
+        import torch
+
+        self.mode = mode
+        self.head = torch.nn.Linear(model.config.hidden_size, 1)
+        torch.nn.init.zeros_(self.head.weight)
+        torch.nn.init.zeros_(self.head.bias)
+        self.head.to(next(model.parameters()).device)
+        self.adapter_parameters = []
+        if mode == "adapter":
+            previous = model.active_adapter
+            model.add_adapter(VALUE_ADAPTER, copy.deepcopy(model.peft_config[previous]))
+            model.set_adapter(previous)
+            self.adapter_parameters = [
+                p for n, p in model.named_parameters() if f".{VALUE_ADAPTER}." in n
+            ]
+
+    def parameters(self) -> list:
+        return [*self.head.parameters(), *self.adapter_parameters]
+
+    def values(self, model, rollouts: Rollouts, policy_hidden):
+        if self.mode == "head":
+            return self.head(policy_hidden.detach().float()).squeeze(-1)
+        previous = model.active_adapter
+        model.set_adapter(VALUE_ADAPTER)
+        try:
+            hidden = response_states(model, rollouts)
+        finally:
+            model.set_adapter(previous)
+            # set_adapter froze the value adapter again; the update's backward needs its
+            # gradients (autograd drops those of a leaf that no longer requires them).
+            for parameter in self.adapter_parameters:
+                parameter.requires_grad_(True)
+        return self.head(hidden.float()).squeeze(-1)
 
 
 # ---------------------------------------------------------------- rewards
@@ -261,24 +313,30 @@ def gae(rewards, values, mask, gamma: float, lam: float):
     return advantages * mask, (advantages + values) * mask
 
 
-def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, mask, config):
-    """(policy loss, value loss, clip fraction) of one mini-batch, as the docstring writes them."""
+def policy_objective(logprobs, old_logprobs, advantages, mask, config):
+    """(L_policy, clip fraction) of one mini-batch, as the docstring writes them."""
     import torch
 
     ratio = torch.exp(logprobs - old_logprobs)  # (B, T)
     clipped = torch.clamp(ratio, 1 - config.clip, 1 + config.clip)
     policy_loss = masked_mean(torch.max(-advantages * ratio, -advantages * clipped), mask)
+    clip_fraction = masked_mean(((ratio - 1).abs() > config.clip).float(), mask)
+    return policy_loss, clip_fraction
+
+
+def value_objective(values, old_values, returns, mask, config):
+    """L_value of one mini-batch, as the docstring writes it."""
+    import torch
+
     values_clipped = old_values + torch.clamp(
         values - old_values, -config.value_clip, config.value_clip
     )
-    value_loss = 0.5 * masked_mean(
+    return 0.5 * masked_mean(
         torch.max((values - returns) ** 2, (values_clipped - returns) ** 2), mask
     )
-    clip_fraction = masked_mean(((ratio - 1).abs() > config.clip).float(), mask)
-    return policy_loss, value_loss, clip_fraction
 
 
-def ppo_step(model, value_head, optimizer, scheduler, judge, kind, tokenizer, prompts, config):
+def ppo_step(model, critic, optimizer, scheduler, judge, kind, tokenizer, prompts, config):
     """One PPO step: sample, score, estimate advantages, optimise. Returns the step's metrics."""
     import torch
     from lorabay.train.model import reference_policy
@@ -291,10 +349,10 @@ def ppo_step(model, value_head, optimizer, scheduler, judge, kind, tokenizer, pr
     mask = rollouts.response_mask
     with torch.no_grad():
         old_logprobs, entropy, old_values = policy_forward(
-            model, value_head, rollouts, config.temperature
+            model, critic, rollouts, config.temperature
         )
         with reference_policy(model):
-            ref_logprobs, _, _ = policy_forward(model, value_head, rollouts, config.temperature)
+            ref_logprobs, _, _ = policy_forward(model, None, rollouts, config.temperature)
         kl = (old_logprobs - ref_logprobs) * mask  # (B, T) per-token estimate of the KL
         rewards, judged = judge_rewards(judge, kind, tokenizer, rollouts)
         rewards = rewards - config.kl_coef * kl
@@ -309,19 +367,21 @@ def ppo_step(model, value_head, optimizer, scheduler, judge, kind, tokenizer, pr
         order = torch.randperm(len(prompts))
         for rows in order.chunk(config.mini_batches):
             part = rollouts.select(rows)
-            logprobs, _, values = policy_forward(model, value_head, part, config.temperature)
-            policy_loss, value_loss, clip_fraction = ppo_losses(
-                logprobs,
-                old_logprobs[rows],
-                advantages[rows],
-                values,
-                old_values[rows],
-                returns[rows],
-                mask[rows],
-                config,
-            )
             optimizer.zero_grad()
-            (policy_loss + config.vf_coef * value_loss).backward()
+            own_pass = critic.mode == "adapter"
+            logprobs, _, values = policy_forward(
+                model, None if own_pass else critic, part, config.temperature
+            )
+            policy_loss, clip_fraction = policy_objective(
+                logprobs, old_logprobs[rows], advantages[rows], mask[rows], config
+            )
+            if own_pass:  # the policy's graph goes before the value model's pass is built
+                policy_loss.backward()
+                values = critic.values(model, part, None)
+            value_loss = value_objective(
+                values, old_values[rows], returns[rows], mask[rows], config
+            )
+            (config.vf_coef * value_loss + (0 if own_pass else policy_loss)).backward()
             torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
             optimizer.step()
             scheduler.step()
@@ -390,18 +450,15 @@ def train_rlhf(config: RLHFConfig, show_progress: bool = True) -> RunResult:
         add_reference_adapter(model)  # reference: the starting adapter, frozen
     model, judge = attach_head(model, judge_source, JUDGE_ADAPTER, kind=kind, flag="--reward")
     model.set_adapter(TRAINED_ADAPTER)
+    critic = Critic(model, config.value_model)
     # No dropout anywhere: the first pass over a batch must see ratio = 1 exactly.
     model.eval()
-    value_head = torch.nn.Linear(model.config.hidden_size, 1)
-    torch.nn.init.zeros_(value_head.weight)
-    torch.nn.init.zeros_(value_head.bias)
-    value_head.to(next(model.parameters()).device)
 
     steps = config.max_steps or math.ceil(config.epochs * len(prompts) / config.batch_size)
     updates = steps * config.ppo_epochs * config.mini_batches
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        [{"params": trainable}, {"params": list(value_head.parameters())}],
+        [{"params": trainable}, {"params": critic.parameters()}],
         lr=config.lr,
         weight_decay=config.weight_decay,
     )
@@ -415,9 +472,7 @@ def train_rlhf(config: RLHFConfig, show_progress: bool = True) -> RunResult:
     progress.on_train_begin(None, state, None)
     started = time.perf_counter()
     for step, batch in enumerate(prompt_batches(prompts, config.batch_size, steps, config.seed)):
-        logs = ppo_step(
-            model, value_head, optimizer, scheduler, judge, kind, tokenizer, batch, config
-        )
+        logs = ppo_step(model, critic, optimizer, scheduler, judge, kind, tokenizer, batch, config)
         state.global_step = step + 1
         state.epoch = state.global_step * config.batch_size / len(prompts)
         if state.global_step % config.logging_steps == 0 or state.global_step == steps:
@@ -429,7 +484,7 @@ def train_rlhf(config: RLHFConfig, show_progress: bool = True) -> RunResult:
     progress.on_train_end(None, state, None)
 
     save_file(
-        {k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()},
+        {k: v.detach().cpu().contiguous() for k, v in critic.head.state_dict().items()},
         str(output / "value_head.safetensors"),
     )
     judge_record = {

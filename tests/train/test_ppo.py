@@ -131,7 +131,7 @@ def test_policy_adapter_pushes_and_serves(ppo_runs, align):
 def test_ppo_pieces_match_their_formulas():
     import torch
     from lorabay.train.config import RLHFConfig
-    from lorabay.train.ppo import gae, ppo_losses, whiten
+    from lorabay.train.ppo import gae, policy_objective, value_objective, whiten
 
     # GAE with gamma = 1, lambda = 1 is the reward-to-go minus the value; masked tokens add 0.
     rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
@@ -151,12 +151,14 @@ def test_ppo_pieces_match_their_formulas():
     logprobs = torch.zeros(1, 4, requires_grad=True)
     advantage = torch.ones(1, 4)
     zeros = torch.zeros(1, 4)
-    policy, value, clipped = ppo_losses(
-        logprobs, zeros, advantage, zeros, zeros, zeros, mask, config
-    )
+    policy, clipped = policy_objective(logprobs, zeros, advantage, mask, config)
+    value = value_objective(zeros, zeros, zeros, mask, config)
     assert policy.item() == pytest.approx(-1.0) and clipped.item() == 0.0 and value.item() == 0.0
+    # The value update is clipped around the old value: 0.5 * max((0.9-1)^2, (0.2-1)^2) = 0.32.
+    far = value_objective(torch.full((1, 4), 0.9), zeros, torch.ones(1, 4), mask, config)
+    assert far.item() == pytest.approx(0.32)
     moved = torch.full((1, 4), math.log(2.0), requires_grad=True)  # ratio 2 > 1.2
-    policy, _, clipped = ppo_losses(moved, zeros, advantage, zeros, zeros, zeros, mask, config)
+    policy, clipped = policy_objective(moved, zeros, advantage, mask, config)
     policy.backward()
     assert policy.item() == pytest.approx(-1.2) and clipped.item() == 1.0
     assert float(moved.grad.abs().sum()) == 0.0
@@ -196,3 +198,50 @@ def test_rlhf_from_the_base_keeps_the_base_as_reference(align):
     assert result["lineage"]["parent_digest"] is None
     first = json.loads((output / "metrics.jsonl").read_text().splitlines()[0])
     assert first["kl"] == pytest.approx(0.0, abs=1e-5)  # a new LoRA starts as the base itself
+
+
+def test_a_value_adapter_critic_trains_through_its_own_pass(tiny_base):
+    """--value-model adapter: the critic's loss reaches its own LoRA (not the policy's), and
+    the policy's loss reaches the policy's LoRA (not the critic's), in one backward."""
+    import torch
+    from lorabay.train.model import attach_adapter, load_base, new_lora_config
+    from lorabay.train.ppo import VALUE_ADAPTER, Critic, Rollouts, policy_forward
+
+    model, _ = load_base(tiny_base, precision="fp32")
+    model = attach_adapter(model, new_lora_config(4, 8, ["all-linear"]))
+    critic = Critic(model, "adapter")
+    model.eval()
+    assert critic.adapter_parameters and model.active_adapter == "default"
+    sequences = torch.randint(5, 50, (2, 7))
+    rollouts = Rollouts(
+        ["a", "b"], sequences, torch.ones(2, 7, dtype=torch.long), torch.ones(2, 4), ["", ""], 3
+    )
+    for p in [*critic.adapter_parameters, critic.head.weight]:  # both start at 0: no gradient
+        p.data.normal_(0, 0.1)
+    logprobs, _, values = policy_forward(model, critic, rollouts, 1.0)
+    assert values.shape == (2, 4) and model.active_adapter == "default"
+    (logprobs.mean() + values.square().mean()).backward()
+    named = dict(model.named_parameters())
+    value_grads = [p.grad for n, p in named.items() if f".{VALUE_ADAPTER}." in n]
+    policy_grads = [p.grad for n, p in named.items() if ".default." in n and "lora_B" in n]
+    assert all(g is not None and g.abs().sum() > 0 for g in value_grads)
+    assert all(g is not None and g.abs().sum() > 0 for g in policy_grads)
+    assert critic.head.weight.grad is not None
+
+
+@pytest.mark.slow
+def test_rlhf_with_a_value_adapter_learns_and_saves_only_the_policy(align):
+    assert align.reward_model and align.sentiment_policy
+    output = align.root / "runs" / "ppo-value-adapter"
+    args = ["train", "rlhf", "--base", str(align.base), "--registry", align.registry]
+    args += ["--policy", "toy/sentiment-sft:1", "--reward", "toy/rm:1"]
+    args += ["--prompts", str(align.data["sentiment-prompts-train"]), "--value-model", "adapter"]
+    result = align.run(*args, "--output", str(output), "--threads", "1", *SENTIMENT_PPO)
+    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    rows = rows[:-1]
+    assert mean(rows[-10:], "reward") > mean(rows[:5], "reward") + 1.0
+    assert result["lineage"]["hyperparameters"]["value_model"] == "adapter"
+    from safetensors import safe_open
+
+    with safe_open(str(Path(result["adapter"]) / "adapter_model.safetensors"), "pt") as f:
+        assert not any(f".{'value'}." in key for key in f.keys())
