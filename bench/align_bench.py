@@ -13,14 +13,19 @@ not counted). Then, each in a fresh process, one epoch over the same pairs:
 - dpo: ``lorabay train dpo --from SFT`` (the reference: SFT frozen beside the copy);
 - reward: ``lorabay train reward`` on the pairs (Bradley-Terry, a LoRA + scalar head);
 - ppo: ``lorabay train rlhf --policy SFT --reward RM`` with the pairs' prompts, one
-  rollout batch per --batch-size prompts, 4 PPO epochs per batch (the defaults);
+  rollout batch per --batch-size prompts, 4 PPO epochs per batch (the defaults), the
+  critic a value head on the policy's hidden states (lorabay's default);
+- ppo_critic: the same with ``--value-model adapter``, the critic a value model trained
+  by its own pass (its own LoRA on the same base), as InstructGPT's PPO and the classic
+  setup behind the claim run it;
 
 and an ``idle`` process that only loads the base and runs one forward, whose peak memory
 is the floor every process pays (Python, torch, the base's weights). Times: the training loop (``train_runtime``, as
 the Trainer and train/ppo.py report it) and the whole training call "with setup"
 (imports, loading the model, the trainer's setup, saving; interpreter start excluded).
 Peak memory is the process's peak RSS (``ru_maxrss``); "above idle" subtracts the idle
-process's. RLHF = reward + ppo, one after the other: times add, memory is the larger peak.
+process's. RLHF = reward + ppo (or ppo_critic), one after the other: times add, memory is
+the larger peak.
 Every phase runs --repeat times, interleaved with the others; the fastest round counts
 (on a shared machine a neighbour's burst can double one round).
 Prints a markdown table (bench/README.md keeps the latest one).
@@ -43,7 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # The same adapter shape and learning rates as the toy tests (tests/train/aligntools.py).
 COMMON = {"targets": "all-linear", "dropout": 0.0, "logging_steps": 5, "overwrite": True}
-PHASES = ("idle", "dpo", "reward", "ppo")
+PHASES = ("idle", "dpo", "reward", "ppo", "ppo_critic")
 PPO_EPOCHS = 4  # RLHFConfig's default, kept
 
 
@@ -64,9 +69,11 @@ def phase_flags(phase: str, work: Path, args) -> dict:
         return {**base, **epoch, **extra, "data": data, "from": sft, "lr": 1e-3, "beta": 0.1}
     if phase == "reward":
         return {**base, **COMMON, **epoch, "data": data, "lr": 1e-3}
-    if phase == "ppo":
+    if phase in ("ppo", "ppo_critic"):
         reward = str(work / "runs" / "reward" / "adapter")
+        critic = {"value_model": "adapter"} if phase == "ppo_critic" else {}
         return {
+            **critic,
             **base,
             **epoch,
             "prompts": data,
@@ -116,6 +123,7 @@ def run_phase(phase: str, flags: dict) -> dict:
             "dpo": (DPOConfig, "lorabay.train.dpo", "train_dpo"),
             "reward": (RewardConfig, "lorabay.train.reward", "train_reward"),
             "ppo": (RLHFConfig, "lorabay.train.ppo", "train_rlhf"),
+            "ppo_critic": (RLHFConfig, "lorabay.train.ppo", "train_rlhf"),
         }[phase]
         import importlib
 
@@ -126,7 +134,9 @@ def run_phase(phase: str, flags: dict) -> dict:
     loop = result.metrics["train_runtime"] if phase != "idle" else 0.0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB
     report = {"phase": phase, "seconds": seconds, "loop": loop, "steps": steps}
-    if phase == "ppo":  # where PPO's steps spent their time (train/ppo.py logs it per step)
+    if phase.startswith(
+        "ppo"
+    ):  # where PPO's steps spent their time (train/ppo.py logs it per step)
         from lorabay.train.progress import read_metrics
 
         rows = read_metrics(Path(flags["output"]) / "metrics.jsonl")
@@ -150,13 +160,17 @@ def spawn(phase: str, flags: dict) -> dict:
 def table(reports: dict, args) -> str:
     idle = reports["idle"]["peak_rss_mib"]
     dpo = reports["dpo"]
-    reward, ppo = reports["reward"], reports["ppo"]
-    rlhf = {
-        "steps": "-",
-        "loop": reward["loop"] + ppo["loop"],
-        "seconds": reward["seconds"] + ppo["seconds"],
-        "peak_rss_mib": max(reward["peak_rss_mib"], ppo["peak_rss_mib"]),
-    }
+    reward, ppo, ppo_critic = reports["reward"], reports["ppo"], reports["ppo_critic"]
+
+    def after_reward(ppo_run: dict) -> dict:
+        return {
+            "steps": "-",
+            "loop": reward["loop"] + ppo_run["loop"],
+            "seconds": reward["seconds"] + ppo_run["seconds"],
+            "peak_rss_mib": max(reward["peak_rss_mib"], ppo_run["peak_rss_mib"]),
+        }
+
+    rlhf, rlhf_critic = after_reward(ppo), after_reward(ppo_critic)
     rows = [
         "| run | steps | training loop | x DPO | with setup | x DPO | peak RSS | above idle "
         "| x DPO |",
@@ -174,18 +188,21 @@ def table(reports: dict, args) -> str:
 
     rows.append(row("DPO (baseline)", dpo))
     rows.append(row("reward model", reward))
-    rows.append(row("PPO", ppo))
+    rows.append(row("PPO (lorabay: value head on the policy)", ppo))
+    rows.append(row("PPO with a value model (InstructGPT: `--value-model adapter`)", ppo_critic))
     rows.append(row("**RLHF = reward model + PPO**", rlhf))
+    rows.append(row("**RLHF with a value model = reward model + that PPO**", rlhf_critic))
     rows.append(
         f"| idle (load the base, one forward) | - | - | - | {reports['idle']['seconds']:.1f} s | - "
         f"| {idle:.0f} MiB | 0 MiB | - |"
     )
     parts = {part: ppo[part] / ppo["loop"] for part in ("generate", "score", "update")}
-    claim = rlhf["loop"] / dpo["loop"]
-    verdict = "inside" if 3 <= claim <= 5 else "outside"
+    claims = [rlhf["loop"] / dpo["loop"], rlhf_critic["loop"] / dpo["loop"]]
+    verdicts = ["inside" if 3 <= claim <= 5 else "outside" for claim in claims]
     rows.append("")
     rows.append(
-        f"RLHF / DPO training-loop time: **{claim:.2f}x** ({verdict} the claimed 3-5x); "
+        f"RLHF / DPO training-loop time: **{claims[0]:.2f}x** ({verdicts[0]} the claimed 3-5x) "
+        f"with lorabay's value head, **{claims[1]:.2f}x** ({verdicts[1]}) with a value model; "
         f"{args.pairs} pairs"
         + (f" (answers of {args.answer_words} words)" if args.answer_words else "")
         + f", batch {args.batch_size}, base {args.size}, "
