@@ -63,29 +63,68 @@ def etag_holds(etag: str | None, data: bytes) -> bool:
     return True  # a multipart or server-specific etag: trusted as the LIST gave it
 
 
-def read_packs(store: Store, packs: list[ObjectInfo], workers: int) -> dict[str, dict[str, bytes]]:
-    """Every record in ``packs``: key -> {etag: data}, each version a pack holds."""
+class PackCache:
+    """Packs already read by this process, parsed and checked: key -> [(record key, etag,
+    data)]. A pack is never rewritten under its key (created once, then only deleted), so
+    a long-lived Registry (the gateway's ``/v1/models``) GETs only the packs new since."""
+
+    def __init__(self):
+        self._packs: dict[str, list[tuple[str, str, bytes]]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> list[tuple[str, str, bytes]] | None:
+        with self._lock:
+            return self._packs.get(key)
+
+    def put(self, key: str, records: list[tuple[str, str, bytes]]) -> None:
+        with self._lock:
+            self._packs[key] = records
+
+    def keep_only(self, keys: set[str]) -> None:
+        with self._lock:
+            for gone in [key for key in self._packs if key not in keys]:
+                del self._packs[gone]
+
+
+def parse_pack(key: str, raw: bytes) -> list[tuple[str, str, bytes]]:
+    """The records of one pack whose data fits their etag (none from a damaged pack)."""
+    try:
+        records = []
+        for record_key, record in json.loads(raw)["objects"].items():
+            data = record["data"].encode()
+            if etag_holds(record["etag"], data):
+                records.append((record_key, record["etag"], data))
+        return records
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        log.warning("ignoring damaged pack %s: %s", key, error)
+        return []
+
+
+def read_packs(
+    store: Store, packs: list[ObjectInfo], workers: int, cache: PackCache | None = None
+) -> dict[str, dict[str, bytes]]:
+    """Every record in ``packs``: key -> {etag: data}, each version a pack holds; packs in
+    ``cache`` are not read again."""
+    cache = cache or PackCache()
     packs = sorted(packs, key=lambda p: p.key)  # time-ns names: oldest first
-    with ThreadPoolExecutor(max(1, min(workers, len(packs) or 1))) as pool:
-        raws = list(pool.map(store.read, [p.key for p in packs]))
+    unread = [p.key for p in packs if cache.get(p.key) is None]
+    with ThreadPoolExecutor(max(1, min(workers, len(unread) or 1))) as pool:
+        raws = list(pool.map(store.read, unread))
+    for key, raw in zip(unread, raws, strict=True):
+        if raw is not None:  # None: merged away meanwhile
+            cache.put(key, parse_pack(key, raw))
+    cache.keep_only({p.key for p in packs})
     records: dict[str, dict[str, bytes]] = {}
-    for info, raw in zip(packs, raws, strict=True):
-        if raw is None:
-            continue  # merged away meanwhile
-        try:
-            for key, record in json.loads(raw)["objects"].items():
-                data = record["data"].encode()
-                if etag_holds(record["etag"], data):
-                    versions = records.setdefault(key, {})
-                    versions.pop(record["etag"], None)  # re-inserted: the newest comes last
-                    versions[record["etag"]] = data
-        except (ValueError, KeyError, TypeError, AttributeError) as error:
-            log.warning("ignoring damaged pack %s: %s", info.key, error)
+    for pack in packs:
+        for key, etag, data in cache.get(pack.key) or ():
+            versions = records.setdefault(key, {})
+            versions.pop(etag, None)  # re-inserted: the newest comes last
+            versions[etag] = data
     return records
 
 
 def read_many(
-    store: Store, infos: list[ObjectInfo], workers: int
+    store: Store, infos: list[ObjectInfo], workers: int, cache: PackCache | None = None
 ) -> tuple[dict[str, bytes], list[str]]:
     """The content of every listed key (absent ones left out), from packs where their etag
     still matches, else one GET each; and the keys that took a GET. Packs what it had to
@@ -97,7 +136,7 @@ def read_many(
         return found, list(found)
     try:
         packs = store.list(PREFIX)
-        records = read_packs(store, packs, workers) if packs else {}
+        records = read_packs(store, packs, workers, cache) if packs else {}
     except Exception as error:  # noqa: BLE001 - e.g. a policy that hides packs/: read by GET
         log.debug("not using packs: %s", error)
         packs, records = [], {}

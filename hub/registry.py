@@ -182,6 +182,7 @@ class Registry:
         self._manifests: dict[tuple[str, int], Manifest] = {}  # immutable: cached forever
         self._unpacked: dict[str, bytes] = {}  # records written and not yet in a pack
         self._unpacked_lock = threading.Lock()
+        self._packs = packs.PackCache()  # packs read so far (remote stores)
 
     # -- opening ---------------------------------------------------------------------
     @classmethod
@@ -277,7 +278,7 @@ class Registry:
                 listed.get(manifest_key(*p)) or ObjectInfo(manifest_key(*p), 0, 0) for p in missing
             ]
             workers = getattr(self.store, "concurrent_reads", 1)
-            raws, fetched = packs.read_many(self.store, infos, workers)
+            raws, fetched = packs.read_many(self.store, infos, workers, self._packs)
             fetched = set(fetched)  # kept on this machine; a pack's are in the pack
             for pair, info in zip(missing, infos, strict=True):
                 if info.key in raws:
@@ -299,7 +300,7 @@ class Registry:
         listed = {name_from_alias_key(i.key): i for i in self.store.list("aliases/")}
         wanted = sorted(listed) if names is None else sorted(set(names) & set(listed))
         workers = getattr(self.store, "concurrent_reads", 1)
-        raws, _ = packs.read_many(self.store, [listed[n] for n in wanted], workers)
+        raws, _ = packs.read_many(self.store, [listed[n] for n in wanted], workers, self._packs)
         tables = {n: {} for n in ([] if names is None else names)}
         for name in wanted:
             raw = raws.get(listed[name].key)

@@ -145,3 +145,13 @@ def test_a_damaged_local_copy_is_dropped_not_reported(filled):
     copies[0].write_text("{ not json")
     assert len(Registry.open(filled).list()) == COUNT  # read from the store instead
     assert copies[0].is_file() and copies[0].read_text().startswith("{\n")  # kept again
+
+
+def test_a_long_lived_registry_reads_each_pack_once(filled, lora):
+    reader = fresh(filled)  # as the gateway holds one for /v1/models
+    assert len(reader.alias_tables()) == COUNT
+    gets = counting_reads(reader)
+    assert len(reader.alias_tables()) == COUNT and gets == []
+    Registry.open(filled).push(lora(seed=3), "team/new", aliases=["prod"])
+    assert reader.alias_tables()["team/new"] == {"prod": 1}
+    assert gets and all(key.startswith(packs.PREFIX) for key in gets), gets  # the new ones
