@@ -7,9 +7,9 @@ a pack, ``packs/<time-ns>-<random>.json``::
     {"objects": {"adapters/_/a/1.json": {"etag": "9b2c...", "data": "{...}"}, ...}}
 
 A push or an alias move writes a small pack of what it wrote; a reader that still had
-to GET many records writes a pack of those. After writing, the writer merges packs of
-about the same size, four at a time (size tiers, as a log-structured merge tree does):
-a registry of n records keeps O(log n) packs (about 10 for 1,000 adapters) and each
+to GET many records writes a pack of those. After writing, the writer merges the packs
+of a size tier once four or more share it (as a log-structured merge tree does):
+a registry of n records keeps O(log n) packs (3 to 5 after 1,000 pushes here) and each
 record is rewritten O(log n) times in all, so a push pays two or three small requests
 more and the first ``hub list`` anywhere reads the packs in one round of GETs.
 
@@ -20,8 +20,8 @@ part) the data is checked against it; manifests are also checked against their o
 digest by the caller. (A bucket whose etags are not the MD5 of the content, SSE-KMS on
 AWS, never matches: every record is read by GET, correct but as slow as without packs.)
 Merges race harmlessly: writers merging the same packs at once name the result after
-its inputs, so they make one pack (at worst the same one twice, by put). Packs are for listing many records; ``resolve`` always reads the
-record itself.
+its inputs, so only the first creates it. Packs are for listing many records;
+``resolve`` always reads the record itself.
 """
 
 from __future__ import annotations
