@@ -126,6 +126,14 @@ import click
     "http://HOST:PORT,... or dns:NAME:PORT (a headless Service). Each adapter name gets one "
     "home among them; requests arriving elsewhere are forwarded there.",
 )
+@click.option(
+    "--spill-at",
+    type=click.IntRange(min=0),
+    default=None,
+    help="With --peers: when this many requests are in flight here, requests other gateways "
+    "forward are sent back and answered where they arrived (a hot adapter spreads over the "
+    "gateways). Default: --max-num-seqs.",
+)
 @click.option("--json-logs", is_flag=True, help="Log one JSON object per line.")
 def serve(**options) -> None:
     """Serve one base and the registry's adapters on an OpenAI-compatible endpoint.

@@ -30,6 +30,7 @@ from lorabay.serve.gateway import (
     error_event,
     relay_events,
 )
+from lorabay.serve.peers import BUSY
 from lorabay.serve.validate import CHAT, COMPLETIONS, parse_request
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -168,6 +169,12 @@ async def generate(gateway: Gateway, request: Request, endpoint: str):
         grant = gateway.authenticate(request.headers.get("authorization"))
         raw = await gateway.read_body(request)
         body = parse_request(raw, endpoint, gateway.max_model_len)
+        if gateway.too_busy_for(request.headers):  # the gateway that forwarded it answers it
+            timer.finish(429, "busy")
+            message = f"{gateway.spill_at} requests in flight here; answer it where it arrived"
+            response = error_response(429, message, "busy")
+            response.headers[BUSY] = "1"
+            return response
         peer = await gateway.peer_for(body, request.headers)
         if peer is not None:  # another gateway is home to this adapter (--peers)
             forwarded = await gateway.forward(peer, endpoint, raw, request.headers)

@@ -29,7 +29,7 @@ from lorabay.hub.reference import parse_reference
 from lorabay.serve.engine import EngineSupervisor
 from lorabay.serve.keys import OPEN, ApiKeys, KeyGrant
 from lorabay.serve.metrics import GatewayMetrics
-from lorabay.serve.peers import FORWARDED, Peers
+from lorabay.serve.peers import BUSY, FORWARDED, Peers
 from lorabay.serve.pool import AdapterPool, LoadedAdapter
 from lorabay.serve.resolve import ModelResolver, Target
 
@@ -59,6 +59,7 @@ class Gateway:
     client: httpx.AsyncClient | None = None
     pool: AdapterPool | None = None
     peers: Peers | None = None  # --peers: adapter affinity across gateways (peers.py)
+    spill_at: int = 128  # --spill-at: in-flight requests past which forwarded ones go back
 
     def __post_init__(self) -> None:
         # Enough connections for every request in flight; no overall timeout, since a
@@ -187,7 +188,16 @@ class Gateway:
             await response.aclose()
             self.peers.mark_down(peer, "its engine is not available (503)")
             return None
+        if response.status_code == 429 and BUSY in response.headers:
+            await response.aclose()  # the home has --spill-at requests in flight: answer here
+            self.metrics.spilled.labels(peer).inc()
+            return None
         return response
+
+    def too_busy_for(self, headers) -> bool:
+        """Whether to turn away a request another gateway forwarded (it answers it itself):
+        more than --spill-at others are in flight here."""
+        return FORWARDED in headers and self.metrics.active - 1 >= self.spill_at
 
     async def send(self, endpoint: str, body: dict, stream: bool) -> httpx.Response:
         request = self.client.build_request(
@@ -271,6 +281,7 @@ class RequestTimer:
         self.labels = ("", "")
         self.done = False
         metrics.in_flight.inc()
+        metrics.active += 1
 
     def first_token(self) -> None:
         self.metrics.ttft.labels(*self.labels).observe(time.perf_counter() - self.started)
@@ -284,6 +295,7 @@ class RequestTimer:
         if not self.done:
             self.done = True
             self.metrics.in_flight.dec()
+            self.metrics.active -= 1
             self.metrics.forwarded.labels(peer).inc()
 
     def finish(self, status: int, code: str | None = None) -> None:
@@ -291,6 +303,7 @@ class RequestTimer:
             return
         self.done = True
         self.metrics.in_flight.dec()
+        self.metrics.active -= 1
         self.metrics.requests.labels(*self.labels, self.endpoint, str(status)).inc()
         if status >= 400:
             self.metrics.errors.labels(*self.labels, code or str(status)).inc()

@@ -55,6 +55,14 @@ class GatewayMetrics:
             ("peer",),
             registry=r,
         )
+        self.spilled = Counter(
+            "lorabay_requests_spilled",
+            "Requests answered here although another gateway is their adapter's home, because "
+            "that home was busy (--spill-at): a hot adapter spreads over the gateways.",
+            ("peer",),
+            registry=r,
+        )
+        self.active = 0  # requests in flight, as the gauge below shows them
         self.in_flight = Gauge(
             "lorabay_requests_in_flight",
             "Generation requests being answered now (a signal to autoscale on).",

@@ -40,6 +40,7 @@ class ServeOptions:
     engine_start_timeout: float = 900.0  # seconds to wait for the engine to be ready
     engine_args: tuple[str, ...] = field(default_factory=tuple)  # extra vLLM flags, verbatim
     peers: str | None = None  # the gateways serving this base: adapter affinity (peers.py)
+    spill_at: int | None = None  # in flight here past which forwarded requests go back
 
     @property
     def served_model_name(self) -> str:
@@ -108,5 +109,7 @@ def check_options(options: ServeOptions) -> None:
             parse_peers(options.peers)
         except ConfigError as error:
             problems += [f"{problem}: {error.hint}" for problem in error.problems]
+    elif options.spill_at is not None:
+        problems.append("--spill-at applies to requests other gateways forward: add --peers")
     if problems:
         raise ConfigError(problems, "see `lorabay serve --help`")

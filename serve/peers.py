@@ -7,8 +7,12 @@ adapter name: rendezvous (highest random weight) hashing of the name over the me
 so adding or losing one replica moves only the names it gains or held. A request that
 arrives elsewhere is forwarded there once (marked ``x-lorabay-forwarded``, so it is never
 forwarded again); if the home cannot be reached, or answers 503 (its engine down or
-starting), it is served where it arrived and that peer is skipped for a while. The base
-itself is served by whichever replica got it.
+starting), it is served where it arrived and that peer is skipped for a while. A home
+with more than ``--spill-at`` requests in flight (default: the engine's --max-num-seqs,
+a full batch) turns forwarded ones away at once (429, ``x-lorabay-busy``) and the
+gateway that forwarded them answers them itself, loading the adapter there too: a hot
+adapter spreads over the replicas instead of queueing at one. The base itself is served
+by whichever replica got it.
 
     --peers http://10.0.0.5:8000,http://10.0.0.6:8000    a fixed list
     --peers dns:lorabay-peers.ns.svc.cluster.local:8000  every address a name resolves
@@ -32,6 +36,7 @@ from lorabay.hub.errors import ConfigError
 
 log = logging.getLogger("lorabay.serve")
 FORWARDED = "x-lorabay-forwarded"
+BUSY = "x-lorabay-busy"  # on a 429 from a home with --spill-at requests in flight
 REFRESH_SECONDS = 10.0
 DOWN_SECONDS = 10.0
 

@@ -145,6 +145,7 @@ async def serve_gateway(options, supervisor, registry, keys, sock) -> None:
         max_loaded=options.max_loaded,
         max_body_bytes=options.max_body_bytes,
         peers=Peers(options.peers, sock.getsockname()[1]) if options.peers else None,
+        spill_at=options.spill_at if options.spill_at is not None else options.max_num_seqs,
     )
     await gateway.connect()
     await asyncio.to_thread(resolver.warm_up)

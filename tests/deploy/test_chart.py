@@ -115,6 +115,7 @@ VALUE_SETS: dict[str, dict] = {
             "tls": [{"secretName": "llm-tls", "hosts": ["llm.example.com"]}],
         },
         "podDisruptionBudget": {"minAvailable": 1},
+        "peers": {"enabled": True, "spillAt": 24},
         "networkPolicy": {
             "from": [
                 {
@@ -385,6 +386,9 @@ def test_gateways_find_each_other_through_a_headless_service():
     name = peers["metadata"]["name"]
     args = server_container(objects)["args"]
     assert args[args.index("--peers") + 1] == f"dns:{name}.{NAMESPACE}.svc.cluster.local:{port}"
+    assert args[args.index("--spill-at") + 1] == "24"
+    default = server_container(rendered("defaults"))["args"]
+    assert "--peers" in default and "--spill-at" not in default  # the engine's batch
     off = render({"peers": {"enabled": False}})
     assert "--peers" not in flags_in(server_container(off))
     assert [o["kind"] for o in off].count("Service") == 1

@@ -144,3 +144,71 @@ def test_two_gateways_send_each_adapter_to_its_home(tiny_base, make_lora, tmp_pa
         for gateway in gateways:
             gateway.stop(signal.SIGTERM)
             gateway.kill_leftovers()
+
+
+@pytest.mark.vllm
+def test_a_busy_home_sends_requests_back_and_a_hot_adapter_spreads(tiny_base, make_lora, tmp_path):
+    """--spill-at: a home with that many requests in flight turns forwarded ones away (429,
+    x-lorabay-busy) and the gateway that forwarded them answers them itself. The home here is
+    a stand-in that is always busy (a second engine would only make it slower to start)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from lorabay.hub import Registry
+    from lorabay.serve.peers import BUSY, FORWARDED
+    from servetools import GatewayProcess, tiny_serve_args
+
+    class AlwaysBusy(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's naming
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            self.send_response(429)
+            self.send_header(BUSY, "1")
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    registry_url = f"file://{tmp_path / 'registry'}"
+    registry = Registry.open(registry_url)
+    port, busy_port = free_ports(2)
+    urls = [f"http://127.0.0.1:{port}", f"http://127.0.0.1:{busy_port}"]
+    hot = next(n for n in NAMES if home_of(n, urls) == urls[1])  # the busy one's
+    registry.push(make_lora(seed=7), hot, base=tiny_base)
+    busy = ThreadingHTTPServer(("127.0.0.1", busy_port), AlwaysBusy)
+    threading.Thread(target=busy.serve_forever, daemon=True).start()
+    gateway = GatewayProcess(
+        [*tiny_serve_args(tiny_base, registry_url, port), "--peers", ",".join(urls)]
+        + ["--spill-at", "0"],
+        env={"LORABAY_HOME": str(tmp_path / "home")},
+    )
+    try:
+        gateway.start()
+        assert gateway.url, gateway.output
+        body = {"model": hot, "prompt": "hi", "max_tokens": 2}
+        for _ in range(2):
+            answer = httpx.post(f"{gateway.url}/v1/completions", json=body, timeout=300)
+            assert answer.status_code == 200, answer.text  # answered here, not queued there
+        assert logged(gateway, f"adapter loaded: {hot}@")
+        assert "not available" not in gateway.output  # busy is not down: no peer skipped
+        metrics = httpx.get(f"{gateway.url}/metrics").text
+        assert f'lorabay_requests_spilled_total{{peer="{urls[1]}"}} 2.0' in metrics
+
+        # As a home it is busy too (--spill-at 0): a forwarded request goes back at once.
+        sent_back = httpx.post(
+            f"{gateway.url}/v1/completions", json=body, headers={FORWARDED: "1"}, timeout=60
+        )
+        assert sent_back.status_code == 429 and sent_back.headers.get(BUSY) == "1"
+        assert sent_back.json()["error"]["code"] == "busy"
+    finally:
+        busy.shutdown()
+        busy.server_close()
+        gateway.stop(signal.SIGTERM)
+        gateway.kill_leftovers()
+
+
+def test_spill_at_needs_peers(tiny_base):
+    from lorabay.serve.options import ServeOptions, check_options
+
+    with pytest.raises(ConfigError, match="--spill-at"):
+        check_options(ServeOptions(base=str(tiny_base), spill_at=4))

@@ -122,6 +122,9 @@ click command lorabay.cli.serve:serve; tests/deploy parses this list with it.
 {{- $args = concat $args (list "--engine-start-timeout" (toString (max 60 (sub (int $startup.budgetSeconds) (int $startup.periodSeconds))))) }}
 {{- if $v.peers.enabled }}
 {{- $args = concat $args (list "--peers" (printf "dns:%s-peers.%s.svc.%s:%d" (include "lorabay.fullname" .) .Release.Namespace ($v.peers.clusterDomain | default "cluster.local") (int $v.gateway.port))) }}
+{{- if not (kindIs "invalid" $v.peers.spillAt) }}
+{{- $args = concat $args (list "--spill-at" (toString (int $v.peers.spillAt))) }}
+{{- end }}
 {{- end }}
 {{- if $v.gateway.jsonLogs }}
 {{- $args = concat $args (list "--json-logs") }}
