@@ -72,23 +72,6 @@ def test_a_reader_that_had_to_get_many_packs_them_for_the_next(filled):
     assert all(key.startswith(packs.PREFIX) for key in gets) and len(gets) <= 4  # 2 each
 
 
-def test_packs_stay_few_as_records_grow():
-    """Size tiers: n records written one pack at a time end in O(log n) packs."""
-    sizes = []
-    for _ in range(500):
-        sizes.append(2_000)
-        while full := [
-            t
-            for t in set(map(packs.tier, sizes))
-            if sum(packs.tier(s) == t for s in sizes) >= packs.FANOUT
-        ]:
-            group = [s for s in sizes if packs.tier(s) == min(full)][: packs.FANOUT]
-            for s in group:
-                sizes.remove(s)
-            sizes.append(sum(group))
-    assert len(sizes) <= 3 * (packs.FANOUT - 1)
-
-
 def test_a_changed_alias_is_read_again_not_taken_from_the_pack(filled, lora):
     writer = Registry.open(filled)
     writer.push(lora(seed=2), "team/a03")
