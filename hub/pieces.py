@@ -37,7 +37,7 @@ def spans(size: int, piece: int | None = None) -> list[tuple[int, int]]:
     return [(offset, min(piece, size - offset)) for offset in range(0, size, piece)]
 
 
-def sha256_range(fd: int, offset: int, length: int, progress: Progress | None = None) -> str:
+def sha256_range(fd: int, offset: int, length: int) -> str:
     """The sha256 of ``length`` bytes at ``offset`` of the open file ``fd``."""
     digest = hashlib.sha256()
     end = offset + length
@@ -47,8 +47,6 @@ def sha256_range(fd: int, offset: int, length: int, progress: Progress | None = 
             break  # shorter than expected: the digest will not match
         digest.update(chunk)
         offset += len(chunk)
-        if progress:
-            progress(len(chunk))
     return digest.hexdigest()
 
 

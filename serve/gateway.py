@@ -280,7 +280,6 @@ class RequestTimer:
         self.started = time.perf_counter()
         self.labels = ("", "")
         self.done = False
-        metrics.in_flight.inc()
         metrics.active += 1
 
     def first_token(self) -> None:
@@ -294,7 +293,6 @@ class RequestTimer:
         """Sent on to ``peer``, which records the request itself."""
         if not self.done:
             self.done = True
-            self.metrics.in_flight.dec()
             self.metrics.active -= 1
             self.metrics.forwarded.labels(peer).inc()
 
@@ -302,7 +300,6 @@ class RequestTimer:
         if self.done:
             return
         self.done = True
-        self.metrics.in_flight.dec()
         self.metrics.active -= 1
         self.metrics.requests.labels(*self.labels, self.endpoint, str(status)).inc()
         if status >= 400:

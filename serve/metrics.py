@@ -62,12 +62,13 @@ class GatewayMetrics:
             ("peer",),
             registry=r,
         )
-        self.active = 0  # requests in flight, as the gauge below shows them
+        self.active = 0  # requests in flight (RequestTimer counts them; --spill-at reads it)
         self.in_flight = Gauge(
             "lorabay_requests_in_flight",
             "Generation requests being answered now (a signal to autoscale on).",
             registry=r,
         )
+        self.in_flight.set_function(lambda: self.active)
         self.latency = Histogram(
             "lorabay_request_latency_seconds",
             "Time from request to the last byte of the answer.",

@@ -202,13 +202,13 @@ class Critic:
     def __init__(self, model, mode: str):
         import torch
 
-        self.mode = mode
+        self.own_pass = mode == "adapter"  # a value model of its own, not a head on the policy
         self.head = torch.nn.Linear(model.config.hidden_size, 1)
         torch.nn.init.zeros_(self.head.weight)
         torch.nn.init.zeros_(self.head.bias)
         self.head.to(next(model.parameters()).device)
         self.adapter_parameters = []
-        if mode == "adapter":
+        if self.own_pass:
             previous = model.active_adapter
             model.add_adapter(VALUE_ADAPTER, copy.deepcopy(model.peft_config[previous]))
             model.set_adapter(previous)
@@ -220,7 +220,7 @@ class Critic:
         return [*self.head.parameters(), *self.adapter_parameters]
 
     def values(self, model, rollouts: Rollouts, policy_hidden):
-        if self.mode == "head":
+        if not self.own_pass:
             return self.head(policy_hidden.detach().float()).squeeze(-1)
         previous = model.active_adapter
         model.set_adapter(VALUE_ADAPTER)
@@ -368,7 +368,7 @@ def ppo_step(model, critic, optimizer, scheduler, judge, kind, tokenizer, prompt
         for rows in order.chunk(config.mini_batches):
             part = rollouts.select(rows)
             optimizer.zero_grad()
-            own_pass = critic.mode == "adapter"
+            own_pass = critic.own_pass
             logprobs, _, values = policy_forward(
                 model, None if own_pass else critic, part, config.temperature
             )
