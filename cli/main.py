@@ -25,7 +25,7 @@ COMMANDS = {
     "base": (
         "lorabay.cli.base",
         "base",
-        "Build a base model from scratch (tests, demo, benchmarks).",
+        "Pull a real base model, or build a toy one from scratch.",
     ),
     "hub": ("lorabay.cli.hub", "hub", "Push, pull, list and manage adapters in the registry."),
     "serve": (

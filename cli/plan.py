@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 
 import click
+from lorabay.cli.base import resolve_base_option
 
 
 @click.command(context_settings={"max_content_width": 100})
 @click.option(
     "--base",
     required=True,
-    type=click.Path(exists=True),
-    help="A base folder or its config.json (no weights are read).",
+    callback=resolve_base_option(),
+    help="A base folder or its config.json, or a pulled base's name (no weights are read).",
 )
 @click.option(
     "--r", "rank", type=click.IntRange(1), default=8, show_default=True, help="LoRA rank."
@@ -37,6 +38,7 @@ def plan(base: str, rank: int, targets: str, quantize: str, as_json: bool) -> No
 
     \b
     Example:
+      lorabay plan --base smollm2-135m-instruct --r 8 --targets q_proj,v_proj
       lorabay plan --base ./llama-2-7b/config.json --r 8 --targets q_proj,v_proj
       lorabay plan --base ./tiny --r 16 --targets all-linear --quantize nf4 --json
     """

@@ -5,10 +5,16 @@ from __future__ import annotations
 import json
 
 import click
+from lorabay.cli.base import resolve_base_option
 
 
 @click.command()
-@click.option("--base", required=True, type=click.Path(file_okay=False), help="Base model folder.")
+@click.option(
+    "--base",
+    required=True,
+    callback=resolve_base_option(),
+    help="Base model folder, or a pulled base's name.",
+)
 @click.option("--prm", required=True, help="Process reward model: registry reference or folder.")
 @click.option("--prompt", required=True, help="The problem the steps solve (text).")
 @click.option(

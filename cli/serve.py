@@ -7,11 +7,15 @@ them from this click command), so an option added here is an option the chart kn
 from __future__ import annotations
 
 import click
+from lorabay.cli.base import resolve_base_option
 
 
 @click.command()
 @click.option(
-    "--base", required=True, help="Base model: a local folder or a Hugging Face model id."
+    "--base",
+    required=True,
+    callback=resolve_base_option(allow_hub_id=True),
+    help="Base model: a folder, a pulled base's name (lorabay base pull) or a Hugging Face id.",
 )
 @click.option(
     "--served-name",

@@ -14,6 +14,7 @@ import os
 import re
 from pathlib import Path
 
+from lorabay.hub.bases import read_provenance, source_digest
 from lorabay.hub.content import (
     WEIGHTS_FILE,
     AdapterContent,
@@ -61,6 +62,19 @@ def compare_config(recorded: dict, config: dict) -> list[str]:
         if recorded.get(key) is not None
         and actual[key] is not None
         and recorded[key] != actual[key]
+    ]
+
+
+def compare_source(recorded: dict, provenance: dict | None) -> list[str]:
+    """Same shapes are not the same weights: where both the adapter's base record and the
+    base folder's provenance (``lorabay base pull``) name a source, they must agree."""
+    trained_on, base_has = source_digest(recorded), source_digest(provenance)
+    if not trained_on or not base_has or trained_on == base_has:
+        return []
+    name = (provenance or {}).get("name") or "this base"
+    return [
+        f"weights: adapter was trained on {recorded.get('id')} ({trained_on[:19]}), "
+        f"the base is {name} ({base_has[:19]})"
     ]
 
 
@@ -130,6 +144,7 @@ def fit_reasons(
 ) -> list[str]:
     config, _, config_path = read_base_config(base_path)
     reasons = compare_config(recorded_base or {}, config)
+    reasons += compare_source(recorded_base or {}, read_provenance(config_path.parent))
     ranks = [s[0] for k, s in shapes.items() if re.search(r"\.lora_(embedding_)?A(\.|$)", k)]
     rank = max(ranks + [int(peft.get("r") or 0)])
     if max_rank is not None and rank > max_rank:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from lorabay.hub import pieces
+from lorabay.hub.bases import read_provenance
 from lorabay.hub.errors import InvalidAdapter
 from lorabay.hub.manifest import digest_files, empty_base
 
@@ -322,9 +323,18 @@ def read_base_config(base: str | os.PathLike) -> tuple[dict, bytes, Path]:
     return config, raw, path
 
 
-def describe_base(config: dict, raw: bytes, base_id: str | None, revision: str | None) -> dict:
+def describe_base(
+    config: dict, raw: bytes, base_id: str | None, revision: str | None, folder: Path | None = None
+) -> dict:
+    """The manifest's base record. A folder that ``lorabay base pull`` wrote names itself:
+    its provenance gives the id (``smollm2-135m-instruct``), the revision and the source."""
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
     architectures = config.get("architectures") or [None]
+    provenance = read_provenance(folder) if folder is not None else None
+    source = (provenance or {}).get("source")
+    if isinstance(source, dict) and provenance.get("name"):
+        base_id = provenance["name"]
+        revision = source.get("revision") or revision
     return {
         "id": base_id,
         "revision": revision,
@@ -333,6 +343,11 @@ def describe_base(config: dict, raw: bytes, base_id: str | None, revision: str |
         "num_hidden_layers": text.get("num_hidden_layers"),
         "vocab_size": text.get("vocab_size"),
         "config_digest": "sha256:" + hashlib.sha256(raw).hexdigest(),
+        "source": (
+            {key: source.get(key) for key in ("kind", "uri", "sha256", "upstream")}
+            if isinstance(source, dict)
+            else None
+        ),
     }
 
 
@@ -344,13 +359,13 @@ def find_base(adapter_config: dict, base: str | os.PathLike | None) -> dict:
     revision = adapter_config.get("revision")
     if base is not None:
         config, raw, path = read_base_config(base)
-        return describe_base(config, raw, base_id or str(path.parent), revision)
+        return describe_base(config, raw, base_id or str(path.parent), revision, path.parent)
     if not base_id:
         return empty_base()
     local = Path(base_id).expanduser()
     if (local / "config.json").is_file():
-        config, raw, _ = read_base_config(local)
-        return describe_base(config, raw, base_id, revision)
+        config, raw, path = read_base_config(local)
+        return describe_base(config, raw, base_id, revision, path.parent)
     try:
         from huggingface_hub import try_to_load_from_cache
 

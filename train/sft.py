@@ -2,8 +2,8 @@
 
 The loss covers the completion only: for ``{"prompt", "completion"}`` records the
 prompt tokens are masked (TRL's ``completion_only_loss``); for ``{"messages"}``
-records only the assistant turns count (``assistant_only_loss``, through the
-``{% generation %}`` markers of the chat template).
+records only the assistant turns count (found by rendering the conversation prefix by
+prefix with the base's own chat template: ``data.tokenize_conversations``).
 
     lorabay train sft --base ./tiny --data sft.jsonl --r 8 --lr 1e-3 --push team/sentiment
     python -c "from lorabay.train.sft import train_sft; from lorabay.train.config import *; \
@@ -19,7 +19,7 @@ from lorabay.train.run import RunResult
 def train_sft(config: SFTConfig, show_progress: bool = True) -> RunResult:
     """Train ``config`` (already validated by build_config) and return the finished run."""
     import datasets
-    from lorabay.train.data import load_dataset
+    from lorabay.train.data import load_dataset, tokenize_conversations
     from lorabay.train.progress import RunProgress
     from lorabay.train.run import begin_run, load_policy, train_and_finish, trainer_arguments
     from trl import SFTConfig as TRLSFTConfig
@@ -30,10 +30,11 @@ def train_sft(config: SFTConfig, show_progress: bool = True) -> RunResult:
     run = begin_run(config)
 
     model, tokenizer, lora_config = load_policy(config, run.parent)
+    if shape == "messages":  # the assistant tokens are masked here, for any chat template
+        dataset = tokenize_conversations(dataset, tokenizer)
     args = TRLSFTConfig(
         **trainer_arguments(config, run.output),
         completion_only_loss=shape == "prompt_completion",
-        assistant_only_loss=shape == "messages",
         packing=False,
     )
     progress = RunProgress(run.output / "metrics.jsonl", show_bar=show_progress)

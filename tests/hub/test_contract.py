@@ -51,6 +51,7 @@ def test_push_records_what_design_lists(store_url, lora, tiny_base):
         "num_hidden_layers": 2,
         "vocab_size": 2048,
         "config_digest": "sha256:" + hashlib.sha256(config).hexdigest(),
+        "source": None,  # a created toy base has no pulled source
     }
     assert m.lineage == {
         "method": None,
