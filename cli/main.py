@@ -34,6 +34,11 @@ COMMANDS = {
         "Serve one base and the registry's adapters, OpenAI-compatible.",
     ),
     "train": ("lorabay.cli.train", "train", "Train a LoRA adapter (sft, dpo, reward, rlhf, prm)."),
+    "label": (
+        "lorabay.cli.label",
+        "label",
+        "Label data with AI feedback from a written constitution (DPO pairs, revisions).",
+    ),
     "plan": (
         "lorabay.cli.plan",
         "plan",

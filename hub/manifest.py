@@ -30,7 +30,12 @@ BASE_KEYS = (
     "config_digest",
     "source",  # where a pulled base's weights came from (hub/bases.py), else None
 )
-LINEAGE_KEYS = ("method", "dataset_digest", "parent_digest", "hyperparameters", "metrics")
+# dataset_provenance (optional, absent from empty_lineage): where labelled training data came
+# from, for data `lorabay label` wrote (train/label/provenance.py lineage_entry).
+LINEAGE_KEYS = (
+    "method", "dataset_digest", "parent_digest", "hyperparameters", "metrics",
+    "dataset_provenance",
+)  # fmt: skip
 
 
 def canonical_json(value) -> bytes:

@@ -125,16 +125,19 @@ class RunStart:
     dataset_digest: str
     parent: Parent | None
     checkpoint: str | None  # the checkpoint --resume continues from
+    provenance: dict | None = None  # where `lorabay label` data came from (its provenance file)
 
 
 def begin_run(config: TrainConfig) -> RunStart:
     """Digest the data, find ``--from``, make the run folder, find the checkpoint to resume."""
     from lorabay.train.data import dataset_digest
+    from lorabay.train.label.provenance import data_provenance
 
     digest = dataset_digest(config.data)
     parent = resolve_parent(config)
     output = prepare_output(config)
-    return RunStart(output, digest, parent, resume_checkpoint(config, output))
+    provenance = data_provenance(config.data, digest)
+    return RunStart(output, digest, parent, resume_checkpoint(config, output), provenance)
 
 
 def resolve_parent(config: TrainConfig) -> Parent | None:
@@ -363,6 +366,8 @@ def save_run(
         "hyperparameters": params,
         "metrics": metrics,
     }
+    if run.provenance is not None:
+        lineage["dataset_provenance"] = run.provenance
     adapter = output / "adapter"
     manifest = None
     if is_main_process():
