@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from lorabay.hub.bases import read_provenance, source_digest
@@ -21,6 +22,7 @@ from lorabay.hub.content import (
     read_base_config,
     read_tensor_shapes,
 )
+from lorabay.hub.errors import LorabayError
 from lorabay.hub.manifest import Manifest
 
 PEFT_PREFIX = "base_model.model."
@@ -161,13 +163,31 @@ def fit_reasons(
     return reasons
 
 
+def refusal_if_it_raises(check: Callable[[], list[str]]) -> list[str]:
+    """Run a check; an input no rule foresaw (a stored manifest from before a rule, an odd
+    base index) becomes one reason, so a push is refused and the gateway answers 4xx,
+    never a traceback or a 500."""
+    try:
+        return check()
+    except LorabayError:
+        raise
+    except Exception as error:  # noqa: BLE001 - see the docstring
+        text = str(error).splitlines()[0][:200] if str(error) else ""
+        return [f"the adapter could not be checked ({type(error).__name__}: {text})"]
+
+
 def check_content_against_base(content: AdapterContent, base: str | os.PathLike) -> list[str]:
     """At push with ``--base``: the record comes from that base, so only tensors can disagree."""
-    return fit_reasons(content.peft(), None, content.shapes, base, None)
+    return refusal_if_it_raises(
+        lambda: fit_reasons(content.peft(), None, content.shapes, base, None)
+    )
 
 
 def check_manifest_against_base(
     manifest: Manifest, folder: Path, base_path: str | os.PathLike, max_rank: int | None
 ) -> list[str]:
-    shapes = read_tensor_shapes(folder / WEIGHTS_FILE)
-    return fit_reasons(manifest.peft, manifest.base, shapes, base_path, max_rank)
+    def check() -> list[str]:
+        shapes = read_tensor_shapes(folder / WEIGHTS_FILE)
+        return fit_reasons(manifest.peft, manifest.base, shapes, base_path, max_rank)
+
+    return refusal_if_it_raises(check)

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import stat
+import unicodedata
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,6 +33,10 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy", ".npz", ".joblib"}
 OPTIONAL_SUFFIXES = {".json", ".txt", ".md", ".jinja", ".model", ".tiktoken"}
 DEFAULT_MAX_BYTES = 8 << 30
+# Unicode categories refused in file names: control (Cc: \x00-\x1f, \x7f-\x9f), format
+# (Cf: bidi overrides and isolates, zero-width joiners), line and paragraph separators,
+# surrogates, private use, unassigned.
+UNPRINTABLE = {"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"}
 CHUNK = 1 << 20
 
 Progress = Callable[[int], None]
@@ -90,6 +95,15 @@ def check_relative_path(path: str, where: str = "") -> str:
     shown = f"{where}: {path!r}" if where else repr(path)
     if not path or "\\" in path or "\x00" in path:
         raise InvalidAdapter(shown, "is not a plain relative file name", "rename the file")
+    odd = next((c for c in path if unicodedata.category(c) in UNPRINTABLE), None)
+    if odd is not None:
+        # Control characters rewrite a terminal (\x1b[...), bidi controls reorder what it
+        # shows (U+202E makes 'txt.exe' read 'exe.txt'): `hub show` would print them raw.
+        raise InvalidAdapter(
+            shown,
+            f"holds the control or formatting character U+{ord(odd):04X}",
+            "rename the file with printable characters only",
+        )
     pure = PurePosixPath(path)
     if pure.is_absolute() or path.startswith("/"):
         raise InvalidAdapter(shown, "is an absolute path", "adapter files must be relative")
@@ -195,9 +209,19 @@ def check_file_types(folder: Path, files: list[AdapterFile]) -> None:
 
 
 def read_adapter_config(path: Path) -> dict:
+    from lorabay.hub.adapter_config import MAX_CONFIG_BYTES, config_problems
+
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise InvalidAdapter(
+            str(path),
+            f"is over {MAX_CONFIG_BYTES:,} bytes; PEFT configs are a few hundred",
+            "re-save the adapter",
+        )
     try:
         config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except RecursionError:
+        raise InvalidAdapter(str(path), "nests too deeply to read", "re-save the adapter") from None
+    except (OSError, UnicodeDecodeError, ValueError) as error:  # ValueError: json's, int()'s
         raise InvalidAdapter(
             str(path), f"is not valid JSON ({error})", "re-save the adapter"
         ) from None
@@ -210,14 +234,9 @@ def read_adapter_config(path: Path) -> dict:
             f"peft_type is {peft_type!r}, only LORA adapters are accepted",
             "train a LoRA adapter (peft.LoraConfig)",
         )
-    r = config.get("r")
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-        raise InvalidAdapter(str(path), f"r is {r!r}, not a positive integer", "fix r")
-    targets = config.get("target_modules")
-    if not (isinstance(targets, str) or (isinstance(targets, list) and targets)):
-        raise InvalidAdapter(
-            str(path), "target_modules is missing or empty", "set LoraConfig(target_modules=...)"
-        )
+    problems = config_problems(config)
+    if problems:
+        raise InvalidAdapter(str(path), "; ".join(problems), "fix adapter_config.json")
     return config
 
 

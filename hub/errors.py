@@ -40,8 +40,9 @@ class InvalidReference(LorabayError):
     def __init__(self, ref: str, reason: str):
         self.ref = ref
         self.reason = reason
+        shown = ref if len(ref) <= 100 else f"{ref[:100]}... ({len(ref)} characters)"
         super().__init__(
-            f"invalid reference {ref!r}: {reason}",
+            f"invalid reference {shown!r}: {reason}",
             "use name, name:VERSION, name:ALIAS or name@sha256:HEX, e.g. team/summarize:prod",
         )
 
@@ -208,4 +209,76 @@ class AdapterLoadFailed(LorabayError):
         super().__init__(
             f"the engine could not load adapter {adapter!r}: {reason}",
             "check the adapter with `lorabay hub verify` and its rank against --max-lora-rank",
+        )
+
+
+class StoreFailed(RegistryUnavailable):
+    """The store answered a request with an error it does not usually give (an S3 500, an
+    unexpected code): ``operation`` on ``key`` failed with ``status``/``error_code``."""
+
+    http_status = 502
+    code = "registry_error"
+
+    def __init__(
+        self,
+        url: str,
+        operation: str,
+        key: str,
+        status: int | None,
+        error_code: str,
+        detail: str = "",
+        hint: str | None = None,
+    ):
+        self.operation = operation
+        self.key = key
+        self.status = status
+        self.error_code = error_code
+        self.detail = detail
+        answer = " ".join(dict.fromkeys(str(x) for x in (status, error_code) if x))
+        reason = f"{operation} {key or '/'} answered {answer}" + (f": {detail}" if detail else "")
+        super().__init__(url, reason)
+        self.hint = hint or "retry; if it keeps failing, check the store's own logs and status"
+
+
+class StoreThrottled(StoreFailed):
+    """The store kept answering SlowDown / 503 after the client's retries."""
+
+    http_status = 503
+    code = "registry_throttled"
+
+
+class StoreAccessDenied(StoreFailed):
+    """The store refused a request: credentials, bucket policy, or a KMS key policy."""
+
+    http_status = 503
+    code = "registry_access_denied"
+
+
+class HubFailed(LorabayError):
+    """The Hugging Face Hub refused or failed a request (``status``: its HTTP status, if any)."""
+
+    http_status = 502
+    code = "hub_error"
+
+    def __init__(self, location: str, reason: str, hint: str, status: int | None = None):
+        self.location = location
+        self.reason = reason
+        self.status = status
+        super().__init__(f"Hugging Face Hub, {location}: {reason}", hint)
+
+
+class VersionAliased(LorabayError):
+    """A version cannot be removed while aliases point at it (unless they are moved too)."""
+
+    http_status = 409
+    code = "conflict"
+
+    def __init__(self, ref: str, aliases: list[str]):
+        self.ref = ref
+        self.aliases = list(aliases)
+        shown = ", ".join(aliases)
+        super().__init__(
+            f"{ref} is what {shown} point{'s' if len(aliases) == 1 else ''} at",
+            "move them first (`lorabay hub alias set NAME ALIAS VERSION`), or pass "
+            "--drop-aliases or --move-aliases VERSION",
         )

@@ -24,6 +24,7 @@ _NAME_RE = re.compile(rf"^{_PART}(?:/{_PART})?$")
 _TAG_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _HEX_RE = re.compile(r"^[0-9a-f]{64}$")
 MAX_NAME = 64
+MAX_VERSION_DIGITS = 15  # a version past 10**15 is no registry's; int() of 5,000 digits raises
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ def validate_alias(alias: str, ref: str | None = None) -> str:
     shown = ref if ref is not None else alias
     if not isinstance(alias, str) or not alias:
         raise InvalidReference(str(shown), "the alias is empty")
-    if alias.isdigit():
+    if alias.isascii() and alias.isdigit():
         raise InvalidReference(
             shown, f"alias {alias!r} is all digits, which is how versions are written"
         )
@@ -106,7 +107,12 @@ def parse_reference(ref: str) -> Reference:
     validate_name(name, ref)
     if not tag:
         raise InvalidReference(ref, "nothing follows ':'")
-    if tag.isdigit():
+    if tag.isascii() and tag.isdigit():  # str.isdigit alone also takes '²' and '١'
+        if len(tag) > MAX_VERSION_DIGITS:
+            raise InvalidReference(
+                ref,
+                f"the version has {len(tag)} digits; versions have at most {MAX_VERSION_DIGITS}",
+            )
         version = int(tag)
         if version < 1 or tag != str(version):
             raise InvalidReference(ref, "versions are whole numbers from 1, without leading zeros")

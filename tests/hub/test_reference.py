@@ -57,3 +57,39 @@ def test_names():
     for bad in ("team/", "/a", "a//b", "a b", "UPPER"):
         with pytest.raises(InvalidReference):
             validate_name(bad)
+
+
+@pytest.mark.parametrize("digits", [16, 5000, 100_000])
+def test_huge_versions_are_a_clean_error(digits):
+    """int() of over 4,300 digits raises ValueError (a traceback in `hub pull`, a 500 in
+    the gateway); now it is InvalidReference, which the gateway maps to a 4xx."""
+    ref = "name:" + "9" * digits
+    with pytest.raises(InvalidReference) as caught:
+        parse_reference(ref)
+    message = str(caught.value)
+    assert "at most 15" in message and len(message) < 400 and "\n" not in message
+    assert 400 <= caught.value.http_status < 500
+
+
+@pytest.mark.parametrize("tag", ["²", "١", "٣٤"])
+def test_only_ascii_digits_are_versions(tag):
+    with pytest.raises(InvalidReference):
+        parse_reference(f"name:{tag}")
+    with pytest.raises(InvalidReference):
+        validate_alias(tag)
+
+
+def test_huge_version_in_the_cli_is_one_line(tmp_path):
+    from click.testing import CliRunner
+    from lorabay.cli.main import cli
+
+    registry = f"file://{tmp_path / 'registry'}"
+    for args in (
+        ["pull", "a:" + "7" * 5000],
+        ["show", "a:" + "7" * 5000],
+        ["yank", "a:1" + "0" * 20],
+    ):
+        result = CliRunner().invoke(cli, ["hub", *args, "--registry", registry])
+        assert result.exit_code == 1, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "invalid reference" in lines[0] and len(lines[0]) < 400
