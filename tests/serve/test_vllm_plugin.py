@@ -86,3 +86,9 @@ def test_register_patches_every_binding_and_can_be_disabled(monkeypatch):
     finally:
         for (module, name), function in saved.items():
             setattr(module, name, function)
+
+
+def test_the_plugin_asks_for_amx_where_the_cpu_has_it():
+    # Without the permission, vLLM's bfloat16 CPU attention (its AMX kernel) dies of
+    # SIGILL; the real engine case is test_lifecycle's default-dtype test.
+    assert vllm_plugin.allow_amx() == bool(torch.cpu._is_amx_tile_supported())
