@@ -8,7 +8,11 @@ with three atomic primitives:
 - ``swap(key, data, etag)``: replace only if the current etag matches (``None``: only
   if absent), else :class:`PreconditionFailed` (file lock + ``os.replace``, or S3
   ``If-Match``);
-- ``put_file(key, source, sha256)``: write a blob once, verifying its bytes.
+- ``put_file(key, source, sha256)``: write a blob once, verifying its bytes; a blob that is
+  there already has its age refreshed (``touch``), so ``gc``'s grace period counts from the
+  push that reuses it;
+- ``delete(key, etag)``: with an etag, remove only that content (else
+  :class:`PreconditionFailed`), so "un-yank" and releasing gc's lease are exact.
 
 Keys (the same in every store)::
 
@@ -17,7 +21,13 @@ Keys (the same in every store)::
     adapters/<ns or _>/<name>/<version>.json  immutable manifests
     adapters/<ns or _>/<name>/<version>.yanked   the yanked flag, beside the manifest
     aliases/<ns or _>/<name>.json             {alias: version}, moved by compare-and-swap
-    events/<time-ns>-<random>.json            append-only event log, one object per event
+    adapters/<ns or _>/<name>/<version>.removed  tombstone of a removed version (`hub rm`):
+                                              its number is never given out again
+    events/<ns or _>/<name>/<time-ns>-<random>.json  append-only event log, one object per
+                                              event, keyed by name (``hub log NAME`` lists one
+                                              prefix); older registries wrote
+                                              ``events/<time-ns>-<random>.json``
+    leases/gc.json                            held by a running gc (upkeep.py: why pushes read it)
     packs/<time-ns>-<random>.json             copies of many records for one GET (packs.py)
 """
 
@@ -66,8 +76,9 @@ class Store(Protocol):
     def swap(self, key: str, data: bytes, etag: str | None) -> str:
         """Replace ``key`` if its etag is ``etag`` (None: if absent); return the new etag."""
 
-    def delete(self, key: str) -> None:
-        """Remove ``key``; absent is fine."""
+    def delete(self, key: str, etag: str | None = None) -> None:
+        """Remove ``key``; absent is fine. With ``etag``: only if its current etag is that
+        one, else PreconditionFailed (also when it is absent)."""
 
     def list(self, prefix: str) -> list[ObjectInfo]:
         """Every key under ``prefix`` (a folder-like prefix ending in '/')."""
@@ -75,7 +86,13 @@ class Store(Protocol):
     def has(self, key: str) -> bool: ...
 
     def put_file(self, key: str, source: Path, sha256: str) -> bool:
-        """Store ``source`` under ``key`` once, checking its sha256; False when it was there."""
+        """Store ``source`` under ``key`` once, checking its sha256; False when it was there
+        (then its age is refreshed, as by ``touch``)."""
+
+    def touch(self, key: str) -> bool:
+        """Make ``key``'s modification time (the ``mtime`` ``list`` reports) now, content
+        unchanged; False when it is absent. gc spares blobs younger than its grace period,
+        so a push reusing a blob refreshes it (S3: a copy onto itself)."""
 
     def read_chunks(self, key: str) -> Iterator[bytes]:
         """Stream ``key``'s content; raises FileNotFoundError when absent."""

@@ -168,3 +168,133 @@ def running_s3_server(data_dir: Path):
         yield server
     finally:
         server.stop()
+
+
+@dataclass
+class Fault:
+    method: str
+    path_contains: str
+    status: int
+    code: str
+    message: str
+    times: int | None  # None: every matching request
+
+
+class FaultProxy:
+    """An HTTP proxy on 127.0.0.1 in front of the real S3 server that answers chosen
+    requests with an S3 error instead of forwarding them: a 500 InternalError, SlowDown,
+    a KMS denial, answers AWS gives and SeaweedFS cannot be made to. Every other request
+    goes through unchanged (the Host header too, so SigV4 signatures still verify), so
+    boto3's real retries and error parsing meet the fault.
+
+        with FaultProxy(s3.endpoint) as proxy:
+            proxy.fail("GET", "/blobs/", 500, "InternalError", "We encountered an internal error")
+    """
+
+    def __init__(self, upstream: str):
+        import threading
+        from http.server import ThreadingHTTPServer
+        from urllib.parse import urlparse
+
+        parsed = urlparse(upstream)
+        self.upstream = (parsed.hostname, parsed.port)
+        self.faults: list[Fault] = []
+        self.failed: list[tuple[str, str]] = []  # (method, path) answered with a fault
+        self._lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def fail(self, method, path_contains, status, code, message="", times=None) -> None:
+        with self._lock:
+            self.faults.append(Fault(method, path_contains, status, code, message, times))
+
+    def clear(self) -> None:
+        with self._lock:
+            self.faults.clear()
+
+    def _fault_for(self, method: str, path: str) -> Fault | None:
+        with self._lock:
+            for fault in self.faults:
+                if fault.method == method and fault.path_contains in path:
+                    if fault.times is not None:
+                        if fault.times <= 0:
+                            continue
+                        fault.times -= 1
+                    self.failed.append((method, path))
+                    return fault
+        return None
+
+    def _handler(self):
+        import http.client
+        from http.server import BaseHTTPRequestHandler
+
+        proxy = self
+        skipped = {"transfer-encoding", "connection", "keep-alive", "content-length"}
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def handle_one(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                fault = proxy._fault_for(self.command, self.path)
+                if fault is not None:
+                    data = (
+                        b""
+                        if self.command == "HEAD"
+                        else (
+                            '<?xml version="1.0" encoding="UTF-8"?>\n'
+                            f"<Error><Code>{fault.code}</Code><Message>{fault.message}"
+                            "</Message><RequestId>lorabay-test</RequestId></Error>"
+                        ).encode()
+                    )
+                    self.send_response(fault.status)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
+                upstream = http.client.HTTPConnection(*proxy.upstream, timeout=60)
+                try:
+                    upstream.putrequest(
+                        self.command, self.path, skip_host=True, skip_accept_encoding=True
+                    )
+                    for key, value in self.headers.items():
+                        if key.lower() not in skipped:
+                            upstream.putheader(key, value)
+                    upstream.putheader("Content-Length", str(len(body)))
+                    upstream.endheaders(body)
+                    response = upstream.getresponse()
+                    data = response.read()
+                    self.send_response(response.status)
+                    for key, value in response.getheaders():
+                        if key.lower() not in skipped:
+                            self.send_header(key, value)
+                    size = response.getheader("Content-Length") if self.command == "HEAD" else None
+                    self.send_header("Content-Length", size or str(len(data)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(data)
+                finally:
+                    upstream.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = handle_one
+
+        return Handler
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> FaultProxy:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -11,13 +11,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import hashlib
 import os
 import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from filelock import FileLock
 from lorabay.hub import faults
@@ -50,7 +53,7 @@ class LocalStore:
         if self.root.exists() and not self.root.is_dir():
             raise RegistryUnavailable(self.url, f"{self.root} is a file, not a folder")
         # Our own entries alone mean another process is creating the registry right now.
-        ours = {_TMP, _LOCKS, MARKER, "adapters", "aliases", "blobs", "events"}
+        ours = {_TMP, _LOCKS, MARKER, "adapters", "aliases", "blobs", "events", "leases"}
         if self.root.is_dir() and not self.exists() and set(os.listdir(self.root)) - ours:
             raise RegistryUnavailable(
                 self.url, f"{self.root} is a non-empty folder that is not a lorabay registry"
@@ -72,16 +75,36 @@ class LocalStore:
     def _path(self, key: str) -> Path:
         return self.root / key
 
-    def _temporary(self) -> Path:
-        return self.root / _TMP / f"{os.getpid()}-{uuid.uuid4().hex}"
+    @contextlib.contextmanager
+    def _temporary(self) -> Iterator[tuple[Path, BinaryIO]]:
+        """A new temporary file, open for writing and ``flock``ed by this writer until the
+        block ends (then it is removed): gc takes only temporaries nobody holds, so even
+        ``gc --grace 0`` never pulls one from under a live write. Should gc remove it
+        between the open and the lock, the inode no longer matches: take another."""
+        while True:
+            tmp = self.root / _TMP / f"{os.getpid()}-{uuid.uuid4().hex}"
+            handle = open(tmp, "xb")  # noqa: SIM115 - closed below
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                current = os.stat(tmp).st_ino == os.fstat(handle.fileno()).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                break
+            handle.close()
+        try:
+            yield tmp, handle
+        finally:
+            tmp.unlink(missing_ok=True)
+            handle.close()
 
-    def _write_temporary(self, data: bytes) -> Path:
-        tmp = self._temporary()
-        with open(tmp, "wb") as handle:
+    @contextlib.contextmanager
+    def _write_temporary(self, data: bytes) -> Iterator[Path]:
+        with self._temporary() as (tmp, handle):
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())  # small records: make them durable, not only atomic
-        return tmp
+            yield tmp
 
     def read(self, key: str) -> bytes | None:
         try:
@@ -99,14 +122,12 @@ class LocalStore:
     def create(self, key: str, data: bytes) -> bool:
         final = self._path(key)
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._write_temporary(data)
-        try:
-            os.link(tmp, final)
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            tmp.unlink(missing_ok=True)
+        with self._write_temporary(data) as tmp:
+            try:
+                os.link(tmp, final)
+                return True
+            except FileExistsError:
+                return False
 
     def _lock(self, key: str) -> FileLock:
         name = hashlib.sha1(key.encode(), usedforsecurity=False).hexdigest()
@@ -119,16 +140,20 @@ class LocalStore:
             current = self.read_tagged(key)
             if (current[1] if current else None) != etag:
                 raise PreconditionFailed(key)
-            tmp = self._write_temporary(data)
-            faults.checkpoint("local:swap-locked")
-            os.replace(tmp, final)
+            with self._write_temporary(data) as tmp:
+                faults.checkpoint("local:swap-locked")
+                os.replace(tmp, final)
         return etag_of(data)
 
-    def delete(self, key: str) -> None:
-        try:
+    def delete(self, key: str, etag: str | None = None) -> None:
+        if etag is None:
+            self._path(key).unlink(missing_ok=True)
+            return
+        with self._lock(key):  # the same lock swap takes: compare, then unlink
+            current = self.read_tagged(key)
+            if current is None or current[1] != etag:
+                raise PreconditionFailed(key)
             self._path(key).unlink()
-        except FileNotFoundError:
-            pass
 
     def list(self, prefix: str) -> list[ObjectInfo]:
         found: list[ObjectInfo] = []
@@ -153,18 +178,16 @@ class LocalStore:
     # -- blobs -----------------------------------------------------------------------
     def put_file(self, key: str, source: Path, sha256: str) -> bool:
         final = self._path(key)
-        if final.is_file():
-            # Refresh its age so a gc running now does not take a blob this push reuses.
-            os.utime(final)
+        if self.touch(key):  # there already: refresh its age for gc's grace period
             return False
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._temporary()
         digest = hashlib.sha256()
-        try:
-            with open(source, "rb", buffering=0) as src, open(tmp, "wb") as dst:
+        with self._temporary() as (tmp, dst):
+            with open(source, "rb", buffering=0) as src:
                 while chunk := src.read(CHUNK):
                     digest.update(chunk)
                     dst.write(chunk)
+            dst.flush()
             faults.checkpoint("local:blob-written")
             if digest.hexdigest() != sha256:
                 raise InvalidAdapter(
@@ -181,8 +204,13 @@ class LocalStore:
                     raise
                 os.replace(tmp, final)
             return True
-        finally:
-            tmp.unlink(missing_ok=True)
+
+    def touch(self, key: str) -> bool:
+        try:
+            os.utime(self._path(key))
+            return True
+        except (FileNotFoundError, NotADirectoryError):
+            return False
 
     def read_chunks(self, key: str) -> Iterator[bytes]:
         return self.read_range(key, 0, None)
@@ -203,7 +231,21 @@ class LocalStore:
 
     # -- leftovers -------------------------------------------------------------------
     def list_temporary(self) -> list[ObjectInfo]:
-        return self.list(_TMP + "/")
+        """Temporaries no live writer holds (see ``_temporary``)."""
+        return [info for info in self.list(_TMP + "/") if not self._held(info.key)]
+
+    def _held(self, key: str) -> bool:
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, IsADirectoryError):
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
 
     def delete_temporary(self, key: str) -> None:
         path = self._path(key)

@@ -15,13 +15,20 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 from lorabay.hub import faults
-from lorabay.hub.errors import InvalidAdapter, RegistryUnavailable
+from lorabay.hub.errors import (
+    InvalidAdapter,
+    RegistryUnavailable,
+    StoreAccessDenied,
+    StoreFailed,
+    StoreThrottled,
+)
 from lorabay.hub.store import MARKER, ObjectInfo, PreconditionFailed
 
 CHUNK = 1 << 20
@@ -66,6 +73,65 @@ def error_code(error) -> str:
     return str(response.get("Error", {}).get("Code", ""))
 
 
+DENIED = {
+    "AccessDenied",
+    "403",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "AllAccessDisabled",
+    "AccountProblem",
+    "InvalidToken",
+    "ExpiredToken",
+    "InvalidObjectState",  # archived (Glacier) objects: readable only after a restore
+}
+THROTTLED = {
+    "SlowDown",
+    "503",
+    "ServiceUnavailable",
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "TooManyRequests",
+    "429",
+}
+
+
+def store_error(url: str, error, key: str = "") -> StoreFailed:
+    """One line for an S3 ClientError the caller did not expect, by kind: throttled
+    (SlowDown after botocore's retries), denied (credentials, policies, KMS keys), or failed
+    (a 500, or any other code), each naming the request, the key and the fix."""
+    response = getattr(error, "response", None) or {}
+    code = error_code(error)
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    detail = str(response.get("Error", {}).get("Message") or "").strip().splitlines()
+    detail = detail[0][:200] if detail else ""
+    facts = (url, getattr(error, "operation_name", "request"), key, status, code, detail)
+    if code.startswith("KMS.") or "kms" in detail.lower():
+        return StoreAccessDenied(
+            *facts,
+            hint="the credentials may not use the bucket's KMS key: allow kms:Decrypt and "
+            "kms:GenerateDataKey for them in the key policy",
+        )
+    if code in DENIED or status == 403:
+        return StoreAccessDenied(
+            *facts,
+            hint="access denied: check the AWS credentials and the bucket policy "
+            "(s3:GetObject, s3:PutObject, s3:DeleteObject, s3:ListBucket on the prefix)",
+        )
+    if code in THROTTLED or status in (429, 503):
+        attempts = response.get("ResponseMetadata", {}).get("RetryAttempts", 0)
+        return StoreThrottled(
+            *facts,
+            hint=f"the store is rate limiting (still after {attempts} retries): retry later, "
+            "spread the requests, or raise AWS_MAX_ATTEMPTS",
+        )
+    if isinstance(status, int) and status >= 500:
+        return StoreFailed(
+            *facts, hint="the store failed the request: retry; if it persists, check the S3 service"
+        )
+    return StoreFailed(*facts, hint="the store refused the request; check the bucket's settings")
+
+
 class S3Store:
     concurrent_reads = 16  # manifests are read in parallel when many are needed
     remote = True  # the registry keeps copies of (immutable) manifests on this machine
@@ -96,8 +162,9 @@ class S3Store:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     @contextlib.contextmanager
-    def _reachable(self) -> Iterator[None]:
-        """Turn transport and permission failures into RegistryUnavailable (one line)."""
+    def _reachable(self, key: str = "") -> Iterator[None]:
+        """Turn every transport and S3 failure into one line: RegistryUnavailable, or the
+        StoreFailed family for errors the code around it did not handle (see store_error)."""
         from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
         try:
@@ -107,16 +174,11 @@ class S3Store:
                 self.url, "no AWS credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
             ) from None
         except ClientError as error:
-            code = error_code(error)
-            if code in ("NoSuchBucket",):
+            if error_code(error) == "NoSuchBucket":
                 raise RegistryUnavailable(
                     self.url, f"bucket {self.bucket} does not exist"
                 ) from None
-            if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-                raise RegistryUnavailable(
-                    self.url, f"access denied ({code}); check the AWS credentials"
-                ) from None
-            raise
+            raise store_error(self.url, error, key) from None
         except BotoCoreError as error:
             where = self.endpoint or "AWS S3"
             raise RegistryUnavailable(self.url, f"cannot reach {where}: {error}") from None
@@ -149,7 +211,7 @@ class S3Store:
     def read_tagged(self, key: str) -> tuple[bytes, str] | None:
         from botocore.exceptions import ClientError
 
-        with self._reachable():
+        with self._reachable(key):
             try:
                 response = self.client.get_object(Bucket=self.bucket, Key=self.key(key))
             except ClientError as error:
@@ -165,7 +227,7 @@ class S3Store:
     def has(self, key: str) -> bool:
         from botocore.exceptions import ClientError
 
-        with self._reachable():
+        with self._reachable(key):
             try:
                 self.client.head_object(Bucket=self.bucket, Key=self.key(key))
                 return True
@@ -178,7 +240,7 @@ class S3Store:
         """PutObject with conditions; PreconditionFailed on 412 (or 409 conflict)."""
         from botocore.exceptions import ClientError
 
-        with self._reachable():
+        with self._reachable(key):
             try:
                 response = self.client.put_object(
                     Bucket=self.bucket, Key=self.key(key), Body=data, **conditions
@@ -204,14 +266,27 @@ class S3Store:
             return self._put(key, data, IfNoneMatch="*")
         return self._put(key, data, IfMatch=etag)
 
-    def delete(self, key: str) -> None:
-        with self._reachable():
-            self.client.delete_object(Bucket=self.bucket, Key=self.key(key))
+    def delete(self, key: str, etag: str | None = None) -> None:
+        from botocore.exceptions import ClientError
+
+        conditions = {} if etag is None else {"IfMatch": etag}
+        with self._reachable(key):
+            try:
+                self.client.delete_object(Bucket=self.bucket, Key=self.key(key), **conditions)
+            except ClientError as error:
+                if etag is not None and error_code(error) in (
+                    "PreconditionFailed",
+                    "412",
+                    "NoSuchKey",
+                    "404",
+                ):
+                    raise PreconditionFailed(key) from None
+                raise
 
     def list(self, prefix: str) -> list[ObjectInfo]:
         found: list[ObjectInfo] = []
         strip = len(self.key(""))
-        with self._reachable():
+        with self._reachable(prefix):
             pages = self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=self.key(prefix)
             )
@@ -229,7 +304,7 @@ class S3Store:
 
     # -- blobs -----------------------------------------------------------------------
     def put_file(self, key: str, source: Path, sha256: str) -> bool:
-        if self.has(key):
+        if self.touch(key):
             return False
         size = source.stat().st_size
         if size <= multipart_threshold():
@@ -243,12 +318,36 @@ class S3Store:
                 return False  # a concurrent push stored the same bytes
         return self._put_parts(key, source, sha256)
 
+    def touch(self, key: str) -> bool:
+        """A copy of the object onto itself (new metadata: S3 refuses a copy that changes
+        nothing), which gives it a new LastModified; one request, as the HEAD it replaces.
+        An object over CopyObject's 5 GB limit keeps its age (the push's protection does not
+        rest on it: upkeep.py)."""
+        from botocore.exceptions import ClientError
+
+        with self._reachable(key):
+            try:
+                self.client.copy_object(
+                    Bucket=self.bucket,
+                    Key=self.key(key),
+                    CopySource={"Bucket": self.bucket, "Key": self.key(key)},
+                    MetadataDirective="REPLACE",
+                    Metadata={"lorabay-touched": str(int(time.time()))},
+                )
+                return True
+            except ClientError as error:
+                if error_code(error) in ("NoSuchKey", "404", "NotFound"):
+                    return False
+                if error_code(error) in ("InvalidRequest", "EntityTooLarge"):
+                    return self.has(key)
+                raise
+
     def _put_parts(self, key: str, source: Path, sha256: str) -> bool:
         """A multipart upload, hashing the parts as they go up; completed only when the
         whole file matched ``sha256`` (else aborted). One killed midway leaves an upload
         that ``gc`` aborts."""
         part_size = max(5 << 20, multipart_threshold())
-        with self._reachable():
+        with self._reachable(key):
             upload = self.client.create_multipart_upload(Bucket=self.bucket, Key=self.key(key))
             upload_id = upload["UploadId"]
             try:
@@ -292,7 +391,7 @@ class S3Store:
     def _get(self, key: str, **extra) -> Iterator[bytes]:
         from botocore.exceptions import ClientError
 
-        with self._reachable():
+        with self._reachable(key):
             try:
                 response = self.client.get_object(Bucket=self.bucket, Key=self.key(key), **extra)
             except ClientError as error:
