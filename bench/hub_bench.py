@@ -88,7 +88,7 @@ def one_transfer(reg, work: Path, size_mib: int, index: int) -> dict:
     }
     drop_tree(target)
     started = time.perf_counter()
-    manifest = reg.push(folder, f"big-{index}")
+    manifest = reg.push(folder, f"big-{index}").manifest
     times["push"] = time.perf_counter() - started
     drop_tree(cache_dir())
     times["pull"] = timed(lambda: reg.pull(manifest))

@@ -11,6 +11,8 @@ import contextlib
 import json
 import re
 import sys
+import time
+import unicodedata
 import warnings
 from collections.abc import Iterator
 
@@ -40,7 +42,24 @@ def emit_json(value) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=True))
 
 
+def printable(value) -> str:
+    """``value`` as text a terminal shows as it is: control and formatting characters
+    (escape sequences, bidi overrides) from stored records are written as escapes."""
+    from lorabay.hub.content import UNPRINTABLE
+
+    text = str(value)
+    if all(unicodedata.category(c) not in UNPRINTABLE for c in text):
+        return text
+    return "".join(
+        (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+        if unicodedata.category(c) in UNPRINTABLE
+        else c
+        for c in text
+    )
+
+
 def print_table(headers: list[str], rows: list[list[str]]) -> None:
+    rows = [[printable(x) for x in row] for row in rows]
     widths = [max(len(str(x)) for x in column) for column in zip(headers, *rows, strict=False)]
     for row in [headers, *rows]:
         click.echo("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=False)).rstrip())
@@ -160,7 +179,7 @@ def push(folder, name, aliases, description, labels, base, kind, registry_url, a
     label_map = parse_labels(labels)
     registry = open_registry(registry_url)
     with progress_bar(folder_size(folder), "hashing") as update:
-        manifest = registry.push(
+        pushed = registry.push(
             folder,
             name,
             aliases=aliases,
@@ -170,11 +189,11 @@ def push(folder, name, aliases, description, labels, base, kind, registry_url, a
             kind=kind,
             progress=update,
         )
-    created = registry.last_push_created
+    manifest = pushed.manifest
     if as_json:
-        emit_json({**manifest.to_dict(), "ref": manifest.ref, "created": created})
+        emit_json({**manifest.to_dict(), "ref": manifest.ref, "created": pushed.created})
     else:
-        note = "" if created else "  (unchanged: identical to this existing version)"
+        note = "" if pushed.created else "  (unchanged: identical to this existing version)"
         click.echo(f"{manifest.ref}  {manifest.digest}{note}")
 
 
@@ -284,7 +303,7 @@ def show(ref, registry_url, as_json):
         emit_json({**m.to_dict(), "ref": m.ref, "aliases": here, "yanked": yanked})
         return
     click.echo(f"{m.ref}{'  (yanked)' if yanked else ''}")
-    pairs = [
+    pairs = [  # stored text is printed through printable(): a record must not drive the terminal
         ("digest", m.digest),
         ("kind", m.kind),
         ("aliases", ", ".join(here) or "-"),
@@ -299,12 +318,11 @@ def show(ref, registry_url, as_json):
         ),
     ]
     for key, value in pairs:
-        click.echo(f"  {key + ':':<13}{value}")
+        click.echo(f"  {key + ':':<13}{printable(value)}")
     click.echo("  files:")
     for entry in m.files:
-        click.echo(
-            f"    {entry['path']:<32} {human_size(entry['size']):>9}  sha256:{entry['sha256'][:16]}"
-        )
+        path = printable(entry["path"])
+        click.echo(f"    {path:<32} {human_size(entry['size']):>9}  sha256:{entry['sha256'][:16]}")
 
 
 @hub.group()
@@ -367,11 +385,15 @@ def yank(ref, undo, reason, registry_url, as_json):
       lorabay hub yank team/summarize:4 --reason "regressed on eval"
     """
     registry = open_registry(registry_url)
-    m = registry.yank(ref, undo=undo, reason=reason)
+    change = registry.yank(ref, undo=undo, reason=reason)
+    m = change.manifest
     if as_json:
-        emit_json({"ref": m.ref, "digest": m.digest, "yanked": not undo})
-    else:
+        emit_json({"ref": m.ref, "digest": m.digest, "yanked": not undo, "changed": change.changed})
+    elif change.changed:
         click.echo(f"{'unyanked' if undo else 'yanked'} {m.ref}")
+    else:
+        state = "is not yanked" if undo else "is already yanked"
+        click.echo(f"{m.ref} {state} (nothing changed, nothing logged)")
 
 
 @hub.command()
@@ -494,7 +516,7 @@ def import_(source, name, aliases, description, labels, base, registry_url, as_j
 
     label_map = parse_labels(labels)
     registry = open_registry(registry_url)
-    m = import_from_hf(
+    pushed = import_from_hf(
         registry,
         source,
         name,
@@ -503,8 +525,9 @@ def import_(source, name, aliases, description, labels, base, registry_url, as_j
         labels=label_map,
         base=base,
     )
+    m = pushed.manifest
     if as_json:
-        emit_json({**m.to_dict(), "ref": m.ref, "created": registry.last_push_created})
+        emit_json({**m.to_dict(), "ref": m.ref, "created": pushed.created})
     else:
         click.echo(f"{m.ref}  {m.digest}  (from {m.labels['source']})")
 
@@ -535,20 +558,53 @@ def export(ref, target, private, registry_url, as_json):
         click.echo(url)
 
 
+def parse_since(text: str) -> float:
+    """Seconds since the epoch from a duration back from now (``2h``, ``7d``) or an ISO
+    date or time (``2026-11-30``, ``2026-11-30T12:00``; UTC unless it says otherwise)."""
+    from datetime import UTC, datetime
+
+    try:
+        return time.time() - parse_duration(text)
+    except click.BadParameter:
+        pass
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is neither a duration (2h, 7d) nor a date (2026-11-30[T12:00])",
+            param_hint="--since",
+        ) from None
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+
+
 @hub.command()
 @click.argument("name", required=False)
+@click.option("--limit", type=click.IntRange(min=0), default=None, help="Only the newest N events.")
+@click.option(
+    "--since",
+    metavar="WHEN",
+    default=None,
+    help="Only events since WHEN: a duration back from now (2h, 7d) or a date (2026-11-30).",
+)
 @registry_option
 @json_option
-def log(name, registry_url, as_json):
-    """Show the event log (pushed, aliased, yanked, ...), oldest first.
+def log(name, limit, since, registry_url, as_json):
+    """Show the event log (pushed, aliased, yanked, removed, ...), oldest first.
+
+    With NAME, only that adapter's events are read (they are kept by name).
 
     \b
-    Example:
-      lorabay hub log team/summarize
+    Examples:
+      lorabay hub log team/summarize --since 7d
+      lorabay hub log --limit 20 --json
     """
-    events = open_registry(registry_url).events(name)
+    after = parse_since(since) if since is not None else None
+    events = open_registry(registry_url).events(name, limit=limit, since=after)
     if as_json:
         emit_json(events)
+        return
+    if not events:
+        click.echo("no events" + (f" for {name}" if name else ""))
         return
     rows = []
     for e in events:
@@ -559,11 +615,177 @@ def log(name, registry_url, as_json):
         }
         rows.append(
             [
-                e["at"][:23].replace("T", " "),
+                str(e["at"])[:23].replace("T", " "),
                 e["event"],
                 e.get("name", ""),
                 " ".join(f"{k}={v}" for k, v in sorted(facts.items())),
-                e["by"],
+                e.get("by", ""),
             ]
         )
     print_table(["AT", "EVENT", "NAME", "DETAILS", "BY"], rows)
+
+
+@hub.command("rm")
+@click.argument("ref")
+@click.option(
+    "--drop-aliases", is_flag=True, help="Also remove the aliases that point at this version."
+)
+@click.option(
+    "--move-aliases",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="VERSION",
+    help="Point the aliases that point at this version at VERSION instead.",
+)
+@click.option("--reason", default="", help="Why (kept in the event log).")
+@registry_option
+@json_option
+def rm(ref, drop_aliases, move_aliases, reason, registry_url, as_json):
+    """Delete the version REF names (a secret pushed by mistake, say).
+
+    Its manifest goes and its number is never given out again; the event log keeps
+    that it was pushed and removed. Refused while aliases point at it, unless they
+    are moved or dropped with it. Its blobs go at the next `lorabay hub gc` (no
+    other version may use them; `--grace 0` frees them at once), and this
+    machine's cached copy goes now unless something is using it.
+
+    \b
+    Examples:
+      lorabay hub rm team/summarize:4 --reason "pushed the wrong folder"
+      lorabay hub rm team/summarize:4 --move-aliases 3 && lorabay hub gc --grace 0
+    """
+    removed = open_registry(registry_url).remove(
+        ref, drop_aliases=drop_aliases, move_aliases=move_aliases, reason=reason
+    )
+    m = removed.manifest
+    if as_json:
+        emit_json({"ref": m.ref, "digest": m.digest, "removed": True, "aliases": removed.aliases})
+        return
+    click.echo(f"removed {m.ref}  {m.digest}")
+    for alias, version in sorted(removed.aliases.items()):
+        where = f"-> {m.name}:{version}" if version is not None else "removed"
+        click.echo(f"  {m.name}:{alias} {where}")
+    click.echo("  its blobs go at the next `lorabay hub gc` (--grace 0: now)")
+
+
+@hub.group()
+def cache() -> None:
+    """Look at and prune the pull cache ($LORABAY_HOME/cache).
+
+    \b
+    The cache keeps every adapter pulled here, verified, by digest. With
+    LORABAY_CACHE_BUDGET (e.g. 20GB) every pull prunes it to that size, least
+    recently used first; a folder in use by any process (a pull, a gateway
+    whose engine has the adapter loaded) is never removed.
+
+    \b
+    Examples:
+      lorabay hub cache ls
+      lorabay hub cache prune --budget 10GB --dry-run
+    """
+
+
+def age(seconds_since_epoch: float) -> str:
+    seconds = max(0.0, time.time() - seconds_since_epoch)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"
+
+
+@cache.command("ls")
+@json_option
+def cache_ls(as_json):
+    """List the cached adapters, least recently used first: size, last use, whether in use.
+
+    \b
+    Example:
+      lorabay hub cache ls --json
+    """
+    from lorabay.hub.cache_prune import scan_cache
+    from lorabay.hub.settings import cache_dir
+
+    scan = scan_cache(cache_dir())
+    if as_json:
+        emit_json(scan.to_dict())
+        return
+    if not scan.adapters and not scan.manifests:
+        click.echo(f"the cache at {scan.folder} is empty")
+        return
+    rows = [
+        [
+            a.digest[:19],
+            a.ref or "?",
+            human_size(a.size),
+            age(a.last_used),
+            "yes" if a.in_use else "",
+            printable(a.registry or ""),
+        ]
+        for a in scan.adapters
+    ]
+    rows += [
+        [
+            "manifests",
+            f"{m.files} copies",
+            human_size(m.size),
+            age(m.last_used) if m.last_used else "-",
+            "",
+            m.path.name,
+        ]
+        for m in scan.manifests
+    ]
+    print_table(["DIGEST", "PULLED AS", "SIZE", "LAST USED", "IN USE", "REGISTRY"], rows)
+    budget = f" of a {human_size(scan.budget)} budget" if scan.budget is not None else ""
+    click.echo(f"{human_size(scan.total)} in {scan.folder}{budget}")
+
+
+@cache.command("prune")
+@click.argument("digests", nargs=-1, metavar="[DIGEST]...")
+@click.option(
+    "--budget",
+    metavar="SIZE",
+    default=None,
+    help="Keep at most SIZE (500MB, 20GB), least recently used go first "
+    "[default: $LORABAY_CACHE_BUDGET].",
+)
+@click.option("--all", "everything", is_flag=True, help="Remove every folder not in use.")
+@click.option("--dry-run", is_flag=True, help="Only say what would be removed.")
+@json_option
+def cache_prune(digests, budget, everything, dry_run, as_json):
+    """Remove cached adapters: those DIGEST names, else the least recently used ones past
+    the budget. Folders in use by any process are kept (and listed).
+
+    \b
+    Examples:
+      lorabay hub cache prune --budget 10GB
+      lorabay hub cache prune sha256:3f2a9c01 --dry-run
+      lorabay hub cache prune --all
+    """
+    from lorabay.hub.cache_prune import prune_cache
+    from lorabay.hub.errors import ConfigError
+    from lorabay.hub.settings import cache_budget, cache_dir, parse_size
+
+    chosen = [bool(digests), budget is not None, everything]
+    if sum(chosen) > 1:
+        raise ConfigError("give DIGEST..., --budget or --all, one of them")
+    limit = 0 if everything else parse_size(budget, "--budget") if budget is not None else None
+    if not digests and limit is None:
+        limit = cache_budget()
+        if limit is None:
+            raise ConfigError(
+                "no budget to prune to", "pass --budget SIZE or --all, or set LORABAY_CACHE_BUDGET"
+            )
+    report = prune_cache(cache_dir(), budget=limit, digests=digests, dry_run=dry_run)
+    if as_json:
+        emit_json(report.to_dict())
+        return
+    verb = "would remove" if dry_run else "removed"
+    for adapter in report.removed:
+        click.echo(
+            f"{verb} {adapter.digest[:19]}  {adapter.ref or '?'}  {human_size(adapter.size)}"
+        )
+    for adapter in report.in_use:
+        click.echo(f"kept {adapter.digest[:19]}  {adapter.ref or '?'}  (in use)")
+    if report.manifests:
+        click.echo(f"{verb} {len(report.manifests)} folders of manifest copies")
+    click.echo(f"{verb} {human_size(report.freed)}; the cache holds {human_size(report.total)}")

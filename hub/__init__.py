@@ -2,7 +2,7 @@
 
     from lorabay.hub import Registry
     reg = Registry.open()                      # $LORABAY_REGISTRY or file://$LORABAY_HOME/registry
-    m = reg.push("./adapter", "team/summarize", aliases=["prod"])
+    m = reg.push("./adapter", "team/summarize", aliases=["prod"]).manifest
     folder = reg.pull("team/summarize:prod")   # verified, cached by digest
 
 See ``registry.py`` for the whole API and ``store.py`` for the storage layout.
@@ -20,10 +20,19 @@ from lorabay.hub.errors import (
 )
 from lorabay.hub.manifest import Manifest
 from lorabay.hub.reference import Reference, parse_reference
-from lorabay.hub.registry import GcReport, Problem, Registry, YankedWarning
+from lorabay.hub.registry import (
+    Change,
+    GcReport,
+    Problem,
+    Pushed,
+    Registry,
+    Removed,
+    YankedWarning,
+)
 
 __all__ = [
     "AdapterNotFound",
+    "Change",
     "Conflict",
     "DigestMismatch",
     "GcReport",
@@ -33,9 +42,11 @@ __all__ = [
     "LorabayError",
     "Manifest",
     "Problem",
+    "Pushed",
     "Reference",
     "Registry",
     "RegistryUnavailable",
+    "Removed",
     "YankedWarning",
     "parse_reference",
 ]

@@ -7,11 +7,30 @@ into place only when all of them match, under a per-digest file lock: concurrent
 pulls of one adapter fetch it once, and a reader never sees half a folder. A
 cached folder is re-hashed on every pull; one that was changed is moved away and
 fetched again.
+
+Bounded, and safe to bound while in use. Whoever uses a folder holds a shared
+``flock`` on ``.locks/<hex>.use`` (a :class:`CacheLease`: a pull while it runs, the
+gateway for as long as the engine has the adapter loaded, since vLLM may read the
+folder again later). Pruning takes that lock exclusively without waiting, so it skips
+every folder any process holds, and removes the others least recently used first
+(the lock file's mtime, set at each hold and release) until the cache fits its budget:
+``LORABAY_CACHE_BUDGET`` after every fetch, or ``lorabay hub cache prune``. The kernel
+drops the locks of a process that dies, so a killed gateway pins nothing. A holder
+checks, once locked, that the lock file it holds is still the one at that path (a
+pruner removes it while holding it exclusively), so the two can never miss each other.
+``.meta/<hex>.json`` remembers what a folder was pulled as, for ``hub cache ls``.
+
+    with pull_into_cache(store, manifest, cache, stats) as lease:   # held until the block ends
+        use(lease.path)
+
+Looking and pruning (``hub cache ls|prune``) are in cache_prune.py.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -24,11 +43,14 @@ from pathlib import Path
 from filelock import FileLock
 from lorabay.hub import faults, pieces
 from lorabay.hub.content import check_relative_path, sha256_file
-from lorabay.hub.errors import DigestMismatch, InvalidAdapter, MissingBlob
+from lorabay.hub.errors import ConfigError, DigestMismatch, InvalidAdapter, MissingBlob
 from lorabay.hub.manifest import Manifest
+from lorabay.hub.settings import cache_budget
 
 log = logging.getLogger("lorabay.hub")
 Progress = Callable[[int], None]
+LOCKS = ".locks"  # <hex>.use: held by users (shared) and pruners (exclusive); <hex>.lock: fetch
+META = ".meta"  # <hex>.json: the reference and registry a folder was pulled from
 
 
 def blob_key(sha256: str) -> str:
@@ -161,22 +183,121 @@ def discard(folder: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
+# -- holding folders --------------------------------------------------------------------
+
+
+def use_file(cache: Path, digest_hex: str) -> Path:
+    return cache / LOCKS / f"{digest_hex}.use"
+
+
+def hold(cache: Path, digest_hex: str, exclusive: bool = False) -> int | None:
+    """An open descriptor holding ``digest_hex``'s use lock: shared (waits out a pruner, which
+    holds it only while it removes the folder), or exclusive without waiting (None when any
+    process uses the folder)."""
+    path = use_file(cache, digest_hex)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB if exclusive else fcntl.LOCK_SH)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            current = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            return fd
+        os.close(fd)  # a pruner removed this lock file after we opened it
+        if exclusive:
+            return None  # ... and the folder with it
+
+
+def mark_used(cache: Path, digest_hex: str) -> None:
+    try:
+        os.utime(use_file(cache, digest_hex))
+    except FileNotFoundError:
+        pass
+
+
+class CacheLease:
+    """A held cache folder: no prune in any process removes ``path`` until ``release()``
+    (or the end of a ``with`` block, or this process's end). ``os.fspath(lease)`` is the path."""
+
+    def __init__(self, cache: Path, digest_hex: str, fd: int):
+        self.cache = cache
+        self.digest_hex = digest_hex
+        self.path = cache / digest_hex
+        self._fd: int | None = fd
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            mark_used(self.cache, self.digest_hex)  # last used: now
+            os.close(fd)
+
+    def __enter__(self) -> CacheLease:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def __repr__(self) -> str:
+        return f"CacheLease({str(self.path)!r}, held={self.held})"
+
+    def __del__(self) -> None:  # a lease dropped without release must not pin the folder
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            os.close(fd)
+
+
 def pull_into_cache(
     store,
     manifest: Manifest,
     cache: Path,
     stats: PullStats,
     progress: Progress | None = None,
-) -> Path:
-    """The verified folder for ``manifest`` in ``cache``, fetched at most once at a time."""
+    registry_url: str | None = None,
+) -> CacheLease:
+    """The verified folder for ``manifest`` in ``cache``, fetched at most once at a time,
+    held for the caller (release the lease when done with the folder). After a fetch, the
+    cache is pruned to ``LORABAY_CACHE_BUDGET``."""
+    fd = hold(cache, manifest.digest_hex)  # from here on no prune removes the folder
+    try:
+        fetched = fill_folder(store, manifest, cache, stats, progress)
+        mark_used(cache, manifest.digest_hex)
+    except BaseException:
+        os.close(fd)
+        raise
+    lease = CacheLease(cache, manifest.digest_hex, fd)
+    if fetched:
+        note_source(cache, manifest, registry_url)
+        enforce_budget(cache)
+    return lease
+
+
+def fill_folder(
+    store, manifest: Manifest, cache: Path, stats: PullStats, progress: Progress | None
+) -> bool:
+    """Make ``cache/<hex>`` hold exactly ``manifest``'s verified files; whether it fetched."""
     final = cache / manifest.digest_hex
-    (cache / ".locks").mkdir(parents=True, exist_ok=True)
-    with FileLock(cache / ".locks" / f"{manifest.digest_hex}.lock"):
+    with FileLock(cache / LOCKS / f"{manifest.digest_hex}.lock"):
         if final.is_dir():
             damage = find_damage(final, manifest)
             if damage is None:
                 stats.cache_hits += 1
-                return final
+                return False
             log.warning("cached %s was changed (%s); fetching it again", manifest.ref, damage)
             discard(final)
             stats.refetched += 1
@@ -189,7 +310,39 @@ def pull_into_cache(
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         stats.fetched += 1
-        return final
+        return True
+
+
+def note_source(cache: Path, manifest: Manifest, registry_url: str | None) -> None:
+    """Remember what ``manifest``'s folder was pulled as (``hub cache ls`` shows it)."""
+    record = {"ref": manifest.ref, "registry": registry_url, "size": manifest.size}
+    try:
+        (cache / META).mkdir(exist_ok=True)
+        tmp = cache / META / f".{manifest.digest_hex}.{uuid.uuid4().hex}"
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, cache / META / f"{manifest.digest_hex}.json")
+    except OSError as error:
+        log.debug("could not note where %s came from: %s", manifest.ref, error)
+
+
+def enforce_budget(cache: Path) -> None:
+    """Prune to ``LORABAY_CACHE_BUDGET`` (if set); a failure never fails the pull."""
+    from lorabay.hub.cache_prune import prune_cache
+
+    budget = cache_budget()
+    if budget is None:
+        return
+    try:
+        report = prune_cache(cache, budget=budget)
+    except (OSError, ConfigError) as error:
+        log.warning("could not prune the cache to its budget: %s", error)
+        return
+    if report.total > budget:
+        log.warning(
+            "the pull cache holds %d bytes, over its budget of %d: what is left is in use",
+            report.total,
+            budget,
+        )
 
 
 def copy_out(source: Path, to: Path) -> Path:

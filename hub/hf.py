@@ -19,10 +19,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lorabay.hub.content import OPTIONAL_SUFFIXES, WEIGHTS_FILE
-from lorabay.hub.errors import AdapterNotFound, ConfigError, RegistryUnavailable
-from lorabay.hub.manifest import Manifest
+from lorabay.hub.errors import AdapterNotFound, ConfigError, HubFailed, LorabayError
+
+if TYPE_CHECKING:
+    from lorabay.hub.registry import Pushed
 
 MANIFEST_FILE = "lorabay-manifest.json"
 ALLOW_PATTERNS = [WEIGHTS_FILE] + [f"*{suffix}" for suffix in sorted(OPTIONAL_SUFFIXES)]
@@ -52,14 +55,99 @@ def parse_hf_url(url: str) -> HfLocation:
     return HfLocation(repo_id, revision or None)
 
 
-def download_snapshot(location: HfLocation, allow_patterns: list[str] = ALLOW_PATTERNS) -> Path:
-    from huggingface_hub import snapshot_download
+def hub_failure(
+    location: HfLocation | str, error: Exception, writing: bool = False
+) -> LorabayError:
+    """One line for what huggingface_hub raised, by its type and the Hub's HTTP status,
+    naming the fix (huggingface_hub's own CLI does the same: cli/_errors.py)."""
     from huggingface_hub.errors import (
+        GatedRepoError,
         HfHubHTTPError,
         LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
+
+    where = str(location)
+    cause = error.__cause__
+    if isinstance(error, LocalEntryNotFoundError) and isinstance(cause, Exception):
+        if not isinstance(cause, (OfflineModeIsEnabled, LocalEntryNotFoundError)):
+            # snapshot_download falls back to the cache when the Hub fails; not cached,
+            # it raises this with the Hub's own failure as the cause: that is the news.
+            return hub_failure(location, cause, writing)
+    response = getattr(error, "response", None)
+    status = getattr(response, "status_code", None)
+    server = str(getattr(error, "server_message", None) or "").strip().splitlines()
+    said = f" ({server[0][:160]})" if server else ""
+    login = "log in with `hf auth login` or set HF_TOKEN"
+    if isinstance(error, GatedRepoError):
+        return HubFailed(
+            where,
+            f"the repository is gated{said}",
+            f"accept its conditions on huggingface.co, then {login}",
+            status,
+        )
+    if isinstance(error, RevisionNotFoundError):
+        return AdapterNotFound(where, "the repository has no such revision; check the @REVISION")
+    if isinstance(error, RepositoryNotFoundError):
+        return AdapterNotFound(
+            where, f"check the repository name; a private one needs a token ({login})"
+        )
+    if isinstance(error, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+        return HubFailed(
+            where,
+            "not in the local Hugging Face cache, and the Hub cannot be reached",
+            "unset HF_HUB_OFFLINE and check the network, or download it first "
+            "(`hf download ORG/REPO`)",
+        )
+    if isinstance(error, HfHubHTTPError) and status is not None:
+        if status == 401:
+            return HubFailed(where, f"not authorized (401){said}", login, status)
+        if status == 403:
+            need = "a token with write access to it" if writing else "access to it"
+            return HubFailed(
+                where,
+                f"forbidden (403){said}",
+                f"use {need} (huggingface.co/settings/tokens)",
+                status,
+            )
+        if status == 429:
+            return HubFailed(
+                where, f"rate limited (429){said}", f"wait a while and retry; {login}", status
+            )
+        if status >= 500:
+            return HubFailed(
+                where,
+                f"the Hub failed the request ({status}){said}",
+                "retry later (status.huggingface.co)",
+                status,
+            )
+        return HubFailed(where, f"the Hub refused the request ({status}){said}", "fix it", status)
+    first = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+    return HubFailed(
+        where,
+        f"cannot reach the Hub ({type(error).__name__}: {first})",
+        "check the network and HF_ENDPOINT, or use the local cache (HF_HUB_OFFLINE=1)",
+    )
+
+
+def hub_errors() -> tuple[type[Exception], ...]:
+    """What huggingface_hub raises for the Hub's answers and for the network under it."""
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    errors: tuple[type[Exception], ...] = (HfHubHTTPError, OfflineModeIsEnabled, OSError)
+    try:
+        import httpx2
+
+        errors += (httpx2.HTTPError,)
+    except ImportError:  # an older huggingface_hub on httpx or requests: OSError covers it
+        pass
+    return errors
+
+
+def download_snapshot(location: HfLocation, allow_patterns: list[str] = ALLOW_PATTERNS) -> Path:
+    from huggingface_hub import snapshot_download
 
     try:
         return Path(
@@ -67,16 +155,8 @@ def download_snapshot(location: HfLocation, allow_patterns: list[str] = ALLOW_PA
                 location.repo_id, revision=location.revision, allow_patterns=allow_patterns
             )
         )
-    except (RepositoryNotFoundError, RevisionNotFoundError):
-        raise AdapterNotFound(str(location), "check the repository name and revision") from None
-    except LocalEntryNotFoundError:
-        raise RegistryUnavailable(
-            str(location),
-            "not in the local Hugging Face cache and the Hub cannot be reached "
-            "(unset HF_HUB_OFFLINE or download it first)",
-        ) from None
-    except (HfHubHTTPError, OSError) as error:
-        raise RegistryUnavailable(str(location), str(error).splitlines()[0]) from None
+    except hub_errors() as error:
+        raise hub_failure(location, error) from None
 
 
 def stage_snapshot(snapshot: Path, into: Path) -> dict | None:
@@ -95,7 +175,15 @@ def stage_snapshot(snapshot: Path, into: Path) -> dict | None:
         if not real.is_relative_to(repo_cache) and not real.is_relative_to(snapshot.resolve()):
             raise ConfigError(f"{rel} in {snapshot} points outside the repository's cache")
         if rel == MANIFEST_FILE:
-            exported = json.loads(real.read_text())
+            try:
+                exported = json.loads(real.read_text())
+                if not isinstance(exported, dict):
+                    raise ValueError("not a JSON object")
+            except (ValueError, RecursionError, UnicodeDecodeError) as error:
+                raise ConfigError(
+                    f"{rel} in {snapshot} is not a lorabay manifest ({str(error)[:120]})",
+                    "fix or remove it in the repository",
+                ) from None
             continue
         target = into / rel
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -112,7 +200,9 @@ def import_from_hf(
     description: str | None = None,
     labels: dict | None = None,
     base=None,
-) -> Manifest:
+) -> Pushed:
+    """Push the adapter of a Hub snapshot as the next version of ``name`` (what the push
+    did: ``Pushed``), its source (``hf://repo@commit``) recorded in the labels."""
     location = parse_hf_url(source)
     snapshot = download_snapshot(location)
     commit = snapshot.name  # snapshots/<commit sha>
@@ -143,7 +233,6 @@ def export_to_hf(
 ) -> str:
     """Upload ``ref`` to the Hub repository ``target`` in one commit; returns the commit URL."""
     from huggingface_hub import CommitOperationAdd, HfApi
-    from huggingface_hub.errors import HfHubHTTPError
 
     location = parse_hf_url(target)
     manifest = registry.resolve(ref)
@@ -162,6 +251,6 @@ def export_to_hf(
             commit_message=f"lorabay export {manifest.ref} ({manifest.digest})",
             revision=location.revision,
         )
-    except HfHubHTTPError as error:
-        raise RegistryUnavailable(str(location), str(error).splitlines()[0]) from None
+    except hub_errors() as error:
+        raise hub_failure(location, error, writing=True) from None
     return commit.commit_url

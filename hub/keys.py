@@ -30,3 +30,18 @@ def name_from_alias_key(key: str) -> str:
 
 def manifest_key(name: str, version: int) -> str:
     return f"{name_prefix(name)}{version}.json"
+
+
+def removed_key(name: str, version: int) -> str:
+    """The tombstone ``hub rm`` leaves: the version number stays taken."""
+    return f"{name_prefix(name)}{version}.removed"
+
+
+def yanked_key(name: str, version: int) -> str:
+    return f"{name_prefix(name)}{version}.yanked"
+
+
+def event_prefix(name: str) -> str:
+    # Keyed by name, so `hub log NAME` lists one prefix instead of reading every event.
+    namespace, _, short = name.rpartition("/")
+    return f"events/{namespace or '_'}/{short}/"

@@ -222,3 +222,36 @@ def write_pack(store: Store, records: Records, key: str) -> None:
         except UnicodeDecodeError:
             continue
     store.create(key, json.dumps({"objects": objects}, separators=(",", ":")).encode())
+
+
+def forget(store: Store, keys) -> int:
+    """Rewrite the packs that still hold any of ``keys`` (manifests of removed versions)
+    without them; returns how many were rewritten. Readers never take such a record (the
+    LIST no longer shows its key), so this only stops a removed version's description and
+    labels from lingering in packs. A merge racing with it may copy a record back into a
+    new pack; the next gc drops it again. Failures only cost that: logged, never raised."""
+    keys = set(keys)
+    if not keys or not getattr(store, "remote", False):
+        return 0
+    rewritten = 0
+    try:
+        for info in store.list(PREFIX):
+            raw = store.read(info.key)
+            try:
+                objects = json.loads(raw)["objects"] if raw is not None else {}
+            except (ValueError, KeyError, TypeError):
+                continue
+            if not keys & set(objects):
+                continue
+            kept = {key: record for key, record in objects.items() if key not in keys}
+            # The same time stamp, so the copy sorts where the original did (newest wins).
+            stamp = info.key[len(PREFIX) :].split("-")[0]
+            suffix = hashlib.sha256(info.key.encode()).hexdigest()[:8]
+            if kept:
+                data = json.dumps({"objects": kept}, separators=(",", ":")).encode()
+                store.create(f"{PREFIX}{stamp}-{suffix}.json", data)
+            store.delete(info.key)
+            rewritten += 1
+    except Exception as error:  # noqa: BLE001 - a pack is an optimisation, never a failure
+        log.debug("could not rewrite packs: %s", error)
+    return rewritten

@@ -5,8 +5,12 @@ Written once against the small ``store.Store`` interface, so ``file://`` and
 
     from lorabay.hub import Registry
     reg = Registry.open("file:///tmp/reg")          # or s3://bucket/prefix, or None
-    m = reg.push("./my-adapter", "team/summarize", aliases=["prod"])
-    path = reg.pull("team/summarize:prod")
+    m = reg.push("./my-adapter", "team/summarize", aliases=["prod"]).manifest
+    path = reg.pull("team/summarize:prod")      # verified, cached by digest
+    with reg.lease("team/summarize:prod") as held:   # the same, and no prune removes it
+        use(held.path)                                # until the block ends
+    reg.yank("team/summarize:1").changed         # False: it was yanked already
+    reg.remove("team/summarize:1")               # gone; `hub gc` frees its blobs
 
 A registry that does not exist yet is created by the first push. Opening one
 never writes; reading a missing one raises RegistryUnavailable, except the
@@ -15,25 +19,23 @@ default registry (``$LORABAY_HOME/registry``), which reads as empty until then.
 
 from __future__ import annotations
 
-import getpass
 import hashlib
 import json
 import logging
 import os
 import random
-import socket
 import threading
 import time
+import unicodedata
 import uuid
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 from lorabay.hub import faults, packs
-from lorabay.hub.cache import PullStats, blob_key, copy_out, pull_into_cache
+from lorabay.hub.cache import CacheLease, PullStats, blob_key, copy_out, pull_into_cache
+from lorabay.hub.cache_prune import discard_unused
 from lorabay.hub.content import find_base, scan_adapter
 from lorabay.hub.errors import (
     AdapterNotFound,
@@ -41,15 +43,20 @@ from lorabay.hub.errors import (
     Conflict,
     DamagedRecord,
     IncompatibleBase,
+    LorabayError,
     RegistryUnavailable,
+    VersionAliased,
     YankedVersion,
 )
+from lorabay.hub.events import current_user, damaged_events, now_iso, read_events, write_event
 from lorabay.hub.keys import (
     alias_key,
     manifest_key,
     name_from_alias_key,
     name_from_prefix,
     name_prefix,
+    removed_key,
+    yanked_key,
 )
 from lorabay.hub.manifest import KINDS, LINEAGE_KEYS, Manifest, empty_lineage
 from lorabay.hub.reference import (
@@ -62,7 +69,13 @@ from lorabay.hub.reference import (
 )
 from lorabay.hub.settings import cache_dir, default_registry_url
 from lorabay.hub.store import ObjectInfo, PreconditionFailed, Store, open_store
-from lorabay.hub.upkeep import GcReport, Problem, collect_garbage, verify_registry
+from lorabay.hub.upkeep import (
+    GcReport,
+    Problem,
+    collect_garbage,
+    protect_blobs,
+    verify_registry,
+)
 
 log = logging.getLogger("lorabay.hub")
 Progress = Callable[[int], None]
@@ -73,17 +86,49 @@ class YankedWarning(UserWarning):
     """Pulling a yanked version: allowed by exact version or digest, but said out loud."""
 
 
+MAX_VERSION = 10**15  # as reference.MAX_VERSION_DIGITS allows
+
+
+@dataclass(frozen=True)
+class Pushed:
+    """What a push did: the version it names, and whether it made it."""
+
+    manifest: Manifest
+    created: bool  # False: the content was this version already; no version was written
+
+
+@dataclass(frozen=True)
+class Change:
+    """What a yank or an un-yank did."""
+
+    manifest: Manifest
+    changed: bool  # False: it was so already; nothing was written or logged
+
+
+@dataclass(frozen=True)
+class Removed:
+    """What ``remove`` did: the version gone, and where its aliases point now (None: gone)."""
+
+    manifest: Manifest
+    aliases: dict[str, int | None] = field(default_factory=dict)
+
+
 @dataclass
 class NameState:
-    """What one listing of ``adapters/<name>/`` says: versions, yanked ones, aliases file."""
+    """What one listing of ``adapters/<name>/`` says: versions, yanked and removed ones."""
 
     versions: list[int] = field(default_factory=list)
     yanked: set[int] = field(default_factory=set)
+    removed: set[int] = field(default_factory=set)  # numbers `hub rm` left taken
 
     @property
     def latest(self) -> int | None:
         live = [v for v in self.versions if v not in self.yanked]
         return max(live) if live else None
+
+    @property
+    def next_version(self) -> int:
+        return max([0, *self.versions, *self.removed]) + 1
 
 
 def states_of(infos: Iterable[ObjectInfo]) -> dict[str, NameState]:
@@ -97,6 +142,12 @@ def states_of(infos: Iterable[ObjectInfo]) -> dict[str, NameState]:
             state.versions.append(int(stem))
         elif stem.isdigit() and suffix == "yanked":
             state.yanked.add(int(stem))
+        elif stem.isdigit() and suffix == "removed":
+            state.removed.add(int(stem))
+    for state in states.values():
+        # The tombstone is the commit point of `hub rm`: a version whose manifest a killed
+        # rm left behind is removed all the same (gc deletes what was left).
+        state.versions = [v for v in state.versions if v not in state.removed]
     return states
 
 
@@ -121,20 +172,22 @@ def save_copy(path: Path, data: bytes) -> None:
         log.debug("could not keep a copy of %s: %s", path, error)
 
 
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+def unprintable(text: str) -> str | None:
+    """The first control or formatting character in ``text`` (as U+XXXX), if any: they
+    rewrite or reorder what a terminal shows when `hub show` prints the text."""
+    from lorabay.hub.content import UNPRINTABLE
 
-
-def current_user() -> str:
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = "unknown"
-    return f"{user}@{socket.gethostname()}"
+    odd = next((c for c in text if unicodedata.category(c) in UNPRINTABLE), None)
+    return None if odd is None else f"U+{ord(odd):04X}"
 
 
 def check_push_options(
-    name: str, aliases: Iterable[str], kind: str, labels: Mapping, lineage: Mapping | None
+    name: str,
+    aliases: Iterable[str],
+    kind: str,
+    labels: Mapping,
+    lineage: Mapping | None,
+    description: str = "",
 ) -> tuple[list[str], dict, dict]:
     validate_name(name)
     aliases = list(aliases)
@@ -151,6 +204,14 @@ def check_push_options(
         isinstance(k, str) and k and isinstance(v, str) for k, v in labels.items()
     ):
         problems.append("labels must map non-empty strings to strings (--label key=value)")
+    else:
+        for key, value in labels.items():
+            if odd := unprintable(key + value):
+                problems.append(f"label {key!r} holds the control character {odd}")
+    if not isinstance(description, str):
+        problems.append("the description must be a string")
+    elif odd := unprintable(description):
+        problems.append(f"the description holds the control character {odd} (one line of text)")
     merged = empty_lineage()
     if lineage is not None:
         unknown = sorted(set(lineage) - set(LINEAGE_KEYS))
@@ -178,7 +239,6 @@ class Registry:
         self.url = store.url
         self.missing_is_empty = missing_is_empty
         self.pull_stats = PullStats()
-        self.last_push_created = False  # whether the last push made a new version
         self._manifests: dict[tuple[str, int], Manifest] = {}  # immutable: cached forever
         self._unpacked: dict[str, bytes] = {}  # records written and not yet in a pack
         self._unpacked_lock = threading.Lock()
@@ -316,10 +376,7 @@ class Registry:
             raise AdapterNotFound(shown, "the registry is empty; push an adapter first")
         name = parsed.name
         if parsed.version is not None:
-            manifest = self.load_manifest(name, parsed.version)
-            if manifest is None:
-                raise AdapterNotFound(shown, f"run `lorabay hub list {name}` to see its versions")
-            return manifest
+            return self._existing_manifest(name, parsed.version, shown)
         if parsed.digest is not None:
             state = self._state(name)
             for manifest in self._manifests_of([(name, v) for v in state.versions]):
@@ -340,10 +397,41 @@ class Registry:
         table, _ = self._read_aliases(name)
         if parsed.alias not in table:
             raise AdapterNotFound(shown, f"run `lorabay hub show {name}` to see its aliases")
-        manifest = self.load_manifest(name, table[parsed.alias])
-        if manifest is None:
-            raise DamagedRecord(shown, f"the alias points to missing version {table[parsed.alias]}")
-        return manifest
+        version = table[parsed.alias]
+        try:
+            return self._existing_manifest(name, version, shown)
+        except AdapterNotFound:
+            if self.store.has(removed_key(name, version)):
+                raise AdapterNotFound(
+                    shown,
+                    f"it points to {name}:{version}, which was removed; move it with "
+                    f"`lorabay hub alias set {name} {parsed.alias} VERSION`",
+                ) from None
+            raise DamagedRecord(shown, f"the alias points to missing version {version}") from None
+
+    def _existing_manifest(self, name: str, version: int, shown: str) -> Manifest:
+        """Version ``version`` while the store has it: a copy kept here is used only after a
+        HEAD shows its manifest is still there (``hub rm`` may have removed it)."""
+        key = manifest_key(name, version)
+        kept = self._manifests.get((name, version)) or self._kept_manifest(name, version)
+        if kept is not None and self.store.has(key):
+            return kept
+        self._drop_copies(name, version)
+        raw = self.store.read(key) if kept is None else None
+        if raw is not None:
+            return self._accept_manifest(name, version, raw, keep=True)
+        if self.store.has(removed_key(name, version)):
+            raise AdapterNotFound(
+                shown, f"{name}:{version} was removed (`lorabay hub log {name}` says when)"
+            )
+        raise AdapterNotFound(shown, f"run `lorabay hub list {name}` to see its versions")
+
+    def _drop_copies(self, name: str, version: int) -> None:
+        """Forget this machine's copies of a manifest that is gone from the store."""
+        self._manifests.pop((name, version), None)
+        local = self._manifest_copy(manifest_key(name, version))
+        if local is not None:
+            local.unlink(missing_ok=True)
 
     def _as_manifest(self, ref_or_manifest: str | Manifest) -> Manifest:
         return (
@@ -354,12 +442,13 @@ class Registry:
 
     def is_yanked(self, ref_or_manifest: str | Manifest) -> bool:
         manifest = self._as_manifest(ref_or_manifest)
-        return self.store.has(f"{name_prefix(manifest.name)}{manifest.version}.yanked")
+        return self.store.has(yanked_key(manifest.name, manifest.version))
 
     def names(self) -> list[str]:
         if not self.is_readable():
             return []
-        return sorted({name_from_prefix(i.key)[0] for i in self.store.list("adapters/")})
+        states = states_of(self.store.list("adapters/"))
+        return sorted(name for name, state in states.items() if state.versions)
 
     def version_table(self, name: str | None) -> dict[str, NameState]:
         """Versions and yanked flags per name (of ``name``, or of all), from one listing."""
@@ -390,22 +479,28 @@ class Registry:
             return {}
         return dict(sorted(self._read_aliases(name)[0].items()))
 
-    def events(self, name: str | None = None) -> list[dict]:
-        """The event log, oldest first: pushed, aliased, unaliased, yanked, unyanked."""
+    def events(
+        self, name: str | None = None, *, limit: int | None = None, since: float | None = None
+    ) -> list[dict]:
+        """The event log (of ``name``: one listing of its own prefix), oldest first: pushed,
+        aliased, unaliased, yanked, unyanked, removed. ``since`` (seconds since the epoch)
+        and ``limit`` (the newest N) are applied to the keys, so only those events are read.
+        A damaged event raises DamagedRecord."""
+        if name is not None:
+            validate_name(name)
+        if limit is not None and limit < 0:
+            raise ConfigError(f"limit {limit} is negative", "give 0 or more")
         if not self.is_readable():
             return []
-        keys = sorted(i.key for i in self.store.list("events/"))
-        workers = getattr(self.store, "concurrent_reads", 1)
-        with ThreadPoolExecutor(max(1, workers)) as pool:
-            raws = list(pool.map(self.store.read, keys))
-        events = [json.loads(raw) for raw in raws if raw is not None]
-        return [e for e in events if name is None or e.get("name") == name]
+        return read_events(self.store, name, limit=limit, since=since)
+
+    def damaged_events(self) -> list[tuple[str, LorabayError]]:
+        """Every event that cannot be read (``verify``): (key, error)."""
+        return damaged_events(self.store)
 
     # -- writing ---------------------------------------------------------------------
     def _log(self, event: str, **facts) -> None:
-        record = {"event": event, "at": now_iso(), "by": current_user(), **facts}
-        key = f"events/{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.json"
-        self.store.create(key, json.dumps(record, sort_keys=True).encode())
+        write_event(self.store, event, **facts)
 
     def _ensure_created(self) -> None:
         self.store.check_reachable()
@@ -423,16 +518,17 @@ class Registry:
         lineage: Mapping | None = None,
         kind: str = "lora",
         progress: Progress | None = None,
-    ) -> Manifest:
+    ) -> Pushed:
         """Check ``folder`` completely, then store it as the next version of ``name``.
 
-        Content identical to an existing version of ``name`` returns that version and
-        creates nothing (the aliases still move to it). Nothing is written before every
-        check has passed.
+        Content identical to an existing version of ``name`` gives that version with
+        ``created`` False and writes none (the aliases still move to it). Nothing is
+        written before every check has passed.
         """
-        aliases, labels, lineage = check_push_options(name, aliases, kind, labels or {}, lineage)
+        aliases, labels, lineage = check_push_options(
+            name, aliases, kind, labels or {}, lineage, description
+        )
         content = scan_adapter(folder, progress=progress)
-        self.last_push_created = False
         base_record = find_base(content.config, base)
         if base is not None:
             from lorabay.hub.compat import check_content_against_base
@@ -447,7 +543,7 @@ class Registry:
             log.info("%s already holds this content as %s", name, existing.ref)
             for alias in aliases:
                 self.set_alias(name, alias, existing.version)
-            return existing
+            return Pushed(existing, created=False)
 
         for index, f in enumerate(content.files):
             self.store.put_file(blob_key(f.sha256), f.source, f.sha256)
@@ -455,7 +551,7 @@ class Registry:
                 faults.checkpoint("push:blob")
         faults.checkpoint("push:blobs")
 
-        manifest = None
+        manifest, created = None, False
         for _ in range(CAS_ATTEMPTS):
             state = self._state(name)
             # A concurrent push of the same content may have won meanwhile.
@@ -465,7 +561,7 @@ class Registry:
                 break
             candidate = Manifest(
                 name=name,
-                version=(state.versions[-1] if state.versions else 0) + 1,
+                version=state.next_version,
                 digest=digest,
                 files=[f.entry() for f in content.files],
                 peft=content.peft(),
@@ -480,16 +576,13 @@ class Registry:
             key = manifest_key(name, candidate.version)
             if self.store.create(key, candidate.to_json()):
                 self._written(key, candidate.to_json())
-                manifest = candidate
-                self.last_push_created = True
+                manifest, created = candidate, True
                 self._manifests[(name, candidate.version)] = candidate
                 faults.checkpoint("push:manifest")
-                # A gc that ran between the blob writes and the manifest may have taken a
-                # blob that already existed (and was unreferenced): put it back.
-                for f in content.files:
-                    if not self.store.has(blob_key(f.sha256)):
-                        self.store.put_file(blob_key(f.sha256), f.source, f.sha256)
                 self._log("pushed", name=name, version=candidate.version, digest=digest)
+                # A gc running now read the manifests before this one existed: make sure
+                # it spares these blobs, or put back what it took (upkeep.py says why).
+                protect_blobs(self.store, [(f.sha256, f.source) for f in content.files])
                 break
             time.sleep(random.uniform(0, 0.01))
         if manifest is None:
@@ -500,7 +593,7 @@ class Registry:
         for alias in aliases:
             self.set_alias(name, alias, manifest.version)
         self._pack_written()
-        return manifest
+        return Pushed(manifest, created)
 
     def _find_digest(
         self, name: str, digest: str, state: NameState | None = None
@@ -545,12 +638,17 @@ class Registry:
         validate_alias(alias, f"{name}:{alias}")
         if alias == LATEST:
             raise ConfigError("'latest' is implicit and cannot be set", "pick another alias")
-        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            raise ConfigError(f"version {version!r} is not a whole number from 1")
+        if (
+            not isinstance(version, int)
+            or isinstance(version, bool)
+            or not 1 <= version <= MAX_VERSION
+        ):
+            raise ConfigError(
+                f"version {str(version)[:20]!r} is not a whole number from 1 to {MAX_VERSION:,}"
+            )
         self._readable_or_raise(f"{name}:{version}")
-        if self.load_manifest(name, version) is None:
-            raise AdapterNotFound(f"{name}:{version}", f"run `lorabay hub list {name}`")
-        if self.is_yanked(self.load_manifest(name, version)):
+        manifest = self._existing_manifest(name, version, f"{name}:{version}")
+        if self.is_yanked(manifest):
             raise YankedVersion(f"{name}:{version}")
         previous = self._move_alias(name, alias, version)
         self._log("aliased", name=name, alias=alias, version=version, previous=previous)
@@ -581,23 +679,119 @@ class Registry:
         if not self.is_readable():
             raise AdapterNotFound(shown, "the registry is empty; push an adapter first")
 
-    def yank(self, ref: str, undo: bool = False, reason: str = "") -> Manifest:
-        """Hide a version from ``latest`` and ``list`` (still pullable by version or digest)."""
+    def yank(self, ref: str, undo: bool = False, reason: str = "") -> Change:
+        """Hide a version from ``latest`` and ``list`` (still pullable by version or digest),
+        or show it again (``undo``). Logged only when it changed something: yanking a
+        yanked version (or un-yanking one that is not) gives ``changed`` False."""
         manifest = self.resolve(ref)
-        key = f"{name_prefix(manifest.name)}{manifest.version}.yanked"
+        key = yanked_key(manifest.name, manifest.version)
         if undo:
-            self.store.delete(key)
+            changed = self._delete_flag(key)
         else:
             record = {"at": now_iso(), "by": current_user(), "reason": reason}
-            self.store.create(key, json.dumps(record).encode())
-        self._log(
-            "unyanked" if undo else "yanked",
-            name=manifest.name,
-            version=manifest.version,
-            digest=manifest.digest,
-            reason=reason,
+            changed = self.store.create(key, json.dumps(record).encode())
+        if changed:
+            self._log(
+                "unyanked" if undo else "yanked",
+                name=manifest.name,
+                version=manifest.version,
+                digest=manifest.digest,
+                reason=reason,
+            )
+        return Change(manifest, changed)
+
+    def _delete_flag(self, key: str) -> bool:
+        """Delete ``key`` if present; whether this call deleted it (of two at once, one)."""
+        for _ in range(CAS_ATTEMPTS):
+            tagged = self.store.read_tagged(key)
+            if tagged is None:
+                return False
+            try:
+                self.store.delete(key, tagged[1])
+                return True
+            except PreconditionFailed:
+                continue  # deleted (or re-created) meanwhile: look again
+        raise Conflict(f"could not change {key}", "too many concurrent changes; try again")
+
+    def remove(
+        self,
+        ref: str,
+        *,
+        drop_aliases: bool = False,
+        move_aliases: int | None = None,
+        reason: str = "",
+    ) -> Removed:
+        """Delete a version: its manifest and yanked flag go, a tombstone keeps its number
+        taken (never given out again), the event log records ``removed``, and ``gc`` then
+        frees the blobs no other version uses. Refused (VersionAliased) while aliases point
+        at it, unless ``drop_aliases`` removes them or ``move_aliases`` points them at that
+        version instead."""
+        if drop_aliases and move_aliases is not None:
+            raise ConfigError("give --drop-aliases or --move-aliases, not both")
+        manifest = self.resolve(ref)
+        name, version = manifest.name, manifest.version
+        if move_aliases is not None:
+            if move_aliases == version:
+                raise ConfigError(f"--move-aliases {version} is the version being removed")
+            target = self._existing_manifest(name, move_aliases, f"{name}:{move_aliases}")
+            if self.is_yanked(target):
+                raise YankedVersion(target.ref)
+        moved = self._release_aliases(manifest, drop_aliases, move_aliases)
+        record = {
+            "at": now_iso(),
+            "by": current_user(),
+            "digest": manifest.digest,
+            "reason": reason,
+        }
+        # The commit point. Only its creator logs; a second rm (racing, or after one that was
+        # killed) only finishes the deletes.
+        if self.store.create(removed_key(name, version), json.dumps(record).encode()):
+            self._log("removed", name=name, version=version, digest=manifest.digest, reason=reason)
+        self.store.delete(manifest_key(name, version))
+        self.store.delete(yanked_key(name, version))
+        self._drop_copies(name, version)
+        # An alias set to this version while it was being removed would point at nothing.
+        moved |= self._release_aliases(manifest, True, move_aliases)
+        self._pack_written()
+        packs.forget(self.store, [manifest_key(name, version)])
+        discard_unused(cache_dir(), manifest.digest_hex)
+        return Removed(manifest, moved)
+
+    def _release_aliases(
+        self, manifest: Manifest, drop: bool, move_to: int | None
+    ) -> dict[str, int | None]:
+        """Move or remove the aliases that point at ``manifest`` (compare-and-swap, logged);
+        VersionAliased when there are some and neither is asked for."""
+        name, version, key = manifest.name, manifest.version, alias_key(manifest.name)
+        for attempt in range(CAS_ATTEMPTS):
+            table, etag = self._read_aliases(name)
+            pointing = sorted(a for a, v in table.items() if v == version)
+            if not pointing:
+                return {}
+            if not drop and move_to is None:
+                raise VersionAliased(manifest.ref, [f"{name}:{a}" for a in pointing])
+            for alias in pointing:
+                if move_to is None:
+                    table.pop(alias)
+                else:
+                    table[alias] = move_to
+            data = json.dumps(table, sort_keys=True).encode()
+            try:
+                self.store.swap(key, data, etag)
+            except PreconditionFailed:
+                time.sleep(random.uniform(0, min(0.2, 0.005 * (attempt + 1))))
+                continue
+            self._written(key, data)
+            for alias in pointing:
+                if move_to is None:
+                    self._log("unaliased", name=name, alias=alias, previous=version)
+                else:
+                    self._log("aliased", name=name, alias=alias, version=move_to, previous=version)
+            return dict.fromkeys(pointing, move_to)
+        raise Conflict(
+            f"could not move the aliases of {name} after {CAS_ATTEMPTS} attempts",
+            "too many concurrent alias moves; try again",
         )
-        return manifest
 
     # -- pulling ---------------------------------------------------------------------
     def pull(
@@ -607,16 +801,36 @@ class Registry:
         *,
         progress: Progress | None = None,
     ) -> Path:
-        """A verified local folder with the adapter's files (cached by digest)."""
+        """A verified local folder with the adapter's files (cached by digest). The cache
+        folder is not held once this returns: a prune may remove it later; use ``lease``
+        to keep it, or ``to`` for a copy of one's own."""
         manifest = self._as_manifest(ref_or_manifest)
+        self._warn_if_yanked(manifest)
+        with self._fetch(manifest, progress) as held:
+            return copy_out(held.path, Path(to)) if to is not None else held.path
+
+    def lease(
+        self, ref_or_manifest: str | Manifest, *, progress: Progress | None = None
+    ) -> CacheLease:
+        """Pull, and hold the cached folder: until ``release()`` (or the end of a ``with``
+        block), no cache prune in any process removes it (hub/cache.py). The gateway holds
+        one per adapter the engine has loaded."""
+        manifest = self._as_manifest(ref_or_manifest)
+        self._warn_if_yanked(manifest)
+        return self._fetch(manifest, progress)
+
+    def _fetch(self, manifest: Manifest, progress: Progress | None) -> CacheLease:
+        return pull_into_cache(
+            self.store, manifest, cache_dir(), self.pull_stats, progress, self.url
+        )
+
+    def _warn_if_yanked(self, manifest: Manifest) -> None:
         if self.is_yanked(manifest):
             warnings.warn(
                 f"{manifest.ref} is yanked; pulled because it was named exactly",
                 YankedWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-        path = pull_into_cache(self.store, manifest, cache_dir(), self.pull_stats, progress)
-        return copy_out(path, Path(to)) if to is not None else path
 
     # -- upkeep ----------------------------------------------------------------------
     def verify(self, ref: str | None = None, progress: Progress | None = None) -> list[Problem]:
@@ -639,5 +853,6 @@ class Registry:
         from lorabay.hub.compat import check_manifest_against_base
 
         manifest = self._as_manifest(ref_or_manifest)
-        folder = self.pull(manifest)
-        return check_manifest_against_base(manifest, folder, base_path, max_rank)
+        self._warn_if_yanked(manifest)
+        with self._fetch(manifest, None) as held:
+            return check_manifest_against_base(manifest, held.path, base_path, max_rank)

@@ -1,13 +1,17 @@
 """Settings read from the environment, in one place.
 
 ``LORABAY_HOME`` (default ``~/.lorabay``) holds the embedded registry and the
-pull cache; ``LORABAY_REGISTRY`` overrides the registry URL.
+pull cache; ``LORABAY_REGISTRY`` overrides the registry URL; ``LORABAY_CACHE_BUDGET``
+bounds the pull cache (``20GB``; least recently used adapters go first, hub/cache.py).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+
+SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 def lorabay_home() -> Path:
@@ -40,3 +44,19 @@ def cache_dir() -> Path:
 
 def debug() -> bool:
     return os.environ.get("LORABAY_DEBUG", "") not in ("", "0", "false")
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    """Bytes from ``1000``, ``500MB``, ``20G``, ``1.5TiB`` (units are powers of 1024)."""
+    from lorabay.hub.errors import ConfigError
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", str(text), re.IGNORECASE)
+    if not match:
+        raise ConfigError(f"{what} {text!r} is not a size", "write bytes or 500MB, 20GB, 1.5TB")
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
+
+
+def cache_budget() -> int | None:
+    """The most bytes the pull cache keeps (``LORABAY_CACHE_BUDGET``); None: no bound."""
+    raw = os.environ.get("LORABAY_CACHE_BUDGET", "").strip()
+    return parse_size(raw, "LORABAY_CACHE_BUDGET") if raw else None

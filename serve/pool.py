@@ -30,6 +30,15 @@ class LoadedAdapter:
     engine_name: str
     labels: tuple[str, str]  # (adapter name, version) for metrics
     users: int = 0
+    folder: object = None  # what prepare gave; a hub CacheLease pins it in the pull cache
+
+
+def release_folder(folder) -> None:
+    """The engine no longer has the adapter: the pull cache may prune its folder again.
+    (A load that failed drops its lease with the task: CacheLease closes on collection.)"""
+    release = getattr(folder, "release", None)
+    if release is not None:
+        release()
 
 
 class AdapterPool:
@@ -104,7 +113,7 @@ class AdapterPool:
         seconds = time.perf_counter() - started
         if epoch != self._epoch:
             return
-        self._loaded[key] = LoadedAdapter(key, engine_name, labels)
+        self._loaded[key] = LoadedAdapter(key, engine_name, labels, folder=path)
         if self.metrics:
             self.metrics.loads.labels(*labels).inc()
             self.metrics.load_seconds.labels(*labels).observe(seconds)
@@ -150,6 +159,7 @@ class AdapterPool:
             except Exception as error:  # the engine forgot it already, or is restarting
                 log.warning("unloading %s failed: %s", idle.engine_name, error)
             finally:
+                release_folder(idle.folder)
                 self._unloading.pop(idle.key, None)
                 done.set_result(None)
                 if self.metrics:
@@ -157,11 +167,13 @@ class AdapterPool:
 
     def forget(self, key: str) -> None:
         """The engine does not know this adapter any more (it answered 404): load it again."""
-        self._loaded.pop(key, None)
+        release_folder(getattr(self._loaded.pop(key, None), "folder", None))
 
     def reset(self) -> None:
         """The engine restarted: nothing is loaded; loads in flight belong to the dead one."""
         self._epoch += 1
+        for entry in self._loaded.values():
+            release_folder(entry.folder)
         self._loaded.clear()
         if self.metrics:
             self.metrics.loaded.set(0)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorabay.hub import Manifest, Registry
+from lorabay.hub.cache import CacheLease
 from lorabay.hub.compat import check_manifest_against_base, compare_config, read_base_shapes
 from lorabay.hub.errors import AdapterNotFound, IncompatibleBase, InvalidReference
 from lorabay.hub.reference import parse_reference
@@ -154,8 +155,9 @@ class ModelResolver:
         self._cache[model] = (asked, manifest)
         return manifest
 
-    async def prepare(self, target: Target) -> Path:
-        """Pull and verify the adapter, check it fits the base; its local folder."""
+    async def prepare(self, target: Target) -> CacheLease:
+        """Pull and verify the adapter, check it fits the base; its local folder, held in
+        the pull cache until the pool releases it (``os.fspath`` gives the path)."""
         manifest = target.manifest
         assert manifest is not None
         known = self._fit.get(manifest.digest)
@@ -165,21 +167,28 @@ class ModelResolver:
             raise IncompatibleBase(manifest.ref, self.served_name, known)
         return await asyncio.to_thread(self._pull_and_check, manifest)
 
-    def _pull_and_check(self, manifest: Manifest) -> Path:
+    def _pull_and_check(self, manifest: Manifest) -> CacheLease:
         # One verified pull, then the check on that folder (Registry.check would pull,
         # i.e. re-hash, a second time): the cold path is on a client's first token.
-        folder = self.registry.pull(manifest)
-        reasons = self._fit.get(manifest.digest)
-        if reasons is None:
-            reasons = (
-                check_manifest_against_base(manifest, folder, self.base_folder, self.max_rank)
-                if self.base_folder is not None
-                else []  # a hub id, not a folder: vLLM checks the shapes when loading
-            )
-            self._fit[manifest.digest] = reasons
-        if reasons:
-            raise IncompatibleBase(manifest.ref, self.served_name, reasons)
-        return folder
+        # The folder stays held (a lease) while the engine has the adapter: vLLM may read
+        # it again, so no cache prune, in this process or another, may remove it (pool.py).
+        lease = self.registry.lease(manifest)
+        folder = lease.path
+        try:
+            reasons = self._fit.get(manifest.digest)
+            if reasons is None:
+                reasons = (
+                    check_manifest_against_base(manifest, folder, self.base_folder, self.max_rank)
+                    if self.base_folder is not None
+                    else []  # a hub id, not a folder: vLLM checks the shapes when loading
+                )
+                self._fit[manifest.digest] = reasons
+            if reasons:
+                raise IncompatibleBase(manifest.ref, self.served_name, reasons)
+        except BaseException:
+            lease.release()
+            raise
+        return lease
 
     def fits(self, manifest: Manifest) -> bool:
         """For /v1/models: a known result, else the manifest-only check."""

@@ -39,7 +39,7 @@ def push_adapter(
     """
     from lorabay.hub import Registry
 
-    return Registry.open(registry).push(
+    pushed = Registry.open(registry).push(
         adapter,
         name,
         aliases=aliases,
@@ -49,6 +49,7 @@ def push_adapter(
         lineage=lineage,
         kind=kind,
     )
+    return pushed.manifest
 
 
 def push_run(

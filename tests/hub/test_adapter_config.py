@@ -104,6 +104,21 @@ def test_file_names_with_control_or_bidi_characters(registry_url, tmp_path, lora
     assert all(c not in message for c in "\u202e\x1b\u200b\u2028")  # escaped, not raw
 
 
+def test_description_and_labels_with_control_characters(registry_url, tmp_path, lora):
+    from lorabay.hub.errors import ConfigError
+
+    message = refused(
+        registry_url,
+        tmp_path,
+        lora(),
+        error=ConfigError,
+        description="fine\x1b]0;owned\x07",
+        labels={"task": "x\u202ey"},
+    )
+    assert "description holds the control character U+001B" in message
+    assert "label 'task' holds the control character U+202E" in message
+
+
 def write_base(folder, index: str | None = None):
     """A base folder: config.json, and either weights or a (given) shard index."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -138,7 +153,7 @@ def test_a_stored_manifest_from_before_the_rules_is_refused_not_a_500(registry_u
     import dataclasses
 
     reg = Registry.open(registry_url)
-    manifest = reg.push(lora(), "a")
+    manifest = reg.push(lora(), "a").manifest
     old = dataclasses.replace(manifest, peft={**manifest.peft, "target_modules": "*"})
     base = write_base(tmp_path / "base")
     reasons = check_manifest_against_base(old, reg.pull(manifest), base, None)

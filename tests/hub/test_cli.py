@@ -139,3 +139,74 @@ def test_help_has_examples():
     ):
         result = runner.invoke(cli, [*command, "--help"])
         assert result.exit_code == 0 and "Example" in result.output
+
+
+def test_yank_twice_says_already_yanked(run, lora):
+    run("push", str(lora(seed=1)), "a")
+    assert run("yank", "a:1").output.strip() == "yanked a:1"
+    again = run("yank", "a:1", "--reason", "twice")
+    assert again.exit_code == 0
+    assert again.output.strip() == "a:1 is already yanked (nothing changed, nothing logged)"
+    assert json.loads(run("yank", "a:1", "--json").output)["changed"] is False
+    assert run("yank", "a:1", "--undo").output.strip() == "unyanked a:1"
+    assert "is not yanked" in run("yank", "a:1", "--undo").output
+    events = [e["event"] for e in json.loads(run("log", "a", "--json").output)]
+    assert events == ["pushed", "yanked", "unyanked"]
+
+
+def test_rm_and_its_refusals(run, lora):
+    run("push", str(lora(seed=1)), "a", "--alias", "prod")
+    run("push", str(lora(seed=2)), "a")
+    refused = run("rm", "a:1")
+    assert (
+        refused.exit_code == 1 and "a:prod" in refused.stderr and "--move-aliases" in refused.stderr
+    )
+    assert len(refused.stderr.strip().splitlines()) == 1
+    done = run("rm", "a:1", "--move-aliases", "2", "--reason", "secret")
+    assert done.exit_code == 0, done.output
+    assert done.output.splitlines()[0].startswith("removed a:1  sha256:")
+    assert "a:prod -> a:2" in done.output and "hub gc" in done.output
+    gone = run("pull", "a:1")
+    assert gone.exit_code == 1 and "a:1 was removed" in gone.stderr
+    assert [r["ref"] for r in json.loads(run("list", "--all", "--json").output)] == ["a:2"]
+    data = json.loads(run("rm", "a:2", "--drop-aliases", "--json").output)
+    assert data["removed"] is True and data["aliases"] == {"prod": None}
+    assert run("rm", "a:2", "--drop-aliases", "--move-aliases", "1").exit_code == 1
+    events = [e["event"] for e in json.loads(run("log", "a", "--json").output)]
+    assert events.count("removed") == 2
+    assert "Example" in run("rm", "--help").output
+
+
+def test_log_limit_since_and_table(run, lora):
+    run("push", str(lora(seed=1)), "a")
+    run("push", str(lora(seed=2)), "b")
+    run("alias", "set", "a", "prod", "1")
+    assert [e["event"] for e in json.loads(run("log", "--limit", "1", "--json").output)] == [
+        "aliased"
+    ]
+    assert len(json.loads(run("log", "--since", "1h", "--json").output)) == 3
+    assert json.loads(run("log", "--since", "2999-01-01", "--json").output) == []
+    assert len(json.loads(run("log", "a", "--since", "2000-01-01T00:00", "--json").output)) == 2
+    table = run("log", "a").output.splitlines()
+    assert table[0].split() == ["AT", "EVENT", "NAME", "DETAILS", "BY"] and len(table) == 3
+    assert run("log", "--since", "yesterday").exit_code == 2
+    assert run("log", "--limit", "-1").exit_code == 2
+
+
+def test_show_never_prints_control_characters_raw(run, lora, registry_url, tmp_path):
+    """A manifest stored before names were checked (or written by hand) holds a file name
+    with an escape sequence and a bidi override: `hub show` prints escapes instead."""
+    from lorabay.hub import Registry
+    from lorabay.hub.manifest import digest_files
+
+    Registry.open(registry_url).push(lora(seed=1), "a")
+    key = tmp_path / "registry" / "adapters" / "_" / "a" / "1.json"
+    data = json.loads(key.read_text())
+    data["files"][0]["path"] = "evil\x1b[2J\u202etxt.json"
+    data["description"] = "ok\x1b]0;title\x07"
+    data["digest"] = digest_files(data["files"])
+    key.chmod(0o644)
+    key.write_text(json.dumps(data))
+    shown = run("show", "a:1").output
+    assert "\x1b" not in shown and "\u202e" not in shown and "\x07" not in shown
+    assert "evil\\x1b[2J\\u202etxt.json" in shown and "ok\\x1b]0;title\\x07" in shown

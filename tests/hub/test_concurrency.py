@@ -50,7 +50,7 @@ def test_eight_concurrent_alias_moves_end_on_one_of_them(store_url, tmp_path):
 
 def test_eight_concurrent_pulls_fetch_once(store_url, tmp_path, lorabay_home):
     reg = Registry.open(store_url)
-    m = reg.push(write_lora(tmp_path / "a", seed=300, pad_bytes=4 << 20), "big")
+    m = reg.push(write_lora(tmp_path / "a", seed=300, pad_bytes=4 << 20), "big").manifest
     results = run_together([["pull", store_url, "big:1"] for _ in range(WORKERS)], tmp_path / "go")
     assert sum(r["fetched"] for r in results) == 1
     assert sum(r["hits"] for r in results) == WORKERS - 1

@@ -28,7 +28,7 @@ def test_push_records_what_design_lists(store_url, lora, tiny_base):
         description="summaries",
         labels={"task": "summarize"},
         base=tiny_base,
-    )
+    ).manifest
     assert (m.name, m.version, m.ref, m.kind) == ("team/sum", 1, "team/sum:1", "lora")
     for entry in m.files:
         data = (folder / entry["path"]).read_bytes()
@@ -68,7 +68,7 @@ def test_push_records_what_design_lists(store_url, lora, tiny_base):
 
 
 def test_base_from_base_model_name_or_path(store_url, lora, tiny_base):
-    m = Registry.open(store_url).push(lora(base=str(tiny_base)), "a")
+    m = Registry.open(store_url).push(lora(base=str(tiny_base)), "a").manifest
     assert m.base["id"] == str(tiny_base) and m.base["hidden_size"] == 256
 
 
@@ -81,26 +81,26 @@ def test_lineage_and_kind_from_the_caller(store_url, lora):
         "hyperparameters": {"lr": 1e-4, "beta": 0.1},
         "metrics": {"loss": 0.5},
     }
-    m = Registry.open(store_url).push(lora(), "rm", lineage=lineage, kind="reward")
+    m = Registry.open(store_url).push(lora(), "rm", lineage=lineage, kind="reward").manifest
     assert m.lineage == lineage and m.kind == "reward"
 
 
 def test_identical_content_returns_the_existing_version(store_url, lora):
     reg = Registry.open(store_url)
-    first = reg.push(lora(seed=1), "a")
+    first = reg.push(lora(seed=1), "a").manifest
     reg.push(lora(seed=2), "a")
     before = keys(reg)
-    again = reg.push(lora(seed=1), "a", description="different words")
+    again = reg.push(lora(seed=1), "a", description="different words").manifest
     assert again == first and keys(reg) == before
     # Same content under another name is a new version there (blobs are shared).
-    other = reg.push(lora(seed=1), "b")
+    other = reg.push(lora(seed=1), "b").manifest
     assert other.ref == "b:1" and other.digest == first.digest
 
 
 def test_resolve_every_form(store_url, lora):
     reg = Registry.open(store_url)
-    v1 = reg.push(lora(seed=1), "a", aliases=["prod"])
-    v2 = reg.push(lora(seed=2), "a", aliases=["canary"])
+    v1 = reg.push(lora(seed=1), "a", aliases=["prod"]).manifest
+    v2 = reg.push(lora(seed=2), "a", aliases=["canary"]).manifest
     assert reg.resolve("a") == v2 and reg.resolve("a:latest") == v2
     assert reg.resolve("a:1") == v1 and reg.resolve("a:prod") == v1
     assert reg.resolve("a:canary") == v2
@@ -138,8 +138,8 @@ def test_aliases_move_and_go(store_url, lora):
 
 def test_yank_hides_from_latest_and_list(store_url, lora):
     reg = Registry.open(store_url)
-    v1 = reg.push(lora(seed=1), "a")
-    v2 = reg.push(lora(seed=2), "a")
+    v1 = reg.push(lora(seed=1), "a").manifest
+    v2 = reg.push(lora(seed=2), "a").manifest
     reg.yank("a:2")
     assert reg.resolve("a") == v1
     assert [m.ref for m in reg.list()] == ["a:1"]
@@ -163,7 +163,7 @@ def test_yank_hides_from_latest_and_list(store_url, lora):
 def test_pull_gives_the_verified_files(store_url, lora, tmp_path):
     folder = lora(seed=3)
     reg = Registry.open(store_url)
-    m = reg.push(folder, "a")
+    m = reg.push(folder, "a").manifest
     path = reg.pull("a")
     assert path.name == m.digest_hex
     for entry in m.files:
@@ -186,8 +186,8 @@ def test_list_every_name(store_url, lora):
 
 def test_verify_reports_every_mismatch(store_url, lora):
     reg = Registry.open(store_url)
-    m1 = reg.push(lora(seed=1), "a")
-    m2 = reg.push(lora(seed=2), "b")
+    m1 = reg.push(lora(seed=1), "a").manifest
+    m2 = reg.push(lora(seed=2), "b").manifest
     assert reg.verify() == []
     weights = {
         m.ref: next(f for f in m.files if f["path"].endswith(".safetensors")) for m in (m1, m2)
@@ -202,7 +202,7 @@ def test_verify_reports_every_mismatch(store_url, lora):
 
 def test_flipped_byte_fails_the_pull_and_caches_nothing(store_url, lora, lorabay_home):
     reg = Registry.open(store_url)
-    m = reg.push(lora(seed=1), "a")
+    m = reg.push(lora(seed=1), "a").manifest
     entry = next(f for f in m.files if f["path"] == "adapter_model.safetensors")
     key = f"blobs/sha256/{entry['sha256']}"
     data = bytearray(b"".join(reg.store.read_chunks(key)))
@@ -221,7 +221,7 @@ def test_flipped_byte_fails_the_pull_and_caches_nothing(store_url, lora, lorabay
 
 def test_tampered_cache_is_detected_and_fetched_again(store_url, lora):
     reg = Registry.open(store_url)
-    m = reg.push(lora(seed=1), "a")
+    m = reg.push(lora(seed=1), "a").manifest
     path = reg.pull("a")
     weights = path / "adapter_model.safetensors"
     weights.chmod(0o644)
@@ -239,7 +239,7 @@ def test_tampered_cache_is_detected_and_fetched_again(store_url, lora):
 
 def test_gc_removes_only_unreferenced_old_blobs(store_url, lora, tmp_path):
     reg = Registry.open(store_url)
-    m = reg.push(lora(seed=1), "a")
+    m = reg.push(lora(seed=1), "a").manifest
     orphan = tmp_path / "orphan.json"
     orphan.write_text('{"x": 1}')
     sha = hashlib.sha256(orphan.read_bytes()).hexdigest()
@@ -311,7 +311,7 @@ def test_concurrent_first_pulls_in_one_process_fetch_once(store_url, lora):
     from concurrent.futures import ThreadPoolExecutor
 
     reg = Registry.open(store_url)
-    m = reg.push(lora(seed=9), "a")
+    m = reg.push(lora(seed=9), "a").manifest
     with ThreadPoolExecutor(8) as pool:
         paths = set(pool.map(lambda _: reg.pull("a"), range(8)))
     assert paths == {reg.pull(m)}

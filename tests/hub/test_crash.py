@@ -62,7 +62,7 @@ def test_killed_push_leaves_nothing_visible(store_url, tmp_path, fault, monkeypa
 
     # The next push is not blocked (and gets version 2).
     started = time.monotonic()
-    assert fresh.push(folder, "a").version == 2
+    assert fresh.push(folder, "a").manifest.version == 2
     assert time.monotonic() - started < 30
 
     # gc (no grace) removes everything the dead push left that nobody references.
@@ -79,7 +79,7 @@ def test_killed_after_the_manifest_leaves_a_complete_version(store_url, tmp_path
     fresh = Registry.open(store_url)
     assert fresh.resolve("a").version == 1 and fresh.verify() == []
     assert fresh.pull("a").is_dir()
-    assert fresh.push(folder, "a").version == 1  # identical content: nothing new
+    assert fresh.push(folder, "a").manifest.version == 1  # identical content: nothing new
 
 
 def test_killed_while_holding_the_alias_lock(tmp_path, registry_url):
@@ -99,7 +99,7 @@ def test_killed_while_holding_the_alias_lock(tmp_path, registry_url):
 
 def test_killed_pull_blocks_no_one_and_leaves_no_folder(store_url, tmp_path, lorabay_home):
     reg = Registry.open(store_url)
-    m = reg.push(write_lora(tmp_path / "a", seed=4), "a")
+    m = reg.push(write_lora(tmp_path / "a", seed=4), "a").manifest
     done = run_worker(["pull", store_url, "a"], LORABAY_FAULT="pull:file-fetched")
     assert done.returncode == KILLED
     assert not (lorabay_home / "cache" / m.digest_hex).exists()

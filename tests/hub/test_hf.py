@@ -18,8 +18,8 @@ from pathlib import Path
 
 import httpx2
 import pytest
-from lorabay.hub import Registry
-from lorabay.hub.errors import ConfigError, RegistryUnavailable
+from lorabay.hub import AdapterNotFound, Registry
+from lorabay.hub.errors import ConfigError, HubFailed
 from lorabay.hub.hf import MANIFEST_FILE, export_to_hf, import_from_hf
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -49,7 +49,7 @@ def test_import_from_a_cached_snapshot(registry_url, lora):
     folder = lora(seed=5)
     lay_out_hf_cache(folder, "acme/sum-lora", extra={"training_args.bin": b"\x80pickle"})
     reg = Registry.open(registry_url)
-    m = import_from_hf(reg, "hf://acme/sum-lora", "team/sum", aliases=["prod"])
+    m = import_from_hf(reg, "hf://acme/sum-lora", "team/sum", aliases=["prod"]).manifest
     assert m.ref == "team/sum:1" and reg.aliases("team/sum") == {"prod": 1}
     assert m.labels["source"] == f"hf://acme/sum-lora@{COMMIT}"
     # The pickled file was not taken (allow_patterns), the rest is byte for byte the same.
@@ -58,13 +58,15 @@ def test_import_from_a_cached_snapshot(registry_url, lora):
     for entry in m.files:
         assert (pulled / entry["path"]).read_bytes() == (folder / entry["path"]).read_bytes()
     # Same snapshot by revision: identical content, nothing new.
-    assert import_from_hf(reg, f"hf://acme/sum-lora@{COMMIT}", "team/sum").version == 1
+    again = import_from_hf(reg, f"hf://acme/sum-lora@{COMMIT}", "team/sum")
+    assert again.manifest.version == 1 and not again.created
 
 
 def test_import_refusals(registry_url, lora):
     reg = Registry.open(registry_url)
-    with pytest.raises(RegistryUnavailable, match="not in the local Hugging Face cache"):
+    with pytest.raises(HubFailed, match="not in the local Hugging Face cache") as caught:
         import_from_hf(reg, "hf://acme/absent", "x")
+    assert "--registry" not in str(caught.value) and "HF_HUB_OFFLINE" in str(caught.value)
     with pytest.raises(ConfigError, match="hf://ORG/REPO"):
         import_from_hf(reg, "acme/absent", "x")
     folder = lora(peft_type="IA3")
@@ -82,9 +84,16 @@ class FakeHub:
         self.repos: set[str] = set()
         self.commits: list[dict] = []
         self.unexpected: list[str] = []
+        self.fail: tuple[int, dict] | None = None  # answer every request so, when set
+        self.unreachable = False  # raise a connection error instead
 
     def __call__(self, request: httpx2.Request) -> httpx2.Response:
         path = request.url.path
+        if self.unreachable:
+            raise httpx2.ConnectError("[Errno 111] Connection refused", request=request)
+        if self.fail is not None:
+            status, headers = self.fail
+            return httpx2.Response(status, headers=headers, json={"error": "refused by the test"})
         if request.method == "POST" and path == "/api/repos/create":
             body = json.loads(request.content)
             repo_id = (
@@ -145,7 +154,7 @@ def fake_hub(monkeypatch):
 def test_export_uploads_the_verified_files_and_the_manifest(registry_url, lora, fake_hub):
     reg = Registry.open(registry_url)
     lineage = {"method": "sft", "hyperparameters": {"lr": 0.001}}
-    m = reg.push(lora(seed=6), "team/sum", lineage=lineage, description="summaries")
+    m = reg.push(lora(seed=6), "team/sum", lineage=lineage, description="summaries").manifest
     url = export_to_hf(reg, "team/sum:1", "hf://acme/sum-lora")
     assert url.startswith("https://huggingface.co/acme/sum-lora/commit/")
     assert fake_hub.unexpected == [] and fake_hub.repos == {"acme/sum-lora"}
@@ -168,7 +177,7 @@ def test_export_uploads_the_verified_files_and_the_manifest(registry_url, lora, 
         extra={MANIFEST_FILE: snapshot_files[MANIFEST_FILE]},
     )
     other = Registry.open(registry_url.replace("registry", "other-registry"))
-    back = import_from_hf(other, "hf://acme/sum-lora", "sum")
+    back = import_from_hf(other, "hf://acme/sum-lora", "sum").manifest
     assert back.digest == m.digest and back.lineage["method"] == "sft"
     assert back.description == "summaries"
 
@@ -195,3 +204,75 @@ def test_import_cli(registry_url, lora):
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["ref"] == "cli:1" and data["labels"]["source"] == f"hf://acme/cli-lora@{'b' * 40}"
+
+
+@pytest.mark.parametrize(
+    "status, fragment, hint",
+    [
+        (401, "not authorized (401)", "hf auth login"),
+        (403, "forbidden (403)", "a token with write access"),
+        (429, "rate limited (429)", "retry"),
+        (500, "the Hub failed the request (500)", "status.huggingface.co"),
+        (400, "the Hub refused the request (400)", ""),
+    ],
+)
+def test_export_failures_are_their_own_one_line(
+    registry_url, lora, fake_hub, status, fragment, hint
+):
+    reg = Registry.open(registry_url)
+    reg.push(lora(seed=9), "a")
+    fake_hub.fail = (status, {})
+    with pytest.raises(HubFailed) as caught:
+        export_to_hf(reg, "a:1", "hf://acme/a")
+    message = str(caught.value)
+    assert message.startswith("Hugging Face Hub, hf://acme/a: ") and fragment in message
+    assert hint in message and "--registry" not in message and "\n" not in message
+    assert caught.value.status == status
+
+
+def test_export_to_an_unreachable_hub(registry_url, lora, fake_hub):
+    reg = Registry.open(registry_url)
+    reg.push(lora(seed=9), "a")
+    fake_hub.unreachable = True
+    with pytest.raises(HubFailed, match="cannot reach the Hub .*ConnectError"):
+        export_to_hf(reg, "a:1", "hf://acme/a")
+
+
+@pytest.fixture
+def online(monkeypatch, fake_hub):
+    """huggingface_hub online (the fake Hub answers), for the import's own requests."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    return fake_hub
+
+
+@pytest.mark.parametrize(
+    "status, headers, error, fragment",
+    [
+        (403, {"X-Error-Code": "GatedRepo"}, HubFailed, "gated"),
+        (401, {"X-Error-Code": "RepoNotFound"}, AdapterNotFound, "a private one needs a token"),
+        (404, {"X-Error-Code": "RevisionNotFound"}, AdapterNotFound, "no such revision"),
+        (429, {}, HubFailed, "rate limited (429)"),
+    ],
+)
+def test_import_failures_are_their_own_one_line(
+    registry_url, online, status, headers, error, fragment
+):
+    online.fail = (status, headers)
+    with pytest.raises(error) as caught:
+        import_from_hf(Registry.open(registry_url), "hf://acme/never-cached", "x")
+    message = str(caught.value)
+    assert fragment in message and "--registry" not in message and "\n" not in message
+
+
+def test_import_cli_failure_is_one_line(registry_url, online):
+    from click.testing import CliRunner
+    from lorabay.cli.main import cli
+
+    online.fail = (403, {"X-Error-Code": "GatedRepo"})
+    args = ["hub", "import", "hf://acme/gated", "x", "--registry", registry_url]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is gated" in lines[0] and "accept its conditions" in lines[0]

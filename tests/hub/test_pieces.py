@@ -28,7 +28,7 @@ def weights_entry(manifest: Manifest) -> dict:
 
 def test_push_records_each_piece_and_the_digest_covers_them(store_url, lora, monkeypatch):
     folder = lora(seed=1)
-    m = Registry.open(store_url).push(folder, "a")
+    m = Registry.open(store_url).push(folder, "a").manifest
     data = (folder / WEIGHTS).read_bytes()
     entry = weights_entry(m)
     assert len(data) > 2 * PIECE
@@ -46,7 +46,7 @@ def test_push_records_each_piece_and_the_digest_covers_them(store_url, lora, mon
     assert json.loads(m.to_json())["schema"] == 2
 
     monkeypatch.setattr(pieces, "PIECE_BYTES", 16 << 20)  # the real size: no file is over it
-    small = Registry.open(store_url).push(lora(seed=2), "b")
+    small = Registry.open(store_url).push(lora(seed=2), "b").manifest
     assert not any("pieces" in f for f in small.files)
     assert json.loads(small.to_json())["schema"] == 1  # older lorabay versions still read it
 
@@ -57,7 +57,7 @@ def test_pull_checks_pieces_and_names_the_damaged_one(store_url, lora, lorabay_h
     reg.push(folder, "a")
     assert (reg.pull("a") / WEIGHTS).read_bytes() == (folder / WEIGHTS).read_bytes()
     folder = lora(seed=2)
-    entry = weights_entry(reg.push(folder, "b"))
+    entry = weights_entry(reg.push(folder, "b").manifest)
     data = bytearray((folder / WEIGHTS).read_bytes())
     data[PIECE + 10] ^= 0x01  # in the second piece
     overwrite(reg.store, f"blobs/sha256/{entry['sha256']}", bytes(data))
@@ -75,7 +75,7 @@ def test_pull_checks_pieces_and_names_the_damaged_one(store_url, lora, lorabay_h
 def test_a_truncated_blob_fails_the_pull(store_url, lora, lorabay_home):
     reg = Registry.open(store_url)
     folder = lora(seed=1)
-    entry = weights_entry(reg.push(folder, "a"))
+    entry = weights_entry(reg.push(folder, "a").manifest)
     data = (folder / WEIGHTS).read_bytes()
     overwrite(reg.store, f"blobs/sha256/{entry['sha256']}", data[: PIECE + 100])
     with pytest.raises(DigestMismatch) as caught:
@@ -97,7 +97,7 @@ def test_a_tampered_piece_in_the_cache_is_fetched_again(store_url, lora):
 
 
 def test_pieces_that_do_not_fit_the_size_are_a_damaged_manifest(store_url, lora):
-    m = Registry.open(store_url).push(lora(seed=1), "a")
+    m = Registry.open(store_url).push(lora(seed=1), "a").manifest
     data = m.to_dict()
     weights_entry_data = next(f for f in data["files"] if f["path"] == WEIGHTS)
     weights_entry_data["pieces"]["sha256"].pop()

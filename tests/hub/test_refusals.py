@@ -192,13 +192,13 @@ def test_hidden_files_are_skipped(registry_url, lora):
     folder = lora()
     (folder / ".cache").mkdir()
     (folder / ".cache" / "x.bin").write_bytes(b"ignored")
-    m = Registry.open(registry_url).push(folder, "a")
+    m = Registry.open(registry_url).push(folder, "a").manifest
     assert ".cache/x.bin" not in [f["path"] for f in m.files]
 
 
 def test_unsafe_path_in_a_stored_manifest_is_refused_at_pull(registry_url, tmp_path, lora):
     reg = Registry.open(registry_url)
-    m = reg.push(lora(), "a")
+    m = reg.push(lora(), "a").manifest
     key = tmp_path / "registry" / "adapters" / "_" / "a" / "1.json"
     data = json.loads(key.read_text())
     data["files"][0]["path"] = "../../escape.json"

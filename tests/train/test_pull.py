@@ -157,7 +157,7 @@ def test_registry_names_the_pulled_base_and_check_compares_sources(tiny_base, ma
     one = pulled_copy(tiny_base, tmp_path / "one", "tiny-one", "sha256:" + "1" * 64)
     other = pulled_copy(tiny_base, tmp_path / "other", "tiny-other", "sha256:" + "2" * 64)
     registry = Registry.open(f"file://{tmp_path / 'registry'}")
-    manifest = registry.push(make_lora(), "team/a", base=one)
+    manifest = registry.push(make_lora(), "team/a", base=one).manifest
     assert manifest.base["id"] == "tiny-one"
     assert manifest.base["source"]["sha256"] == "sha256:" + "1" * 64
     assert registry.check(manifest, one) == []
