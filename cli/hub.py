@@ -434,6 +434,10 @@ def verify(ref, registry_url, as_json):
 def gc(grace, dry_run, registry_url, as_json):
     """Remove blobs no manifest references, and leftovers of interrupted writes.
 
+    Safe while others push, even with --grace 0: a push that commits meanwhile
+    has its blobs spared or puts back what gc took (hub/upkeep.py). Two gc runs
+    at once: the second is refused.
+
     \b
     Example:
       lorabay hub gc --grace 1h --dry-run

@@ -316,3 +316,21 @@ def test_concurrent_first_pulls_in_one_process_fetch_once(store_url, lora):
         paths = set(pool.map(lambda _: reg.pull("a"), range(8)))
     assert paths == {reg.pull(m)}
     assert reg.pull_stats.fetched == 1
+
+
+def test_push_returns_what_it_did_even_with_threads_sharing_a_registry(store_url, lora):
+    """The gateway and trainers share one Registry across threads: what a push did is its
+    return value (Registry.last_push_created, read afterwards, mixed pushes up)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lorabay.hub import Pushed
+
+    reg = Registry.open(store_url)
+    first = reg.push(lora(seed=1), "a")
+    assert isinstance(first, Pushed) and first.created and first.manifest.version == 1
+    assert not hasattr(reg, "last_push_created")
+    folders = [lora(seed=1), lora(seed=2), lora(seed=1), lora(seed=3)]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda f: reg.push(f, "a"), folders))
+    assert [r.created for r in results] == [False, True, False, True]
+    assert {r.manifest.version for r in results} == {1, 2, 3}
