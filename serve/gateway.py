@@ -1,35 +1,42 @@
-"""The gateway's request path: authenticate, validate, resolve, load, forward, stream.
+"""The gateway's state and its conversations with the engine and the peer gateways.
 
-One shared ``httpx.AsyncClient`` talks to the engine. Streams are passed through as
-the engine's bytes, whole SSE events at a time; only the one event that carries
-usage is parsed (the gateway asks for it, for its token metrics, and drops it
-again when the client did not ask). Nothing is re-encoded per token.
+One ``httpx.AsyncClient`` talks to the engine over its private Unix socket (with the
+token the engine's guard wants); another, only with ``--peers``, to the other gateways.
+Streams are passed through as the engine's bytes, whole SSE events at a time; only
+events that carry usage are parsed (the gateway asks for the final one, for its token
+metrics, and drops it again when the client did not ask). Nothing is re-encoded per
+token.
 
-A request holds the adapter it was resolved to from start to finish: the pool
-does not unload an adapter while a request uses it.
+The gateway trusts only engine state it made (STYLE 14): an adapter is loaded from
+the folder the registry verified, under a name carrying its digest; an adapter the
+engine already holds under that name is not "already loaded" but a stranger, which
+is unloaded and replaced; strangers are swept at connect and after every restart.
+
+A request holds the adapter it was resolved to from start to finish: the pool does
+not unload an adapter while a request uses it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
+import os
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import httpx
-from lorabay.hub.errors import (
-    AdapterLoadFailed,
-    EngineUnavailable,
-    InvalidRequest,
-    LorabayError,
-)
+from lorabay.hub.errors import AdapterLoadFailed, EngineUnavailable, InvalidRequest, LorabayError
 from lorabay.hub.reference import parse_reference
-from lorabay.serve.engine import EngineSupervisor
+from lorabay.serve.engine import EngineSupervisor, engine_answer
 from lorabay.serve.keys import OPEN, ApiKeys, KeyGrant
 from lorabay.serve.metrics import GatewayMetrics
-from lorabay.serve.peers import BUSY, FORWARDED, Peers
+from lorabay.serve.options import DEFAULT_MAX_N
+from lorabay.serve.peers import BUSY, FORWARDED, Peers, sign_forward, verify_forward
 from lorabay.serve.pool import AdapterPool, LoadedAdapter
 from lorabay.serve.resolve import ModelResolver, Target
 
@@ -39,12 +46,37 @@ FORWARDED_HEADERS = ("authorization", "content-type", "accept")
 
 USAGE_MARK = b'"usage":{'
 EVENT_END = b"\n\n"
+BODY_IDLE_SECONDS = 10.0  # a body that sends nothing for this long gets 408
+BODY_SECONDS = 60.0  # and one that is not all there after this long
+ALREADY_LOADED = "has already been loaded"  # vLLM's answer to a load under a taken name
 
 
 def engine_down(reason: str) -> EngineUnavailable:
     return EngineUnavailable(
         f"the engine is not available: {reason}", "retry in a few seconds; it is being restarted"
     )
+
+
+class ClientGone(Exception):
+    """The client hung up before its request was whole (HTTP 499 in the metrics)."""
+
+
+class RequestTooLarge(InvalidRequest):
+    """A request body over --max-body-bytes."""
+
+    code = "request_too_large"
+
+    def __init__(self, message: str):
+        super().__init__(message, http_status=413)
+
+
+class RequestTimeout(InvalidRequest):
+    """A request body that did not arrive in time (a stalled or very slow upload)."""
+
+    code = "request_timeout"
+
+    def __init__(self, message: str):
+        super().__init__(message, http_status=408)
 
 
 @dataclass
@@ -56,131 +88,219 @@ class Gateway:
     max_body_bytes: int
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     max_model_len: int | None = None
-    client: httpx.AsyncClient | None = None
-    pool: AdapterPool | None = None
+    max_n: int = DEFAULT_MAX_N  # --max-n: choices one request may ask for
     peers: Peers | None = None  # --peers: adapter affinity across gateways (peers.py)
+    peer_secret: bytes | None = None  # --peer-secret-file: proves a request came from a peer
     spill_at: int = 128  # --spill-at: in-flight requests past which forwarded ones go back
+    engine: httpx.AsyncClient | None = None
+    peer_client: httpx.AsyncClient | None = None
+    pool: AdapterPool | None = None
 
     def __post_init__(self) -> None:
         # Enough connections for every request in flight; no overall timeout, since a
         # generation may take minutes (a dead engine surfaces as a transport error).
-        self.client = httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256),
-            timeout=httpx.Timeout(None, connect=10.0),
-        )
+        limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
+        timeout = httpx.Timeout(None, connect=10.0)
+        self.engine = self.supervisor.client(limits=limits, timeout=timeout)
+        if self.peers is not None:
+            self.peer_client = httpx.AsyncClient(limits=limits, timeout=timeout)
+        # Each key's prefix-cache salt: another key's prompts never warm its cache.
+        self._salt_key = secrets.token_bytes(32)
         self.pool = AdapterPool(
             self.max_loaded, self.load_adapter, self.unload_adapter, self.metrics
         )
         self.supervisor.on_restart = self.engine_restarted
-        self.supervisor.on_exit = self.engine_exited
+        self.supervisor.on_down = self.engine_went_down
+        self.metrics.engine_up.set_function(lambda: 1.0 if self.supervisor.ready else 0.0)
+        self.metrics.registry_fetches.set_function(
+            lambda: self.resolver.registry.pull_stats.fetched
+        )
+        self._sweeps: set[asyncio.Task] = set()
 
     # -- engine ----------------------------------------------------------------------
     async def connect(self) -> None:
-        """Read what the engine serves (its context length) once it is ready."""
-        response = await self.client.get(
-            f"{self.supervisor.url}/v1/models", headers=self.supervisor.headers
-        )
-        response.raise_for_status()
-        for card in response.json().get("data", []):
+        """Read what the engine serves (its context length) once it is ready, and unload
+        every adapter in it this gateway did not load."""
+        cards = await self.engine_cards()
+        for card in cards:
             if card.get("id") == self.resolver.served_name:
                 self.max_model_len = card.get("max_model_len")
-        self.metrics.engine_up.set(1)
+        await self.unload_strangers(cards)
 
-    def engine_exited(self, code: int | None) -> None:
+    async def engine_cards(self) -> list[dict]:
+        response = await self.engine.get("/v1/models")
+        response.raise_for_status()
+        return response.json().get("data", [])
+
+    async def unload_strangers(self, cards: list[dict] | None = None) -> list[str]:
+        """Unload the engine's adapters the pool did not load (``--engine-arg=--lora-modules``,
+        a previous gateway's, anything): the names it unloaded."""
+        if cards is None:
+            cards = await self.engine_cards()
+        ours = self.pool.owned
+        strangers = [
+            card["id"]
+            for card in cards
+            if card.get("id") != self.resolver.served_name and card.get("id") not in ours
+        ]
+        for name in strangers:
+            log.warning("unloading adapter %r from the engine: this gateway did not load it", name)
+            await self.unload_adapter(name)
+        return strangers
+
+    def engine_went_down(self, reason: str) -> None:
         # Everything the dead engine had loaded is gone; loads in flight fail with it.
         self.pool.reset()
-        self.metrics.engine_up.set(0)
 
     def engine_restarted(self, generation: int) -> None:
         self.pool.reset()
         self.metrics.engine_restarts.inc()
-        self.metrics.engine_up.set(1)
+        task = asyncio.get_running_loop().create_task(self._sweep())
+        self._sweeps.add(task)
+        task.add_done_callback(self._sweeps.discard)
+
+    async def _sweep(self) -> None:
+        try:
+            await self.unload_strangers()
+        except (httpx.HTTPError, LorabayError) as error:
+            log.warning("could not list the restarted engine's adapters: %s", error)
 
     async def load_adapter(self, engine_name: str, path) -> None:
-        try:
-            response = await self.client.post(
-                f"{self.supervisor.url}/v1/load_lora_adapter",
-                json={"lora_name": engine_name, "lora_path": str(path)},
-                headers=self.supervisor.headers,
-            )
-        except httpx.TransportError as error:
-            self.supervisor.mark_down()
-            raise engine_down(f"{type(error).__name__} while loading an adapter") from None
+        """Load ``path`` (a folder the registry verified) as ``engine_name``. A name the
+        engine already holds is not adopted: that adapter is unloaded and ours loaded."""
+        response = await self._engine_post("/v1/load_lora_adapter", engine_name, path)
         if response.status_code == 200:
             return
-        message = engine_error_message(response)
-        if "has already been loaded" in message:
-            return  # the engine has it (an earlier load we lost track of): use it
+        message = engine_answer(response)
+        if ALREADY_LOADED in message:
+            log.warning(
+                "the engine holds an adapter named %r this gateway did not load: "
+                "unloading it and loading the verified folder",
+                engine_name,
+            )
+            await self.unload_adapter(engine_name)
+            response = await self._engine_post("/v1/load_lora_adapter", engine_name, path)
+            if response.status_code == 200:
+                return
+            message = engine_answer(response)
         raise AdapterLoadFailed(engine_name, message)
 
     async def unload_adapter(self, engine_name: str) -> None:
-        response = await self.client.post(
-            f"{self.supervisor.url}/v1/unload_lora_adapter",
-            json={"lora_name": engine_name},
-            headers=self.supervisor.headers,
-        )
+        response = await self._engine_post("/v1/unload_lora_adapter", engine_name)
         if response.status_code not in (200, 404):
-            raise AdapterLoadFailed(engine_name, engine_error_message(response))
+            raise AdapterLoadFailed(engine_name, engine_answer(response))
+
+    async def _engine_post(self, path: str, engine_name: str, folder=None) -> httpx.Response:
+        body = {"lora_name": engine_name}
+        if folder is not None:
+            body["lora_path"] = os.fspath(folder)  # a path, or the cache lease holding it
+        try:
+            return await self.engine.post(path, json=body)
+        except httpx.TransportError as error:
+            self.supervisor.mark_down()
+            raise engine_down(f"{type(error).__name__} while changing adapters") from None
+
+    async def engine_answers(self) -> bool:
+        """Whether the engine says it is healthy now (after it failed a request)."""
+        try:
+            response = await self.engine.get("/health", timeout=3.0)
+            return response.status_code == 200
+        except httpx.HTTPError:
+            return False
 
     async def close(self) -> None:
         await self.pool.drain()
-        await self.client.aclose()
+        await self.engine.aclose()
+        if self.peer_client is not None:
+            await self.peer_client.aclose()
 
     # -- requests --------------------------------------------------------------------
     def authenticate(self, authorization: str | None) -> KeyGrant:
         return OPEN if self.keys is None else self.keys.authenticate(authorization)
 
+    def cache_salt(self, grant: KeyGrant) -> str:
+        """vLLM's prefix-cache salt for one key: requests of other keys never share cached
+        prefixes with it, so no tenant can time another's prompts."""
+        return hmac.new(self._salt_key, grant.tenant.encode(), hashlib.sha256).hexdigest()[:32]
+
     async def read_body(self, request) -> bytes:
+        """The whole body, or RequestTooLarge (413), RequestTimeout (408), ClientGone."""
+        from starlette.requests import ClientDisconnect
+
         limit = self.max_body_bytes
         length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > limit:
-            raise InvalidRequest(f"the body is {length} bytes, over the limit of {limit}")
+        if length and length.isascii() and length.isdigit() and int(length) > limit:
+            raise RequestTooLarge(f"the body is {length} bytes, over the limit of {limit}")
         chunks, size = [], 0
-        async for chunk in request.stream():
+        deadline = time.monotonic() + BODY_SECONDS
+        stream = request.stream().__aiter__()
+        while True:
+            wait = min(BODY_IDLE_SECONDS, deadline - time.monotonic())
+            try:
+                chunk = await asyncio.wait_for(stream.__anext__(), max(wait, 0.0))
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise RequestTimeout(
+                    f"the body did not arrive in time ({size} bytes after "
+                    f"{BODY_SECONDS - max(deadline - time.monotonic(), 0):.0f} s)"
+                ) from None
+            except ClientDisconnect:
+                raise ClientGone() from None
             size += len(chunk)
             if size > limit:
-                raise InvalidRequest(f"the body is over the limit of {limit} bytes")
+                raise RequestTooLarge(f"the body is over the limit of {limit} bytes")
             chunks.append(chunk)
         return b"".join(chunks)
 
     async def open_target(self, body: dict, grant: KeyGrant) -> tuple[Target, LoadedAdapter | None]:
         target = await self.resolver.resolve(body["model"], grant)
         if not self.supervisor.ready:
-            raise engine_down("it is starting")
+            raise engine_down("it is starting or restarting")
         if target.is_base:
             return target, None
+        # One key for the pool and the engine: the engine name (name@digest). Two names
+        # with the same content are two engine adapters, and the gauge counts both.
         lease = await self.pool.acquire(
-            target.manifest.digest,
+            target.engine_name,
             target.engine_name,
             target.labels,
             lambda: self.resolver.prepare(target),
         )
         return target, lease
 
-    async def peer_for(self, body: dict, headers) -> str | None:
+    def forwarded_by_peer(self, path: str, raw: bytes, headers) -> bool:
+        """Whether another gateway of ours forwarded this request: its x-lorabay-forwarded
+        header carries an HMAC of the request under the peers' shared secret. A client's
+        own header proves nothing and is ignored."""
+        value = headers.get(FORWARDED)
+        if not value or self.peer_secret is None:
+            return False
+        return verify_forward(self.peer_secret, value, path, raw)
+
+    async def peer_for(self, body: dict, forwarded: bool) -> str | None:
         """The peer gateway that is home to this request's adapter, when it is not this one
         (None: answer here: no peers, the base, a request forwarded once already)."""
-        if self.peers is None or FORWARDED in headers:
+        if self.peers is None or forwarded:
             return None
         model = body["model"]
         if model == self.resolver.served_name:
             return None
         try:
             name = parse_reference(model).name
-        except LorabayError:
+        except (LorabayError, ValueError):
             return None  # answered here, with the reference's own error
         return await self.peers.home(name)
 
-    async def forward(self, peer: str, endpoint: str, raw: bytes, headers) -> httpx.Response | None:
-        """Send the request as it came to ``peer``; its response (streamed), or None when
-        the peer cannot answer it (unreachable, or its engine down: 503); then the peer is
-        skipped for a while and this gateway answers."""
+    async def forward(self, peer: str, path: str, raw: bytes, headers) -> httpx.Response | None:
+        """Send the request as it came to ``peer``, signed; its response (streamed), or None
+        when the peer cannot answer it (unreachable, or its engine down: 503); then the peer
+        is skipped for a while and this gateway answers."""
         sent = {k: v for k, v in headers.items() if k.lower() in FORWARDED_HEADERS}
-        request = self.client.build_request(
-            "POST", f"{peer}/v1/{endpoint}", content=raw, headers={**sent, FORWARDED: "1"}
-        )
+        sent[FORWARDED] = sign_forward(self.peer_secret, path, raw)
+        request = self.peer_client.build_request("POST", f"{peer}{path}", content=raw, headers=sent)
         try:
-            response = await self.client.send(request, stream=True)
+            response = await self.peer_client.send(request, stream=True)
         except httpx.TransportError as error:
             self.peers.mark_down(peer, f"unreachable ({type(error).__name__})")
             return None
@@ -194,31 +314,25 @@ class Gateway:
             return None
         return response
 
-    def too_busy_for(self, headers) -> bool:
+    def too_busy_for(self, forwarded: bool) -> bool:
         """Whether to turn away a request another gateway forwarded (it answers it itself):
         more than --spill-at others are in flight here."""
-        return FORWARDED in headers and self.metrics.active - 1 >= self.spill_at
+        return forwarded and self.metrics.active - 1 >= self.spill_at
 
-    async def send(self, endpoint: str, body: dict, stream: bool) -> httpx.Response:
-        request = self.client.build_request(
+    async def send(self, endpoint: str, body: dict) -> httpx.Response:
+        """Send a generation request to the engine; its response, streamed (the caller
+        reads it and closes it)."""
+        request = self.engine.build_request(
             "POST",
-            f"{self.supervisor.url}/v1/{endpoint}",
+            f"/v1/{endpoint}",
             content=json.dumps(body, separators=(",", ":")).encode(),
-            headers={**self.supervisor.headers, "content-type": "application/json"},
+            headers={"content-type": "application/json"},
         )
         try:
-            return await self.client.send(request, stream=stream)
+            return await self.engine.send(request, stream=True)
         except httpx.TransportError as error:
             self.supervisor.mark_down()
             raise engine_down(type(error).__name__) from None
-
-
-def engine_error_message(response: httpx.Response) -> str:
-    try:
-        error = response.json().get("error")
-        return error.get("message", str(error)) if isinstance(error, dict) else str(error)
-    except (ValueError, AttributeError):
-        return response.text[:500] or f"HTTP {response.status_code}"
 
 
 def read_usage(event: bytes) -> dict | None:
@@ -237,33 +351,42 @@ async def relay_events(
     on_first: Callable[[], None],
     on_usage: Callable[[dict], None],
 ) -> AsyncIterator[bytes]:
-    """The engine's SSE bytes, whole events at a time, minus a usage event we added."""
+    """The engine's SSE bytes, whole events at a time, minus a usage event we added.
+
+    Usage is recorded once, at the end, from the last event that carried it: with
+    ``continuous_usage_stats`` every event carries the running total.
+    """
     pending = b""
     first = True
-    async for chunk in response.aiter_raw():
-        pending += chunk
-        end = pending.rfind(EVENT_END)
-        if end < 0:
-            continue
-        ready, pending = pending[: end + 2], pending[end + 2 :]
-        if USAGE_MARK in ready:  # rare: the last event or two of a stream
-            kept = []
-            for event in ready.split(EVENT_END)[:-1]:
-                usage = read_usage(event) if USAGE_MARK in event else None
-                if usage is not None:
-                    on_usage(usage)
-                    if not client_wants_usage and b'"choices":[]' in event:
-                        continue
-                kept.append(event + EVENT_END)
-            ready = b"".join(kept)
-            if not ready:
+    usage = None
+    try:
+        async for chunk in response.aiter_raw():
+            pending += chunk
+            end = pending.rfind(EVENT_END)
+            if end < 0:
                 continue
-        if first:
-            on_first()
-            first = False
-        yield ready
-    if pending:
-        yield pending
+            ready, pending = pending[: end + 2], pending[end + 2 :]
+            if USAGE_MARK in ready:
+                kept = []
+                for event in ready.split(EVENT_END)[:-1]:
+                    seen = read_usage(event) if USAGE_MARK in event else None
+                    if seen is not None:
+                        usage = seen
+                        if not client_wants_usage and b'"choices":[]' in event:
+                            continue  # the final usage event we asked for ourselves
+                    kept.append(event + EVENT_END)
+                ready = b"".join(kept)
+                if not ready:
+                    continue
+            if first:
+                on_first()
+                first = False
+            yield ready
+        if pending:
+            yield pending
+    finally:
+        if usage is not None:
+            on_usage(usage)
 
 
 def error_event(error: LorabayError) -> bytes:
@@ -272,15 +395,30 @@ def error_event(error: LorabayError) -> bytes:
 
 
 class RequestTimer:
-    """Latency, TTFT and tokens of one request, recorded once at its end; in flight until then."""
+    """Latency, TTFT and tokens of one request, recorded once at its end.
+
+    A request counts as in flight (``lorabay_requests_in_flight``, the autoscaling
+    signal) from :meth:`begin`, once its body is whole and valid, until it ends: a
+    client that stalls its upload holds a connection, not a slot.
+    """
 
     def __init__(self, metrics: GatewayMetrics, endpoint: str):
         self.metrics = metrics
         self.endpoint = endpoint
         self.started = time.perf_counter()
         self.labels = ("", "")
+        self.counted = False
         self.done = False
-        metrics.active += 1
+
+    def begin(self) -> None:
+        if not self.counted and not self.done:
+            self.counted = True
+            self.metrics.active += 1
+
+    def _end(self) -> None:
+        self.done = True
+        if self.counted:
+            self.metrics.active -= 1
 
     def first_token(self) -> None:
         self.metrics.ttft.labels(*self.labels).observe(time.perf_counter() - self.started)
@@ -292,25 +430,15 @@ class RequestTimer:
     def forwarded(self, peer: str) -> None:
         """Sent on to ``peer``, which records the request itself."""
         if not self.done:
-            self.done = True
-            self.metrics.active -= 1
+            self._end()
             self.metrics.forwarded.labels(peer).inc()
 
     def finish(self, status: int, code: str | None = None) -> None:
         if self.done:
             return
-        self.done = True
-        self.metrics.active -= 1
+        self._end()
         self.metrics.requests.labels(*self.labels, self.endpoint, str(status)).inc()
         if status >= 400:
             self.metrics.errors.labels(*self.labels, code or str(status)).inc()
         else:
             self.metrics.latency.labels(*self.labels).observe(time.perf_counter() - self.started)
-
-
-async def wait_cancelled(task: asyncio.Task) -> None:
-    task.cancel()
-    try:
-        await task
-    except (asyncio.CancelledError, Exception):
-        pass

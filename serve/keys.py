@@ -28,9 +28,14 @@ from lorabay.hub.errors import ConfigError, Unauthorized
 
 @dataclass(frozen=True)
 class KeyGrant:
-    """What one authenticated caller may use. ``patterns=None``: everything (no keys set)."""
+    """What one authenticated caller may use. ``patterns=None``: everything (no keys set).
+
+    ``tenant`` names the key without revealing it (its sha256, hex; "" without keys): the
+    gateway salts each tenant's prefix cache with it.
+    """
 
     patterns: tuple[str, ...] | None
+    tenant: str = ""
 
     def allows(self, name: str) -> bool:
         if self.patterns is None:
@@ -47,7 +52,10 @@ def _digest(key: str) -> bytes:
 
 class ApiKeys:
     def __init__(self, table: dict[str, tuple[str, ...]]):
-        self._grants = [(_digest(key), KeyGrant(patterns)) for key, patterns in table.items()]
+        self._grants = [
+            (_digest(key), KeyGrant(patterns, _digest(key).hex()))
+            for key, patterns in table.items()
+        ]
 
     def __len__(self) -> int:
         return len(self._grants)

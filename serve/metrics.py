@@ -108,7 +108,11 @@ class GatewayMetrics:
         self.loaded = Gauge(
             "lorabay_adapters_loaded", "Adapters loaded in the engine now.", registry=r
         )
-        self.engine_up = Gauge("lorabay_engine_up", "1 when the engine answers.", registry=r)
+        self.engine_up = Gauge(
+            "lorabay_engine_up",
+            "1 when the engine is ready (the state /ready reports), 0 while it is down.",
+            registry=r,
+        )
         self.registry_fetches = Gauge(
             "lorabay_registry_fetches",
             "Adapter downloads from the registry into the local cache (cache hits excluded).",

@@ -16,6 +16,9 @@ from lorabay.hub.errors import ConfigError
 # vLLM's CPU KV cache and scheduler cap; 64 concurrent requests must batch together.
 DEFAULT_MAX_NUM_SEQS = 128
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+# vLLM flags that would move the engine off its private socket or change its token.
+GATEWAY_OWNED_ENGINE_FLAGS = ("--uds", "--host", "--port", "--api-key", "--root-path")
+DEFAULT_MAX_N = 16  # choices per request; OpenAI allows 128, one n=100 request held a CPU 8 s
 
 
 @dataclass
@@ -36,11 +39,15 @@ class ServeOptions:
     max_model_len: int | None = None  # context length (None: the base's)
     json_logs: bool = False  # one JSON object per log line
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS  # sequences the engine batches at once
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # request bodies above this get 400
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # request bodies above this get 413
+    max_n: int = DEFAULT_MAX_N  # choices (``n``) one request may ask for; more get 400
+    metrics_host: str = "127.0.0.1"  # address of the metrics listener
+    metrics_port: int | None = None  # its port (0: any free one; None: no metrics listener)
     engine_start_timeout: float = 900.0  # seconds to wait for the engine to be ready
     engine_args: tuple[str, ...] = field(default_factory=tuple)  # extra vLLM flags, verbatim
     peers: str | None = None  # the gateways serving this base: adapter affinity (peers.py)
     spill_at: int | None = None  # in flight here past which forwarded requests go back
+    peer_secret_file: str | None = None  # the secret the --peers gateways sign forwards with
 
     @property
     def served_model_name(self) -> str:
@@ -102,6 +109,16 @@ def check_options(options: ServeOptions) -> None:
         )
     if options.max_body_bytes < 1024:
         problems.append("--max-body-bytes must be at least 1024")
+    owned = [a for a in options.engine_args if a.split("=", 1)[0] in GATEWAY_OWNED_ENGINE_FLAGS]
+    if owned:
+        problems.append(
+            f"--engine-arg {owned[0]}: the gateway sets the engine's address and token itself "
+            "(a private Unix socket and a random token); drop it"
+        )
+    if options.max_n < 1:
+        problems.append("--max-n must be at least 1")
+    if options.metrics_port is not None and options.metrics_port == options.port != 0:
+        problems.append(f"--metrics-port {options.metrics_port} is the API's --port too")
     if options.peers is not None:
         from lorabay.serve.peers import parse_peers
 
@@ -109,7 +126,15 @@ def check_options(options: ServeOptions) -> None:
             parse_peers(options.peers)
         except ConfigError as error:
             problems += [f"{problem}: {error.hint}" for problem in error.problems]
-    elif options.spill_at is not None:
-        problems.append("--spill-at applies to requests other gateways forward: add --peers")
+        if not options.peer_secret_file:
+            problems.append(
+                "--peers needs --peer-secret-file: the gateways sign the requests they forward "
+                "with it (`openssl rand -hex 32 > FILE`, the same file for every gateway)"
+            )
+    else:
+        if options.spill_at is not None:
+            problems.append("--spill-at applies to requests other gateways forward: add --peers")
+        if options.peer_secret_file:
+            problems.append("--peer-secret-file signs requests forwarded to --peers: add --peers")
     if problems:
         raise ConfigError(problems, "see `lorabay serve --help`")

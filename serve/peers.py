@@ -6,7 +6,9 @@ the gateways that serve one base agree, with no coordination, which of them serv
 adapter name: rendezvous (highest random weight) hashing of the name over the members,
 so adding or losing one replica moves only the names it gains or held. A request that
 arrives elsewhere is forwarded there once (marked ``x-lorabay-forwarded``, so it is never
-forwarded again); if the home cannot be reached, or answers 503 (its engine down or
+forwarded again; the mark is an HMAC of the request under the secret the peers share,
+``--peer-secret-file``, so a client cannot forge it to defeat the affinity or to be
+answered as a forwarded request); if the home cannot be reached, or answers 503 (its engine down or
 starting), it is served where it arrived and that peer is skipped for a while. A home
 with more than ``--spill-at`` requests in flight (default: the engine's --max-num-seqs,
 a full batch) turns forwarded ones away at once (429, ``x-lorabay-busy``) and the
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import ipaddress
 import logging
 import socket
@@ -39,6 +42,50 @@ FORWARDED = "x-lorabay-forwarded"
 BUSY = "x-lorabay-busy"  # on a 429 from a home with --spill-at requests in flight
 REFRESH_SECONDS = 10.0
 DOWN_SECONDS = 10.0
+FORWARD_WINDOW_SECONDS = 60.0  # a signed forward older (or newer) than this is refused
+MIN_SECRET_CHARS = 16
+
+
+def forward_mac(secret: bytes, stamp: str, path: str, body: bytes) -> str:
+    message = f"{stamp}\n{path}\n".encode() + hashlib.sha256(body).digest()
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()
+
+
+def sign_forward(secret: bytes, path: str, body: bytes, now: float | None = None) -> str:
+    """The x-lorabay-forwarded value for a request to ``path`` with ``body``:
+    ``<unix seconds>.<hex HMAC-SHA256 of the time, the path and the body's sha256>``."""
+    stamp = str(int(time.time() if now is None else now))
+    return f"{stamp}.{forward_mac(secret, stamp, path, body)}"
+
+
+def verify_forward(
+    secret: bytes, value: str, path: str, body: bytes, now: float | None = None
+) -> bool:
+    """Whether ``value`` is a peer's signature of this request, made in the last minute."""
+    stamp, _, mac = value.partition(".")
+    if not (stamp.isascii() and stamp.isdigit() and len(stamp) <= 12 and len(mac) == 64):
+        return False
+    now = time.time() if now is None else now
+    if abs(now - int(stamp)) > FORWARD_WINDOW_SECONDS:
+        return False
+    return hmac.compare_digest(mac, forward_mac(secret, stamp, path, body))
+
+
+def read_peer_secret(path: str) -> bytes:
+    """The shared secret from ``--peer-secret-file``; ConfigError when missing or short."""
+    from pathlib import Path
+
+    try:
+        secret = Path(path).read_text().strip()
+    except OSError as error:
+        raise ConfigError(f"--peer-secret-file {path}: {error.strerror}") from None
+    if len(secret) < MIN_SECRET_CHARS:
+        raise ConfigError(
+            f"--peer-secret-file {path}: the secret has {len(secret)} characters, "
+            f"fewer than {MIN_SECRET_CHARS}",
+            "write a long random one, e.g. `openssl rand -hex 32 > FILE`",
+        )
+    return secret.encode()
 
 
 def weight(member: str, key: str) -> int:

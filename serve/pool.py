@@ -1,8 +1,10 @@
 """Which adapters are loaded in the engine: load once, unload the least recently used.
 
-Keyed by digest, so two references to the same content share one load, and a
-moved alias can never reach stale weights: new content is a new key and a new
-engine name. Concurrent first requests for one adapter wait on a single load
+Keyed by the engine name (``name@sha256:<digest>``), the one name the engine knows an
+adapter by, so the pool and the engine always agree on what is loaded: references to
+one name share one load, and a moved alias can never reach stale weights (new
+content is a new key and a new engine name). Two names with the same content are
+two engine adapters, counted as two. Concurrent first requests for one adapter wait on a single load
 (single flight). An adapter is never unloaded while a request is using it: past
 ``max_loaded`` the pool unloads idle ones, least recently used first, and stays
 over the cap only while every loaded adapter is busy.
@@ -26,7 +28,7 @@ log = logging.getLogger("lorabay.serve")
 
 @dataclass
 class LoadedAdapter:
-    key: str  # the digest
+    key: str  # the engine name
     engine_name: str
     labels: tuple[str, str]  # (adapter name, version) for metrics
     users: int = 0
@@ -63,6 +65,12 @@ class AdapterPool:
     def loaded(self) -> list[str]:
         """Engine names, least recently used first."""
         return [entry.engine_name for entry in self._loaded.values()]
+
+    @property
+    def owned(self) -> set[str]:
+        """Engine names this pool loaded or is loading: every other adapter in the engine
+        is a stranger."""
+        return set(self.loaded) | set(self._loading)
 
     async def acquire(
         self,

@@ -121,7 +121,7 @@ class ModelResolver:
             return Target(self.served_name)
         try:
             reference = parse_reference(model)
-        except InvalidReference:
+        except (InvalidReference, ValueError):  # ValueError: int() of a 5,000-digit version
             raise model_not_found(model) from None
         if not grant.allows(reference.name):
             raise model_not_found(model)

@@ -4,9 +4,18 @@
     run_server(ServeOptions(base="./tiny", port=8000))
 
 One log line per stage (engine starting, engine ready in N s, gateway listening on
-URL, stopping). SIGINT or SIGTERM at any point stops the gateway and the engine's
-whole process group; an engine that fails to start ends the command with its own
-error (:class:`~lorabay.hub.errors.EngineStartFailed`) and nothing left running.
+URL, stopping). SIGINT or SIGTERM at any point, from the first line to the last,
+stops the gateway and the engine's whole process group (the engine runs in its own
+session, so nothing else would reach it); an engine that fails to start ends the
+command with its own error (:class:`~lorabay.hub.errors.EngineStartFailed`) and
+nothing left running.
+
+Connections are bounded (:func:`bounded_protocol`): a client has
+``HEADER_TIMEOUT_SECONDS`` to send its request line and headers (408, then the
+connection closes) and an idle keep-alive connection closes after
+``KEEP_ALIVE_SECONDS``; the gateway bounds the body itself (408 after
+``BODY_IDLE_SECONDS`` without a byte). ``--metrics-port`` opens a second listener
+that serves ``/metrics`` and nothing else, while the API listener never serves it.
 """
 
 from __future__ import annotations
@@ -22,11 +31,18 @@ import time
 
 from lorabay.hub.errors import ConfigError
 from lorabay.serve.engine import EngineConfig, EngineSupervisor
-from lorabay.serve.options import ServeOptions, check_options
+from lorabay.serve.options import ServeOptions, check_options, is_loopback
 
 __all__ = ["ServeOptions", "run_server"]
 
 log = logging.getLogger("lorabay.serve")
+
+HEADER_TIMEOUT_SECONDS = 10.0
+KEEP_ALIVE_SECONDS = 5
+TIMEOUT_ANSWER = (
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+    b"connection: close\r\ncontent-length: %d\r\n\r\n%s"
+)
 
 
 class JsonFormatter(logging.Formatter):
@@ -53,9 +69,9 @@ def configure_logging(json_logs: bool) -> None:
     log.propagate = False
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """The gateway's listening socket, bound before the engine starts: a taken port
-    fails in a second, not after the engine's minute of loading."""
+def bind_socket(host: str, port: int, flag: str = "--port") -> socket.socket:
+    """A listening socket, bound before the engine starts: a taken port fails in a
+    second, not after the engine's minute of loading."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -65,8 +81,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.bind(address)
     except OSError as error:
         raise ConfigError(
-            f"--host {host} --port {port}: cannot listen there ({error.strerror or error})",
-            "pick another --port (0: any free one)",
+            f"{flag} {port} on {host}: cannot listen there ({error.strerror or error})",
+            f"pick another {flag} (0: any free one)",
         ) from None
     sock.set_inheritable(False)
     return sock
@@ -81,56 +97,72 @@ def run_server(options: ServeOptions) -> None:
     """Serve until SIGINT/SIGTERM. Raises ConfigError or EngineStartFailed."""
     from lorabay.hub import Registry
     from lorabay.serve.keys import load_api_keys
+    from lorabay.serve.peers import read_peer_secret
 
     check_options(options)
     configure_logging(options.json_logs)
     keys = load_api_keys(options.api_keys) if options.api_keys else None
+    secret = read_peer_secret(options.peer_secret_file) if options.peer_secret_file else None
     registry = Registry.open(options.registry)
-    asyncio.run(serve_async(options, registry, keys))
+    asyncio.run(serve_async(options, registry, keys, secret))
 
 
-async def serve_async(options: ServeOptions, registry, keys) -> None:
-    supervisor = EngineSupervisor(EngineConfig.from_options(options))
-    sock = bind_socket(options.host, options.port)
-    try:
-        if not await start_engine_interruptibly(supervisor):
-            return
-        await serve_gateway(options, supervisor, registry, keys, sock)
-    finally:
-        await supervisor.stop()
-        sock.close()
-        log.info("stopped")
+class Stopper:
+    """SIGINT/SIGTERM for the whole run: before uvicorn serves, the first signal cancels
+    the task that starts things (its ``finally`` stops the engine); while it serves,
+    uvicorn's own handlers take over and shut it down gracefully. Later signals are
+    ignored, so nothing interrupts the engine's stop."""
 
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.task = asyncio.current_task()
+        self.received: int | None = None
+        self.server = None  # the uvicorn.Server, once there is one
+        self.stopping = False  # set once the engine is being stopped: nothing may cancel that
 
-async def start_engine_interruptibly(supervisor: EngineSupervisor) -> bool:
-    """Start the engine; False when SIGINT/SIGTERM came first (then nothing is running)."""
-    loop = asyncio.get_running_loop()
-    main = asyncio.current_task()
-    received: list[int] = []
-
-    def on_signal(signum: int) -> None:
-        received.append(signum)
-        if len(received) == 1:
-            log.info("stopping (%s) while the engine starts", signal.Signals(signum).name)
-            main.cancel()
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, on_signal, signum)
-    try:
-        await supervisor.start()
-        return True
-    except asyncio.CancelledError:
-        if received:
-            return False
-        raise
-    finally:
+    def __enter__(self) -> Stopper:
         for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
+            self.loop.add_signal_handler(signum, self.on_signal, signum)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self.loop.remove_signal_handler(signum)
+
+    def on_signal(self, signum: int) -> None:
+        if self.received is not None or self.stopping:
+            return
+        self.received = signum
+        if self.server is not None and self.server.started:
+            self.server.should_exit = True
+            return
+        log.info("stopping (%s)", signal.Signals(signum).name)
+        self.task.cancel()
 
 
-async def serve_gateway(options, supervisor, registry, keys, sock) -> None:
+async def serve_async(options: ServeOptions, registry, keys, peer_secret=None) -> None:
+    supervisor = EngineSupervisor(EngineConfig.from_options(options))
+    sockets = [bind_socket(options.host, options.port)]
+    if options.metrics_port is not None:
+        sockets.append(bind_socket(options.metrics_host, options.metrics_port, "--metrics-port"))
+    with Stopper() as stopper:
+        try:
+            await supervisor.start()
+            await serve_gateway(options, supervisor, registry, keys, peer_secret, sockets, stopper)
+        except asyncio.CancelledError:
+            if stopper.received is None:
+                raise
+        finally:
+            stopper.stopping = True
+            await supervisor.stop()
+            for sock in sockets:
+                sock.close()
+            log.info("stopped")
+
+
+async def serve_gateway(options, supervisor, registry, keys, peer_secret, sockets, stopper):
     import uvicorn
-    from lorabay.serve.app import create_app
+    from lorabay.serve.app import create_app, create_metrics_app
     from lorabay.serve.gateway import Gateway
     from lorabay.serve.peers import Peers
     from lorabay.serve.resolve import ModelResolver
@@ -138,39 +170,40 @@ async def serve_gateway(options, supervisor, registry, keys, sock) -> None:
     resolver = ModelResolver(
         registry, options.served_model_name, options.base, max_rank=options.max_lora_rank
     )
+    api_socket = sockets[0]
     gateway = Gateway(
         supervisor=supervisor,
         resolver=resolver,
         keys=keys,
         max_loaded=options.max_loaded,
         max_body_bytes=options.max_body_bytes,
-        peers=Peers(options.peers, sock.getsockname()[1]) if options.peers else None,
+        max_n=options.max_n,
+        peers=Peers(options.peers, api_socket.getsockname()[1]) if options.peers else None,
+        peer_secret=peer_secret,
         spill_at=options.spill_at if options.spill_at is not None else options.max_num_seqs,
     )
     await gateway.connect()
     await asyncio.to_thread(resolver.warm_up)
     supervisor.start_watching()
+    api = create_app(gateway, loopback_only=keys is None and is_loopback(options.host))
+    app = api
+    if len(sockets) > 1:
+        app = ByListener(api, create_metrics_app(gateway), sockets[1].getsockname()[1])
     config = uvicorn.Config(
-        create_app(gateway),
+        app,
+        http=bounded_protocol(),
         log_level="warning",
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=5,
-        timeout_keep_alive=30,
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
     )
     server = uvicorn.Server(config)
-
-    # uvicorn catches SIGINT/SIGTERM while it serves, shuts down gracefully, then
-    # re-raises the signal to the handler it found: make that one harmless, so the
-    # caller's `finally` (which stops the engine) runs instead of the default action.
-    def request_exit(signum, frame) -> None:
-        server.should_exit = True
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, request_exit)
-    announcer = asyncio.create_task(announce(server, socket_url(sock), options))
+    stopper.server = server
+    urls = [socket_url(sock) for sock in sockets]
+    announcer = asyncio.create_task(announce(server, urls, options))
     try:
-        await server.serve(sockets=[sock])
+        await server.serve(sockets=sockets)
     finally:
         announcer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -178,11 +211,78 @@ async def serve_gateway(options, supervisor, registry, keys, sock) -> None:
         log.info("gateway stopped")
 
 
-async def announce(server, url: str, options: ServeOptions) -> None:
+class ByListener:
+    """One uvicorn server, two listeners: requests to the metrics port reach only the
+    metrics app, every other request only the API."""
+
+    def __init__(self, api, metrics, metrics_port: int) -> None:
+        self.api, self.metrics, self.metrics_port = api, metrics, metrics_port
+
+    async def __call__(self, scope, receive, send) -> None:
+        server = scope.get("server") or (None, None)
+        if scope["type"] != "lifespan" and server[1] == self.metrics_port:
+            await self.metrics(scope, receive, send)
+        else:
+            await self.api(scope, receive, send)
+
+
+def bounded_protocol(header_seconds: float = HEADER_TIMEOUT_SECONDS) -> type:
+    """uvicorn's HTTP protocol (httptools, else h11) with a deadline for each request's
+    headers: a connection that sends nothing, or its headers byte by byte, is answered
+    408 and closed after ``header_seconds``, instead of holding a slot for ever."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    body = json.dumps(
+        {
+            "error": {
+                "message": f"the request headers did not arrive within {header_seconds:.0f} s",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "request_timeout",
+            }
+        }
+    ).encode()
+
+    class BoundedProtocol(AutoHTTPProtocol):
+        _header_deadline = None
+        _waiting_for = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm_header_deadline()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm_header_deadline()  # the next request on this connection
+
+        def connection_lost(self, exc) -> None:
+            if self._header_deadline is not None:
+                self._header_deadline.cancel()
+            super().connection_lost(exc)
+
+        def _arm_header_deadline(self) -> None:
+            if self._header_deadline is not None:
+                self._header_deadline.cancel()
+            self._waiting_for = self.cycle  # a new request replaces it once its headers are in
+            self._header_deadline = self.loop.call_later(header_seconds, self._header_late)
+
+        def _header_late(self) -> None:
+            self._header_deadline = None
+            if self.cycle is self._waiting_for and not self.transport.is_closing():
+                self.transport.write(TIMEOUT_ANSWER % (len(body), body))
+                self.transport.close()
+
+    return BoundedProtocol
+
+
+async def announce(server, urls: list[str], options: ServeOptions) -> None:
     started = time.monotonic()
     while not server.started:
         await asyncio.sleep(0.02)
         if time.monotonic() - started > 60:
             return
     keys = "API keys required" if options.api_keys else "no API keys"
-    log.info("gateway listening on %s (base %s, %s)", url, options.served_model_name, keys)
+    log.info("gateway listening on %s (base %s, %s)", urls[0], options.served_model_name, keys)
+    if len(urls) > 1:
+        log.info("metrics on %s/metrics", urls[1])

@@ -1,8 +1,10 @@
 """Check a generation request before anything else sees it.
 
 The gateway parses each body once (it has to rewrite ``model``), so it checks the
-fields it knows on the way: JSON that is an object, the required fields, the type
-of every known field, ``max_tokens`` within 1..context. Fields it does not know pass
+fields it knows on the way: JSON that is an object, nested at most ``MAX_DEPTH``
+levels, numbers Python can read (an integer of 5,000 digits is refused, not a 500),
+the required fields, the type of every known field, ``max_tokens`` within 1..context,
+``n`` within 1..--max-n. Fields it does not know pass
 through to vLLM, which validates them itself and answers 400 in the same format.
 A prompt plus ``max_tokens`` beyond the context is the engine's to refuse: only it
 knows the prompt's length in tokens.
@@ -14,9 +16,11 @@ import json
 from typing import Any
 
 from lorabay.hub.errors import InvalidRequest
+from lorabay.serve.options import DEFAULT_MAX_N
 
 CHAT = "chat/completions"
 COMPLETIONS = "completions"
+MAX_DEPTH = 64  # deepest JSON nesting a request may have (a tool's JSON schema is ~10)
 
 
 def _is_int(value) -> bool:
@@ -82,12 +86,42 @@ ENDPOINT_FIELDS = {
 REQUIRED = {CHAT: ("model", "messages"), COMPLETIONS: ("model", "prompt")}
 
 
-def parse_request(raw: bytes, endpoint: str, max_model_len: int | None) -> dict[str, Any]:
-    """The request body as a dict, or :class:`InvalidRequest` naming the first bad field."""
+def nesting_depth(value, limit: int) -> int:
+    """How deep ``value`` nests, counting up to ``limit + 1`` at most (iteratively: a
+    deep value must not exhaust the stack here either)."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            if depth > limit:
+                return depth
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def parse_json(raw: bytes) -> Any:
+    """JSON, or InvalidRequest: malformed, nested too deep, or a number Python refuses."""
     try:
-        body = json.loads(raw)
+        value = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise InvalidRequest(f"the body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise InvalidRequest(f"the body nests deeper than {MAX_DEPTH} levels") from None
+    except ValueError as error:  # int() of more than sys.get_int_max_str_digits() digits
+        raise InvalidRequest(f"the body has a number it cannot read: {error}") from None
+    if nesting_depth(value, MAX_DEPTH) > MAX_DEPTH:
+        raise InvalidRequest(f"the body nests deeper than {MAX_DEPTH} levels")
+    return value
+
+
+def parse_request(
+    raw: bytes, endpoint: str, max_model_len: int | None, max_n: int = DEFAULT_MAX_N
+) -> dict[str, Any]:
+    """The request body as a dict, or :class:`InvalidRequest` naming the first bad field."""
+    body = parse_json(raw)
     if not isinstance(body, dict):
         raise InvalidRequest("the body must be a JSON object")
     for field in REQUIRED[endpoint]:
@@ -112,6 +146,12 @@ def parse_request(raw: bytes, endpoint: str, max_model_len: int | None) -> dict[
                 f"'{field}' is {value}, beyond the model's context of {max_model_len} tokens",
                 param=field,
             )
-    if body.get("n") is not None and body["n"] < 1:
-        raise InvalidRequest(f"'n' must be at least 1, got {body['n']}", param="n")
+    n = body.get("n")
+    if n is not None and n < 1:
+        raise InvalidRequest(f"'n' must be at least 1, got {n}", param="n")
+    if n is not None and n > max_n:
+        raise InvalidRequest(
+            f"'n' is {n}, above this server's limit of {max_n} choices per request (--max-n)",
+            param="n",
+        )
     return body

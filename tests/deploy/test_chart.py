@@ -70,7 +70,7 @@ VALUE_SETS: dict[str, dict] = {
             "maxNumSeqs": 256,
             "args": ["--enable-prefix-caching", "--seed=1"],
         },
-        "gateway": {"maxBodyBytes": 1048576},
+        "gateway": {"maxBodyBytes": 1048576, "maxN": 8},
         "extraArgs": ["--max-model-len", "8192"],
     },
     "s3-registry-secrets": {
@@ -111,11 +111,14 @@ VALUE_SETS: dict[str, dict] = {
             "enabled": True,
             "className": "nginx",
             "annotations": {"nginx.ingress.kubernetes.io/proxy-buffering": "off"},
-            "hosts": [{"host": "llm.example.com", "paths": [{"path": "/", "pathType": "Prefix"}]}],
+            "hosts": [
+                {"host": "llm.example.com", "paths": [{"path": "/v1", "pathType": "Prefix"}]}
+            ],
             "tls": [{"secretName": "llm-tls", "hosts": ["llm.example.com"]}],
         },
         "podDisruptionBudget": {"minAvailable": 1},
-        "peers": {"enabled": True, "spillAt": 24},
+        "peers": {"enabled": True, "spillAt": 24, "secret": {"name": "gateway-peers", "key": "k"}},
+        "metrics": {"port": 9500},
         "networkPolicy": {
             "from": [
                 {
@@ -123,7 +126,14 @@ VALUE_SETS: dict[str, dict] = {
                         "matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}
                     }
                 }
-            ]
+            ],
+            "metricsFrom": [
+                {
+                    "namespaceSelector": {
+                        "matchLabels": {"kubernetes.io/metadata.name": "monitoring"}
+                    }
+                }
+            ],
         },
         "probes": {"startup": {"budgetSeconds": 3600, "periodSeconds": 15}},
     },
@@ -158,18 +168,20 @@ def flags_in(container: dict) -> set[str]:
 def parse_serve_args(container: dict, tmp_path) -> click.Context:
     """Run the container's arguments through `lorabay serve`'s own parser (not its callback).
 
-    --api-keys must name an existing file; the path inside the pod is checked to lie in
-    the Secret's mount, then swapped for a real file here.
+    --api-keys and --peer-secret-file must name existing files; each path inside the pod
+    is checked to lie in its Secret's mount, then swapped for a real file here.
     """
     assert container["command"] == ["lorabay", "serve"]
     args = list(container["args"])
-    if "--api-keys" in args:
-        at = args.index("--api-keys") + 1
-        mounts = {m["name"]: m for m in container["volumeMounts"]}
-        assert args[at].startswith(mounts["api-keys"]["mountPath"] + "/")
-        keys = tmp_path / "api-keys.yaml"
-        keys.write_text("{}\n")
-        args[at] = str(keys)
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    for flag, volume in (("--api-keys", "api-keys"), ("--peer-secret-file", "peer-secret")):
+        if flag in args:
+            at = args.index(flag) + 1
+            assert args[at].startswith(mounts[volume]["mountPath"] + "/")
+            assert mounts[volume]["readOnly"] is True
+            stand_in = tmp_path / volume
+            stand_in.write_text("{}\n")
+            args[at] = str(stand_in)
     return serve.make_context("serve", args)
 
 
@@ -336,41 +348,62 @@ def test_default_api_keys_secret_is_named_after_the_release():
 
 
 @pytest.mark.parametrize("name", VALUE_SETS)
-def test_engine_port_is_not_exposed(name):
+def test_the_engine_has_no_port_and_metrics_have_their_own(name, tmp_path):
     objects = rendered(name)
     deployment = only(objects, "Deployment")
     pod = deployment["spec"]["template"]["spec"]
     container = server_container(objects)
-    gateway_port = ports_named(container)["http"]
-    # One container, one port: the gateway's. The engine binds 127.0.0.1 on its own port.
+    ports = ports_named(container)
+    # One container, two ports: the gateway's API and its metrics. The engine has none.
     assert len(pod["containers"]) == 1
-    assert container["ports"] == [
-        {"name": "http", "containerPort": gateway_port, "protocol": "TCP"}
-    ]
-    assert not pod.get("hostNetwork") and "hostPort" not in container["ports"][0]
+    assert [p["name"] for p in container["ports"]] == ["http", "metrics"]
+    assert not pod.get("hostNetwork") and not any("hostPort" in p for p in container["ports"])
+    params = parse_serve_args(container, tmp_path).params
+    assert (params["port"], params["metrics_port"]) == (ports["http"], ports["metrics"])
+    assert params["metrics_host"] == params["host"]
+    assert [p["targetPort"] for p in gateway_service(objects)["spec"]["ports"]] == ["http"]
+    assert [p["targetPort"] for p in metrics_service(objects)["spec"]["ports"]] == ["metrics"]
     for service in (o for o in objects if o["kind"] == "Service"):
-        assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
+        targets = [p["targetPort"] for p in service["spec"]["ports"]]
+        assert targets in (["http"], ["metrics"])
     if VALUE_SETS[name].get("networkPolicy", {}).get("enabled", True):
         policy = only(objects, "NetworkPolicy")
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
         assert policy["spec"]["policyTypes"] == ["Ingress"]
-        for rule in policy["spec"]["ingress"]:
-            assert rule["ports"] == [{"protocol": "TCP", "port": gateway_port}]
+        assert [rule["ports"] for rule in policy["spec"]["ingress"]] == [
+            [{"protocol": "TCP", "port": ports["http"]}],
+            [{"protocol": "TCP", "port": ports["metrics"]}],
+        ]
 
 
-def test_network_policy_is_on_by_default_and_takes_peers():
-    assert only(rendered("defaults"), "NetworkPolicy")["spec"]["ingress"][0].get("from") is None
+def test_network_policy_is_on_by_default_and_takes_peers_and_the_scraper():
+    default = only(rendered("defaults"), "NetworkPolicy")["spec"]["ingress"]
+    assert default[0].get("from") is None and default[1].get("from") is None
     objects = rendered("autoscaling-monitoring-ingress")
-    rule = only(objects, "NetworkPolicy")["spec"]["ingress"][0]
-    allowed = VALUE_SETS["autoscaling-monitoring-ingress"]["networkPolicy"]["from"]
+    api, metrics = only(objects, "NetworkPolicy")["spec"]["ingress"]
+    values = VALUE_SETS["autoscaling-monitoring-ingress"]["networkPolicy"]
     pods = only(objects, "Deployment")["spec"]["selector"]["matchLabels"]
-    assert rule["from"] == [*allowed, {"podSelector": {"matchLabels": pods}}]  # + the peers
+    assert api["from"] == [*values["from"], {"podSelector": {"matchLabels": pods}}]  # + peers
+    assert metrics["from"] == values["metricsFrom"]
 
 
 def gateway_service(objects: list[dict]) -> dict:
-    """The Service clients use (not the headless one the gateways find each other by)."""
-    (service,) = [o for o in objects if o["kind"] == "Service" and "clusterIP" not in o["spec"]]
+    """The Service clients use (not the metrics one, nor the headless peers one)."""
+    (service,) = [
+        o
+        for o in objects
+        if o["kind"] == "Service" and o["metadata"]["labels"].get("lorabay/service") == "gateway"
+    ]
+    return service
+
+
+def metrics_service(objects: list[dict]) -> dict:
+    (service,) = [
+        o
+        for o in objects
+        if o["kind"] == "Service" and o["metadata"]["labels"].get("lorabay/service") == "metrics"
+    ]
     return service
 
 
@@ -390,8 +423,25 @@ def test_gateways_find_each_other_through_a_headless_service():
     default = server_container(rendered("defaults"))["args"]
     assert "--peers" in default and "--spill-at" not in default  # the engine's batch
     off = render({"peers": {"enabled": False}})
-    assert "--peers" not in flags_in(server_container(off))
-    assert [o["kind"] for o in off].count("Service") == 1
+    assert not {"--peers", "--peer-secret-file"} & flags_in(server_container(off))
+    assert [o["kind"] for o in off].count("Service") == 2  # the API's and the metrics'
+    pod = only(off, "Deployment")["spec"]["template"]["spec"]
+    assert "peer-secret" not in {v["name"] for v in pod["volumes"]}
+
+
+def test_peers_sign_forwards_with_a_key_from_a_secret():
+    objects = rendered("defaults")
+    container = server_container(objects)
+    pod = only(objects, "Deployment")["spec"]["template"]["spec"]
+    secret = {v["name"]: v for v in pod["volumes"]}["peer-secret"]["secret"]
+    assert secret["secretName"] == "lorabay-peers"
+    assert secret["items"] == [{"key": "peer-secret", "path": "peer-secret"}]
+    mount = {m["name"]: m for m in container["volumeMounts"]}["peer-secret"]
+    args = container["args"]
+    assert args[args.index("--peer-secret-file") + 1] == mount["mountPath"] + "/peer-secret"
+    named = only(rendered("autoscaling-monitoring-ingress"), "Deployment")
+    volumes = {v["name"]: v for v in named["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["peer-secret"]["secret"]["secretName"] == "gateway-peers"
 
 
 # ------------------------------------------------------------------- probes
@@ -552,7 +602,7 @@ def test_autoscaling_targets_the_deployment():
     assert only(rendered("defaults"), "Deployment")["spec"]["replicas"] == 1
 
 
-def test_ingress_routes_to_the_gateway_service():
+def test_ingress_routes_only_the_api_to_the_gateway_service():
     objects = rendered("autoscaling-monitoring-ingress")
     ingress = only(objects, "Ingress")
     service = gateway_service(objects)
@@ -560,9 +610,16 @@ def test_ingress_routes_to_the_gateway_service():
     assert ingress["spec"]["tls"] == [{"secretName": "llm-tls", "hosts": ["llm.example.com"]}]
     (rule,) = ingress["spec"]["rules"]
     assert rule["host"] == "llm.example.com"
-    backend = rule["http"]["paths"][0]["backend"]["service"]
-    assert backend == {"name": service["metadata"]["name"], "port": {"name": "http"}}
+    (path,) = rule["http"]["paths"]
+    assert path["path"] == "/v1"
+    assert path["backend"]["service"] == {
+        "name": service["metadata"]["name"],
+        "port": {"name": "http"},
+    }
     assert "Ingress" not in kinds(rendered("defaults"))
+    assert yaml.safe_load((CHART_DIR / "values.yaml").read_text())["ingress"]["hosts"][0][
+        "paths"
+    ] == [{"path": "/v1", "pathType": "Prefix"}]
 
 
 # Fields of the ServiceMonitor CRD (monitoring.coreos.com/v1) the chart may use.
@@ -571,6 +628,7 @@ SERVICE_MONITOR_ENDPOINT = {"port", "path", "interval", "scrapeTimeout", "scheme
 
 
 def check_service_monitor(monitor: dict, service: dict) -> None:
+    """``service``: the metrics Service it must select."""
     """Structural check: kubernetes-validate has no schema for a CRD."""
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", monitor["metadata"]["name"])
@@ -582,7 +640,7 @@ def check_service_monitor(monitor: dict, service: dict) -> None:
     assert spec["endpoints"], "no endpoints"
     for endpoint in spec["endpoints"]:
         assert set(endpoint) <= SERVICE_MONITOR_ENDPOINT, set(endpoint) - SERVICE_MONITOR_ENDPOINT
-        assert endpoint["port"] in port_names
+        assert endpoint["port"] in port_names and endpoint["port"] == "metrics"
         assert endpoint["path"] == "/metrics"
         for key in ("interval", "scrapeTimeout"):
             assert re.fullmatch(r"[0-9]+(ms|s|m|h)", endpoint[key])
@@ -593,11 +651,11 @@ def test_service_monitor_only_with_the_prometheus_operator():
     assert "ServiceMonitor" not in kinds(render(values))  # no CRDs: nothing the API would refuse
     objects = render(values, api_versions=PROMETHEUS_OPERATOR_APIS)
     monitor = only(objects, "ServiceMonitor")
-    check_service_monitor(monitor, gateway_service(objects))
+    check_service_monitor(monitor, metrics_service(objects))
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
 
     forced = render({"serviceMonitor": {"force": True}})
-    check_service_monitor(only(forced, "ServiceMonitor"), gateway_service(forced))
+    check_service_monitor(only(forced, "ServiceMonitor"), metrics_service(forced))
     off = render({"serviceMonitor": {"enabled": False}}, api_versions=PROMETHEUS_OPERATOR_APIS)
     assert "ServiceMonitor" not in kinds(off)
 
@@ -623,6 +681,11 @@ def test_service_monitor_only_with_the_prometheus_operator():
         ({"engine": {"args": ["seed=1"]}}, "at '/engine/args/0'"),
         ({"engine": {"maxNumSeqs": 0}}, "at '/engine/maxNumSeqs'"),
         ({"replicas": 2}, "additional properties 'replicas'"),  # a typo of replicaCount
+        # Only the API goes through the Ingress.
+        (
+            {"ingress": {"hosts": [{"host": "x", "paths": [{"path": "/", "pathType": "Prefix"}]}]}},
+            "at '/ingress/hosts/0/paths/0/path'",
+        ),
         # Credentials have no place in values: only Secret names do.
         (
             {"registry": {"s3": {"secretAccessKey": "wJalrXUtnFEMI"}}},
@@ -645,6 +708,7 @@ def test_invalid_values_fail_with_a_schema_error(values, where):
         ({"insecure": True}, "set apiKeys.enabled=false"),
         ({"autoscaling": {"enabled": True, "minReplicas": 4, "maxReplicas": 2}}, "maxReplicas"),
         ({"extraEnv": [{"name": "AWS_SECRET_ACCESS_KEY", "value": "x"}]}, "secretKeyRef"),
+        ({"metrics": {"port": 8000}}, "metrics.port must differ"),
     ],
 )
 def test_contradictory_values_fail_rendering_with_the_fix(values, says):

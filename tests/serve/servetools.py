@@ -2,9 +2,13 @@
 
 ``GatewayProcess`` starts the command exactly as a user would (a subprocess of
 ``python -m lorabay.cli.main serve``), reads its log lines on a thread, learns the
-URL from the "gateway listening on URL" line, and stops it with a signal, then
-checks that every process it started is gone (killing leftovers so a failing test
-never leaks an engine).
+URL from the "gateway listening on URL" line (and the metrics URL from "metrics on
+URL"), and stops it with a signal, then checks that every process it started is gone
+(killing leftovers so a failing test never leaks an engine).
+
+``EngineDoor`` is the test's insider view of the private engine: the socket path from
+the engine's command line and the token from its environment (readable by its own user
+only), for checking what the engine holds. No client of the gateway has either.
 """
 
 from __future__ import annotations
@@ -18,18 +22,23 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import psutil
 
 LISTENING = re.compile(r"gateway listening on (http://\S+)")
+METRICS = re.compile(r"metrics on (http://\S+)/metrics")
+ENGINE_MODULE = "vllm.entrypoints.openai.api_server"
 
 
 class GatewayProcess:
-    def __init__(self, args: list[str], env: dict[str, str] | None = None):
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, on_line=None):
         self.args = args
         self.env = {**os.environ, **(env or {})}
         self.lines: list[str] = []
         self.process: subprocess.Popen | None = None
         self.url: str | None = None
+        self.metrics_url: str | None = None
+        self.on_line = on_line  # called with each line on the reader thread, as it comes
         self._seen: dict[int, psutil.Process] = {}
 
     def launch(self) -> GatewayProcess:
@@ -59,6 +68,7 @@ class GatewayProcess:
                 match = LISTENING.search(line)
                 if match:
                     self.url = match.group(1)
+                    self._wait_metrics_line(deadline)
                     return self
             if self.process.poll() is not None:
                 time.sleep(0.5)  # let the reader take the last lines
@@ -66,9 +76,22 @@ class GatewayProcess:
             time.sleep(0.2)
         raise TimeoutError("the gateway did not start in time:\n" + self.output)
 
+    def _wait_metrics_line(self, deadline: float) -> None:
+        if "--metrics-port" not in self.args:
+            return
+        while time.monotonic() < deadline:
+            found = [METRICS.search(line) for line in list(self.lines)]
+            found = [m for m in found if m]
+            if found:
+                self.metrics_url = found[0].group(1)
+                return
+            time.sleep(0.05)
+
     def _read(self) -> None:
         for line in self.process.stdout:
             self.lines.append(line.rstrip("\n"))
+            if self.on_line is not None:
+                self.on_line(self, self.lines[-1])
 
     @property
     def output(self) -> str:
@@ -85,9 +108,19 @@ class GatewayProcess:
     def engine_process(self) -> psutil.Process:
         """The vLLM server the gateway supervises (its direct child)."""
         for child in psutil.Process(self.process.pid).children():
-            if "vllm.entrypoints.openai.api_server" in " ".join(child.cmdline()):
+            if ENGINE_MODULE in " ".join(child.cmdline()):
                 return child
         raise LookupError("no engine process under the gateway")
+
+    def engine_door(self) -> EngineDoor:
+        return EngineDoor.of(self.engine_process())
+
+    def metrics(self) -> str:
+        return httpx.get(f"{self.metrics_url}/metrics", timeout=30).text
+
+    def log_files(self, path: Path) -> int:
+        """How many open handles the gateway process holds on ``path``."""
+        return sum(1 for f in psutil.Process(self.process.pid).open_files() if f.path == str(path))
 
     def leftovers(self) -> list[psutil.Process]:
         return [p for p in self._seen.values() if p.is_running() and p.status() != "zombie"]
@@ -118,11 +151,61 @@ class GatewayProcess:
         return names
 
 
+class EngineDoor:
+    """What only the engine's own user can see: its socket and token (tests only)."""
+
+    def __init__(self, process: psutil.Process, socket: str, token: str):
+        self.process, self.socket, self.token = process, socket, token
+
+    @classmethod
+    def of(cls, process: psutil.Process) -> EngineDoor:
+        command = process.cmdline()
+        socket = command[command.index("--uds") + 1]
+        return cls(process, socket, process.environ()["VLLM_API_KEY"])
+
+    def client(self, token: bool = True) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {self.token}"} if token else {}
+        return httpx.Client(
+            transport=httpx.HTTPTransport(uds=self.socket),
+            base_url="http://engine",
+            headers=headers,
+            timeout=60,
+        )
+
+    def adapters(self) -> set[str]:
+        """Names of the LoRA adapters the engine holds now."""
+        with self.client() as client:
+            cards = client.get("/v1/models").json()["data"]
+        return {card["id"] for card in cards if card.get("parent")}
+
+    def metric(self, name: str) -> float:
+        with self.client() as client:
+            text = client.get("/metrics").text
+        return sum(
+            float(line.rpartition(" ")[2])
+            for line in text.splitlines()
+            if line.startswith(name + "{") or line.startswith(name + " ")
+        )
+
+
+def metric(text: str, name: str, **labels) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        head, _, value = line.rpartition(" ")
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
 def tiny_serve_args(tiny_base, registry_url: str, port: int | str = 0) -> list[str]:
-    """The flags every serve test starts with: the tiny base in float32, one registry."""
+    """The flags every serve test starts with: the tiny base in float32, one registry,
+    metrics on a port of their own."""
     return [
         *("--base", str(tiny_base), "--served-name", "tiny", "--dtype", "float32"),
-        *("--registry", registry_url, "--port", str(port)),
+        *("--registry", registry_url, "--port", str(port), "--metrics-port", "0"),
     ]
 
 

@@ -2,15 +2,26 @@
 
 One `lorabay serve` process (tiny base, float32, API keys on) serves the whole
 module: starting vLLM costs tens of seconds. Tests run in file order; the last ones
-kill the engine and then stop the server with SIGTERM.
+kill the engine's core, then freeze the engine, and then stop the server with SIGTERM.
+
+The engine is private (issue 14): tests reach it only as its own user could, through
+``EngineDoor`` (the socket and token read from the engine's process), to check what it
+holds; the attacks on it run as separate processes (engine_attacks.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import pwd
 import random
+import re
 import signal
+import socket
+import stat
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,12 +30,19 @@ import httpx
 import openai
 import pytest
 from lorabay.hub import Registry
-from servetools import GatewayProcess, greedy_reference, tiny_serve_args, wait_gone
+from servetools import (
+    GatewayProcess,
+    greedy_reference,
+    metric,
+    tiny_serve_args,
+    wait_gone,
+)
 
 pytestmark = pytest.mark.vllm
 
 ADMIN_KEY = "sk-admin-0000"
 TEAM_A_KEY = "sk-team-a-0000"
+JSON = {"content-type": "application/json"}
 NEW_TOKENS = 16
 SENTENCES = [
     "hello",
@@ -44,10 +62,11 @@ ADAPTERS = {
 
 
 class Served:
-    def __init__(self, gateway: GatewayProcess, registry: Registry, home: Path, adapters: dict):
+    def __init__(self, gateway: GatewayProcess, registry: Registry, root: Path, adapters: dict):
         self.gateway = gateway
         self.registry = registry
-        self.home = home
+        self.root = root
+        self.home = root / "home"  # LORABAY_HOME: the gateway creates it
         self.adapters = adapters  # name -> local folder
         self.url = gateway.url
 
@@ -59,30 +78,22 @@ class Served:
             base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=300
         )
 
-    def post(self, path: str, key: str | None = ADMIN_KEY, **kwargs) -> httpx.Response:
+    def post(self, path: str, key: str | None = ADMIN_KEY, timeout=300, **kwargs) -> httpx.Response:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.post(f"{self.url}{path}", headers=headers, timeout=300, **kwargs)
+        headers |= kwargs.pop("headers", {})
+        return httpx.post(f"{self.url}{path}", headers=headers, timeout=timeout, **kwargs)
 
     def metrics(self) -> str:
-        return httpx.get(f"{self.url}/metrics").text
+        return self.gateway.metrics()
 
-
-def metric(text: str, name: str, **labels) -> float:
-    """Sum of the samples of ``name`` whose labels include ``labels``."""
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        head, _, value = line.rpartition(" ")
-        if all(f'{k}="{v}"' in head for k, v in labels.items()):
-            total += float(value)
-    return total
+    def engine_log(self) -> Path:
+        return Path(re.search(r"\(log: (\S+)\)", self.gateway.output).group(1))
 
 
 @pytest.fixture(scope="module")
 def served(tiny_base, make_lora, tmp_path_factory):
-    home = tmp_path_factory.mktemp("serve-home")
-    registry_url = f"file://{home / 'registry'}"
+    root = tmp_path_factory.mktemp("serve")
+    registry_url = f"file://{root / 'registry'}"
     registry = Registry.open(registry_url)
     adapters = {}
     for name, params in ADAPTERS.items():
@@ -93,7 +104,7 @@ def served(tiny_base, make_lora, tmp_path_factory):
     registry.push(make_lora(seed=15, r=32), "team-a/wide", base=tiny_base)
     # A judge (reward model): its kind alone keeps it out of the engine.
     registry.push(make_lora(seed=16), "team-a/judge", base=tiny_base, kind="reward")
-    keys = home / "keys.yaml"
+    keys = root / "keys.yaml"
     keys.write_text(f"keys:\n  {ADMIN_KEY}: '*'\n  {TEAM_A_KEY}: ['team-a/*']\n")
     gateway = GatewayProcess(
         [
@@ -106,13 +117,17 @@ def served(tiny_base, make_lora, tmp_path_factory):
             "5",
             "--max-lora-rank",
             "16",
+            # usage.prompt_tokens_details.cached_tokens: what the prefix cache gave a request
+            "--engine-arg=--enable-prompt-tokens-details",
+            # An adapter the gateway never loaded, in the engine from its start.
+            f"--engine-arg=--lora-modules=stranger={make_lora(seed=17)}",
         ],
-        env={"LORABAY_HOME": str(home)},
+        env={"LORABAY_HOME": str(root / "home")},
     )
     try:
         gateway.start()
         assert gateway.url, gateway.output
-        yield Served(gateway, registry, home, adapters)
+        yield Served(gateway, registry, root, adapters)
     finally:
         gateway.stop(signal.SIGTERM)
         gateway.kill_leftovers()
@@ -157,21 +172,127 @@ def test_health_and_ready(served):
     assert httpx.get(f"{served.url}/ready").status_code == 200
 
 
-def test_engine_listens_on_loopback_only_and_wants_the_gateways_token(served):
-    engine = served.gateway.engine_process()
-    listening = [
+# -- the engine is private ------------------------------------------------------------
+
+
+def run_attacks(socket_path: str, token: str = "", victim: str = "", user: str | None = None):
+    """engine_attacks.py as another process (as ``user``, with the system Python, which
+    needs nothing but the standard library); attack -> status or error name."""
+    script = (Path(__file__).parent / "engine_attacks.py").read_text()
+    python = sys.executable
+    extra = {}
+    if user is not None:
+        python = "/usr/bin/python3"
+        account = pwd.getpwnam(user)
+        extra = dict(user=account.pw_uid, group=account.pw_gid, extra_groups=[], cwd="/")
+    result = subprocess.run(
+        [python, "-", socket_path, token, victim],
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        **extra,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def can_run_as_nobody() -> bool:
+    try:
+        pwd.getpwnam("nobody")
+    except KeyError:
+        return False
+    return os.geteuid() == 0 and Path("/usr/bin/python3").exists()
+
+
+GATEWAY_ROUTES = {"metrics", "load_lora_adapter", "completions", "health"}
+
+
+def test_the_engine_listens_on_a_socket_in_a_private_folder_and_on_no_port(served):
+    door = served.gateway.engine_door()
+    folder = Path(door.socket).parent
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700, oct(folder.stat().st_mode)
+    assert stat.S_ISSOCK(Path(door.socket).stat().st_mode)
+    # vLLM's HTTP server has no TCP socket at all...
+    server = door.process
+    assert [c for c in server.net_connections(kind="inet") if c.status == "LISTEN"] == []
+    # ...and its processes' own channels (ZMQ between server, engine core and worker) are
+    # Unix sockets in the same folder. The worker keeps torch.distributed's gloo
+    # rendezvous on 127.0.0.1 (no HTTP, nothing of the API).
+    processes = [server, *server.children(recursive=True)]
+    paths = {
         c.laddr
-        for p in [engine, *engine.children(recursive=True)]
+        for p in processes
+        for c in p.net_connections(kind="unix")
+        if isinstance(c.laddr, str) and c.laddr.startswith("/")  # bound to a path
+    }
+    assert door.socket in paths
+    assert all(path.startswith(f"{folder}/") for path in paths), paths
+    listening = [
+        c.laddr.ip
+        for p in processes
         for c in p.net_connections(kind="inet")
         if c.status == "LISTEN"
     ]
-    assert listening and all(address.ip == "127.0.0.1" for address in listening)
-    command = engine.cmdline()
-    engine_url = f"http://127.0.0.1:{command[command.index('--port') + 1]}"
-    body = {"model": "tiny", "prompt": "hi", "max_tokens": 1}
-    assert httpx.post(f"{engine_url}/v1/completions", json=body).status_code == 401
-    load = {"lora_name": "mine", "lora_path": "/etc"}
-    assert httpx.post(f"{engine_url}/v1/load_lora_adapter", json=load).status_code == 401
+    assert all(ip == "127.0.0.1" for ip in listening), listening
+
+
+def test_no_other_process_can_use_the_engine(served):
+    door = served.gateway.engine_door()
+    victim = f"team-a/a@{served.registry.resolve('team-a/a').digest}"
+    if can_run_as_nobody():  # another user: the folder is closed to it
+        as_nobody = run_attacks(door.socket, victim=victim, user="nobody")
+        assert set(as_nobody.values()) == {"PermissionError"}, as_nobody
+    # The same user without the token: every path, SageMaker's and /health included, 401.
+    no_token = run_attacks(door.socket, victim=victim)
+    assert set(no_token.values()) == {"401"}, no_token
+    # Even with the token only the gateway's own routes exist.
+    with_token = run_attacks(door.socket, door.token, victim)
+    others = {name: status for name, status in with_token.items() if name not in GATEWAY_ROUTES}
+    assert set(others.values()) == {"404"}, others
+    assert with_token["health"] == "200"
+    assert victim not in door.adapters()
+
+
+def test_an_adapter_the_gateway_did_not_load_is_never_adopted(
+    served, prompts, reference, tiny_base
+):
+    # The stranger the engine started with was unloaded when the gateway connected.
+    assert "stranger" not in served.gateway.engine_door().adapters()
+    assert "unloading adapter 'stranger' from the engine" in served.gateway.output
+    # Someone holding the engine's token registers the very name the gateway will load
+    # team-a/victim under (it contains the digest: predictable), with other weights.
+    served.registry.push(served.adapters["team-a/a"], "team-a/victim", base=tiny_base)
+    manifest = served.registry.resolve("team-a/victim")
+    engine_name = f"team-a/victim@{manifest.digest}"
+    door = served.gateway.engine_door()
+    with door.client() as client:
+        impostor = {"lora_name": engine_name, "lora_path": str(served.adapters["team-b/c"])}
+        assert client.post("/v1/load_lora_adapter", json=impostor).status_code == 200
+    # The gateway replaces it with the verified folder: team-a/a's weights answer.
+    assert complete_ids(served.client(), "team-a/victim", prompts[1]) == reference["team-a/a"][1]
+    assert f"holds an adapter named '{engine_name}' this gateway did not load" in (
+        served.gateway.output
+    )
+
+
+def test_two_names_for_one_content_are_two_engine_adapters_and_the_gauge_agrees(served, tiny_base):
+    served.registry.push(served.adapters["team-a/b"], "team-a/twin", base=tiny_base)
+    digest = served.registry.resolve("team-a/b").digest
+    client = served.client()
+    for model in ("team-a/b", "team-a/twin", "team-a/b", "team-a/twin"):
+        answer = client.completions.create(model=model, prompt="hi", max_tokens=1)
+        assert answer.model == f"{model}@{digest}"
+    door = served.gateway.engine_door()
+    deadline = time.monotonic() + 10
+    while True:  # unloads past --max-loaded run in the background
+        held = door.adapters()
+        gauge = metric(served.metrics(), "lorabay_adapters_loaded")
+        if len(held) == gauge or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert len(held) == gauge <= 5, (held, gauge)
+    assert {f"team-a/b@{digest}", f"team-a/twin@{digest}"} <= held
 
 
 # -- the OpenAI surface ----------------------------------------------------------------
@@ -400,7 +521,6 @@ def test_bad_requests_get_400_and_the_gateway_keeps_serving(served):
         dict(json={"model": "tiny", "prompt": "hi", "max_tokens": 0}),
         dict(json={"model": "tiny", "prompt": "hi", "max_tokens": 5000}),  # context is 1024
         dict(json={"model": "tiny", "prompt": [5] * 1100, "max_tokens": 10}),  # the engine
-        dict(json={"model": "tiny", "prompt": "x" * (5 * 1024 * 1024)}),  # over 4 MiB
         dict(json={"model": "team-a/a", "prompt": "hi", "logprobs": "yes"}),
         dict(json={"model": "tiny"}),
     ]
@@ -416,9 +536,10 @@ def test_bad_requests_get_400_and_the_gateway_keeps_serving(served):
 
 
 def test_a_corrupted_adapter_fails_only_its_own_requests(served, make_lora, tiny_base):
-    manifest = served.registry.push(make_lora(seed=41), "team-a/corrupt", base=tiny_base)
+    served.registry.push(make_lora(seed=41), "team-a/corrupt", base=tiny_base)
+    manifest = served.registry.resolve("team-a/corrupt")
     weights = next(f for f in manifest.files if f["path"].endswith(".safetensors"))
-    blob = served.home / "registry" / "blobs" / "sha256" / weights["sha256"]
+    blob = served.root / "registry" / "blobs" / "sha256" / weights["sha256"]
     assert blob.is_file()
     os.chmod(blob, 0o644)
     data = bytearray(blob.read_bytes())
@@ -459,11 +580,208 @@ def test_metrics_are_labelled_by_adapter_name_and_version(served):
     assert metric(text, "lorabay_requests_in_flight") == 0
 
 
+# -- bounded requests ------------------------------------------------------------------
+
+
+def test_n_is_capped_and_the_400_says_so(served):
+    response = served.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "n": 17})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "n" and "--max-n" in error["message"] and "16" in error["message"]
+    assert served.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "n": 2}).is_success
+
+
+def test_a_client_that_leaves_stops_its_generation(served):
+    door = served.gateway.engine_door()
+    generated = door.metric("vllm:generation_tokens_total")
+    left = metric(served.metrics(), "lorabay_requests_total", status="499")
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 1000, "n": 8, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):  # not streamed: the client waits, then gives up
+        served.post("/v1/completions", json=body, timeout=httpx.Timeout(10, read=0.5))
+    deadline = time.monotonic() + 60
+    while door.metric("vllm:num_requests_running") > 0 or (
+        metric(served.metrics(), "lorabay_requests_total", status="499") == left
+    ):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    # 8 x 1000 tokens were asked for; the engine stopped when the client left.
+    assert door.metric("vllm:generation_tokens_total") - generated < 8 * 1000
+
+
+def raw_connection(served) -> socket.socket:
+    host, port = served.url.removeprefix("http://").rsplit(":", 1)
+    return socket.create_connection((host, int(port)), timeout=30)
+
+
+def read_until_closed(sock: socket.socket, seconds: float) -> bytes:
+    sock.settimeout(seconds)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except TimeoutError:
+        return data + b"<still open>"
+    return data
+
+
+def test_idle_slow_and_stalled_connections_time_out_and_never_count_in_flight(served):
+    headers = (
+        "POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n"
+        f"Authorization: Bearer {ADMIN_KEY}\r\nContent-Type: application/json\r\n"
+    )
+    idle = [raw_connection(served) for _ in range(4)]  # send nothing at all
+    slow = [raw_connection(served) for _ in range(4)]  # headers that never end
+    stalled = [raw_connection(served) for _ in range(4)]  # a body that never ends
+    started = time.monotonic()
+    for sock in slow:
+        sock.sendall(headers.encode())
+    for sock in stalled:
+        sock.sendall((headers + "Content-Length: 1000\r\n\r\n" + '{"model": "ti').encode())
+    time.sleep(1.0)
+    assert metric(served.metrics(), "lorabay_requests_in_flight") == 0  # no body yet, no slot
+    answers = [read_until_closed(sock, 30) for sock in idle + slow + stalled]
+    assert time.monotonic() - started < 30
+    for answer in answers:
+        assert b"<still open>" not in answer
+    for answer in answers[4:]:  # whoever sent something is told why
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b'"code":"request_timeout"' in answers[-1].replace(b" ", b"")
+    for sock in idle + slow + stalled:
+        sock.close()
+
+
+def stream_chunks(served, **stream_options) -> list:
+    return list(
+        served.client().completions.create(
+            model="tiny",
+            prompt="count these",
+            max_tokens=12,
+            stream=True,
+            stream_options=stream_options,
+            extra_body={"ignore_eos": True},
+        )
+    )
+
+
+def generated_tokens(served) -> float:
+    return metric(served.metrics(), "lorabay_generated_tokens_total", adapter="tiny")
+
+
+def test_usage_is_counted_once_and_the_clients_stream_options_pass_through(served):
+    before = generated_tokens(served)
+    chunks = stream_chunks(served, include_usage=True, continuous_usage_stats=True)
+    with_usage = [c for c in chunks if c.usage is not None]
+    assert len(with_usage) > 3  # asked for on every chunk: given on every chunk
+    assert chunks[-1].usage.completion_tokens == 12
+    assert generated_tokens(served) - before == 12  # counted once, not per chunk
+
+    before = generated_tokens(served)
+    chunks = stream_chunks(served, continuous_usage_stats=True)  # usage not asked for
+    assert [c.usage for c in chunks] == [None] * len(chunks)
+    assert generated_tokens(served) - before == 12
+
+
+def test_hostile_inputs_get_4xx_and_never_a_500(served):
+    errors = metric(served.metrics(), "lorabay_request_errors_total", code="internal_error")
+    cases = [
+        ("[" * 1000 + "]" * 1000, 400),  # nested 1,000 deep
+        ('{"model": "tiny", "prompt": "hi", "x": ' + "[" * 5000 + "]" * 5000 + "}", 400),
+        ('{"model": "tiny", "prompt": "hi", "max_tokens": ' + "9" * 5000 + "}", 400),
+        (json.dumps({"model": "team-a/x:" + "1" * 5000, "prompt": "hi"}), 404),
+        ('{"model": "team-a/\\ud800", "prompt": "hi"}', 404),  # a lone surrogate
+        ('{"model": "tiny", "prompt": "\\udfff hi", "max_tokens": 1}', 400),
+    ]
+    for body, status in cases:
+        response = served.post("/v1/completions", content=body.encode(), headers=JSON)
+        assert response.status_code == status, (body[:60], response.text[:300])
+        assert response.headers["content-type"] == "application/json"
+        assert response.json()["error"]["message"]
+    big = served.post("/v1/completions", json={"model": "tiny", "prompt": "x" * (5 << 20)})
+    assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+
+    # A client that hangs up halfway through its upload: 499, not an internal error.
+    hangups = metric(served.metrics(), "lorabay_requests_total", status="499")
+    sock = raw_connection(served)
+    sock.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {ADMIN_KEY}\r\nContent-Length: 100000\r\n\r\n".encode()
+        + b'{"model": "tiny", "prompt": "'
+    )
+    sock.close()
+    deadline = time.monotonic() + 20
+    while metric(served.metrics(), "lorabay_requests_total", status="499") == hangups:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert metric(served.metrics(), "lorabay_request_errors_total", code="internal_error") == errors
+    assert "Traceback" not in served.gateway.output
+    assert served.client().completions.create(model="tiny", prompt="still here", max_tokens=1)
+
+
+# -- what tenants can see of each other --------------------------------------------------
+
+
+def test_metrics_are_served_only_on_their_own_listener(served):
+    assert httpx.get(f"{served.url}/metrics").status_code == 404
+    assert "lorabay_requests_total" in served.metrics()
+    assert httpx.get(f"{served.gateway.metrics_url}/v1/models").status_code == 404
+
+
+def cached_tokens(served, key: str, prompt: str, salt: str) -> int:
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 1, "cache_salt": salt}
+    response = served.post("/v1/completions", key=key, json=body)
+    assert response.status_code == 200, response.text
+    return response.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+def test_each_key_has_its_own_prefix_cache_whatever_salt_it_sends(served):
+    prompt = " ".join(f"secret{i}" for i in range(100))  # several KV blocks
+    assert cached_tokens(served, TEAM_A_KEY, prompt, "shared") == 0
+    assert cached_tokens(served, TEAM_A_KEY, prompt, "shared") > 0  # A's own cache
+    assert cached_tokens(served, ADMIN_KEY, prompt, "shared") == 0  # never A's, for B
+    assert cached_tokens(served, TEAM_A_KEY, prompt, "another") > 0  # A's salt is A's
+
+
+def test_models_retrieve_owned_by_and_a_private_home(served):
+    card = served.client().models.retrieve("team-a/a:1")
+    assert card.id == "team-a/a:1" and card.owned_by == "team-a"
+    assert card.model_extra["digest"] == served.registry.resolve("team-a/a:1").digest
+    assert served.client().models.retrieve("tiny").model_extra["kind"] == "base"
+    team = served.client(TEAM_A_KEY)
+    with pytest.raises(openai.NotFoundError) as forbidden:
+        team.models.retrieve("team-b/c:1")  # exists; not this key's
+    with pytest.raises(openai.NotFoundError) as missing:
+        team.models.retrieve("team-b/zzz:1")
+    assert forbidden.value.body["code"] == missing.value.body["code"] == "model_not_found"
+    owners = {m.owned_by for m in served.client().models.list().data}
+    assert not any("@" in owner for owner in owners), owners  # never user@host
+    # LORABAY_HOME holds every pulled adapter: the gateway created it for its user alone.
+    assert stat.S_IMODE(served.home.stat().st_mode) == 0o700
+
+
 # -- failures of the engine, and stopping ------------------------------------------------
 
 
-def test_engine_death_gives_503_in_flight_then_the_engine_is_restarted(served, prompts, reference):
-    engine = served.gateway.engine_process()
+def wait_ready(served, seconds: float = 400) -> None:
+    deadline = time.monotonic() + seconds
+    while httpx.get(f"{served.url}/ready").status_code != 200:
+        assert time.monotonic() < deadline, served.gateway.output[-3000:]
+        time.sleep(1)
+
+
+def engine_core(served):
+    return next(
+        p
+        for p in served.gateway.engine_process().children(recursive=True)
+        if "EngineCore" in p.name()
+    )
+
+
+def test_engine_core_death_gives_503_in_flight_and_ready_says_so_at_once(
+    served, prompts, reference
+):
+    log = served.engine_log()
+    assert served.gateway.log_files(log) == 1
+    core = engine_core(served)
     served.gateway.remember_descendants()
     old_group = [p for p in served.gateway._seen.values() if p.is_running()]
     outcomes: list = []
@@ -471,19 +789,16 @@ def test_engine_death_gives_503_in_flight_then_the_engine_is_restarted(served, p
     def long_request():
         try:
             served.client().completions.create(
-                model="team-a/a",
-                prompt="hi",
-                max_tokens=1000,
-                extra_body={"ignore_eos": True},
+                model="team-a/a", prompt="hi", max_tokens=1000, extra_body={"ignore_eos": True}
             )
             outcomes.append(200)
         except openai.APIStatusError as error:
             outcomes.append(error.status_code)
 
-    # Freeze the engine first, so none of the three can finish before the kill (on a quiet
-    # machine the tiny base writes 1000 tokens in a fraction of a second): all three are
-    # then in flight, waiting on the engine, when it dies.
-    engine.send_signal(signal.SIGSTOP)
+    # Freeze the engine core first, so none of the three can finish before the kill: all
+    # three are then in flight, waiting on it, when it dies (its API server lives on and
+    # answers them 500: the engine is down, which the gateway says with a 503).
+    core.send_signal(signal.SIGSTOP)
     threads = [threading.Thread(target=long_request) for _ in range(3)]
     for thread in threads:
         thread.start()
@@ -492,24 +807,46 @@ def test_engine_death_gives_503_in_flight_then_the_engine_is_restarted(served, p
         assert time.monotonic() < deadline, outcomes
         time.sleep(0.01)
     time.sleep(0.2)  # the gateway has sent them on to the engine
-    engine.send_signal(signal.SIGKILL)
+    core.send_signal(signal.SIGKILL)
+    killed = time.monotonic()
     for thread in threads:
         thread.join(60)
     assert outcomes == [503, 503, 503]
-    assert wait_gone(old_group) == []  # the dead engine's children went with it
-
+    while httpx.get(f"{served.url}/ready").status_code == 200:
+        assert time.monotonic() - killed < 10
+        time.sleep(0.05)
+    assert metric(served.metrics(), "lorabay_engine_up") == 0  # the same state, the same moment
     response = served.post("/v1/completions", json={"model": "tiny", "prompt": "hi"})
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "engine_unavailable"
+    assert wait_gone(old_group, timeout=60) == []  # the dead engine's processes went with it
 
-    deadline = time.monotonic() + 400
-    while httpx.get(f"{served.url}/ready").status_code != 200:
-        assert time.monotonic() < deadline, served.gateway.output[-3000:]
-        time.sleep(1)
+    wait_ready(served)
+    assert metric(served.metrics(), "lorabay_engine_up") == 1
     client = served.client()
     assert complete_ids(client, "team-a/a", prompts[1]) == reference["team-a/a"][1]
     assert complete_ids(client, "tiny", prompts[1]) == reference[None][1]
     assert metric(served.metrics(), "lorabay_engine_restarts_total") == 1
+    assert served.gateway.log_files(log) == 1  # one handle on the log, however many starts
+    # The restarted engine came up with the stranger again (--lora-modules): unloaded again.
+    deadline = time.monotonic() + 30
+    while "stranger" in served.gateway.engine_door().adapters():
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+
+
+def test_a_hung_engine_is_taken_out_of_service_and_restarted(served):
+    served.gateway.engine_process().send_signal(signal.SIGSTOP)  # answers nothing, never exits
+    stopped = time.monotonic()
+    while httpx.get(f"{served.url}/ready").status_code == 200:
+        assert time.monotonic() - stopped < 20  # one failed health probe (5 s) takes it out
+        time.sleep(0.2)
+    assert metric(served.metrics(), "lorabay_engine_up") == 0
+    wait_ready(served)
+    assert "engine stopped answering" in served.gateway.output
+    assert metric(served.metrics(), "lorabay_engine_restarts_total") == 2
+    assert served.client().completions.create(model="team-a/a", prompt="hi", max_tokens=2)
+    assert served.gateway.log_files(served.engine_log()) == 1
 
 
 def test_sigterm_stops_the_gateway_and_every_engine_process(served):

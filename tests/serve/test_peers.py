@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import signal
 import socket
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -72,6 +74,12 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
+def peer_secret(folder) -> Path:
+    path = folder / "peer-secret"
+    path.write_text(secrets.token_hex(32))
+    return path
+
+
 def logged(gateway, text: str, seconds: float = 5.0) -> bool:
     """Whether ``text`` shows in the gateway's log within ``seconds`` (it is read on a thread)."""
     deadline = time.monotonic() + seconds
@@ -83,6 +91,7 @@ def logged(gateway, text: str, seconds: float = 5.0) -> bool:
 @pytest.mark.vllm
 def test_two_gateways_send_each_adapter_to_its_home(tiny_base, make_lora, tmp_path):
     from lorabay.hub import Registry
+    from lorabay.serve.peers import FORWARDED
     from servetools import GatewayProcess, tiny_serve_args
 
     registry_url = f"file://{tmp_path / 'registry'}"
@@ -92,11 +101,13 @@ def test_two_gateways_send_each_adapter_to_its_home(tiny_base, make_lora, tmp_pa
     names = [f"team/p{i}" for i in range(24)]  # each gateway is home to at least 2 (random ports)
     for i, name in enumerate(names):
         registry.push(make_lora(seed=40 + i), name, base=tiny_base)
-    far = next(n for n in names if home_of(n, urls) == urls[1])  # B's, asked of A
+    far, forged_far, *_ = [n for n in names if home_of(n, urls) == urls[1]]  # B's, asked of A
     near = next(n for n in names if home_of(n, urls) == urls[0])  # A's own
+    secret = peer_secret(tmp_path)
     gateways = [
         GatewayProcess(
-            [*tiny_serve_args(tiny_base, registry_url, port), "--peers", ",".join(urls)],
+            [*tiny_serve_args(tiny_base, registry_url, port), "--peers", ",".join(urls)]
+            + ["--peer-secret-file", str(secret)],
             env={"LORABAY_HOME": str(tmp_path / f"home-{port}")},
         )
         for port in ports
@@ -109,9 +120,10 @@ def test_two_gateways_send_each_adapter_to_its_home(tiny_base, make_lora, tmp_pa
             assert gateway.url, gateway.output
         a, b = gateways
 
-        def ask(model: str, stream: bool = False) -> httpx.Response:
+        def ask(model: str, stream: bool = False, headers=None) -> httpx.Response:
             body = {"model": model, "prompt": "hi", "max_tokens": 2, "stream": stream}
-            return httpx.post(f"{a.url}/v1/completions", json=body, timeout=300)
+            url = f"{a.url}/v1/completions"
+            return httpx.post(url, json=body, headers=headers, timeout=300)
 
         answer = ask(far)
         assert answer.status_code == 200, answer.text
@@ -122,8 +134,12 @@ def test_two_gateways_send_each_adapter_to_its_home(tiny_base, make_lora, tmp_pa
         assert ask("tiny").status_code == 200  # the base: served where it arrives
         assert logged(b, f"adapter loaded: {far}@") and f"adapter loaded: {far}@" not in a.output
         assert logged(a, f"adapter loaded: {near}@")
-        metrics = httpx.get(f"{a.url}/metrics").text
-        assert f'lorabay_requests_forwarded_total{{peer="{urls[1]}"}} 2.0' in metrics
+        # A client's own "x-lorabay-forwarded" proves nothing: the affinity holds.
+        assert ask(forged_far, headers={FORWARDED: "1"}).status_code == 200
+        assert logged(b, f"adapter loaded: {forged_far}@")
+        assert f"adapter loaded: {forged_far}@" not in a.output
+        metrics = a.metrics()
+        assert f'lorabay_requests_forwarded_total{{peer="{urls[1]}"}} 3.0' in metrics
         problem = ask("team/missing-name")  # the home answers with the registry's own error
         assert problem.status_code == 404 and "team/missing-name" in json.dumps(problem.json())
 
@@ -135,7 +151,7 @@ def test_two_gateways_send_each_adapter_to_its_home(tiny_base, make_lora, tmp_pa
 
         time.sleep(DOWN_SECONDS)  # B is asked again after this
         b.stop(signal.SIGTERM)  # B goes away: A serves B's adapters itself
-        other = next(n for n in names if home_of(n, urls) == urls[1] and n != far)
+        other = next(n for n in names if home_of(n, urls) == urls[1] and n not in (far, forged_far))
         answer = ask(other)
         assert answer.status_code == 200, answer.text
         assert logged(a, f"adapter loaded: {other}@")
@@ -155,7 +171,7 @@ def test_a_busy_home_sends_requests_back_and_a_hot_adapter_spreads(tiny_base, ma
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from lorabay.hub import Registry
-    from lorabay.serve.peers import BUSY, FORWARDED
+    from lorabay.serve.peers import BUSY, FORWARDED, sign_forward
     from servetools import GatewayProcess, tiny_serve_args
 
     class AlwaysBusy(BaseHTTPRequestHandler):
@@ -177,9 +193,10 @@ def test_a_busy_home_sends_requests_back_and_a_hot_adapter_spreads(tiny_base, ma
     registry.push(make_lora(seed=7), hot, base=tiny_base)
     busy = ThreadingHTTPServer(("127.0.0.1", busy_port), AlwaysBusy)
     threading.Thread(target=busy.serve_forever, daemon=True).start()
+    secret = peer_secret(tmp_path)
     gateway = GatewayProcess(
         [*tiny_serve_args(tiny_base, registry_url, port), "--peers", ",".join(urls)]
-        + ["--spill-at", "0"],
+        + ["--spill-at", "0", "--peer-secret-file", str(secret)],
         env={"LORABAY_HOME": str(tmp_path / "home")},
     )
     try:
@@ -191,15 +208,20 @@ def test_a_busy_home_sends_requests_back_and_a_hot_adapter_spreads(tiny_base, ma
             assert answer.status_code == 200, answer.text  # answered here, not queued there
         assert logged(gateway, f"adapter loaded: {hot}@")
         assert "not available" not in gateway.output  # busy is not down: no peer skipped
-        metrics = httpx.get(f"{gateway.url}/metrics").text
+        metrics = gateway.metrics()
         assert f'lorabay_requests_spilled_total{{peer="{urls[1]}"}} 2.0' in metrics
 
-        # As a home it is busy too (--spill-at 0): a forwarded request goes back at once.
-        sent_back = httpx.post(
-            f"{gateway.url}/v1/completions", json=body, headers={FORWARDED: "1"}, timeout=60
-        )
+        # As a home it is busy too (--spill-at 0): a forwarded request goes back at once...
+        raw = json.dumps(body).encode()
+        signed = sign_forward(secret.read_text().strip().encode(), "/v1/completions", raw)
+        headers = {FORWARDED: signed, "content-type": "application/json"}
+        url = f"{gateway.url}/v1/completions"
+        sent_back = httpx.post(url, content=raw, headers=headers, timeout=60)
         assert sent_back.status_code == 429 and sent_back.headers.get(BUSY) == "1"
         assert sent_back.json()["error"]["code"] == "busy"
+        # ...but one a client marks itself is a client's request like any other.
+        forged = httpx.post(url, content=raw, headers={**headers, FORWARDED: "1"}, timeout=300)
+        assert forged.status_code == 200, forged.text
     finally:
         busy.shutdown()
         busy.server_close()
@@ -212,3 +234,17 @@ def test_spill_at_needs_peers(tiny_base):
 
     with pytest.raises(ConfigError, match="--spill-at"):
         check_options(ServeOptions(base=str(tiny_base), spill_at=4))
+
+
+def test_a_forwarded_mark_is_an_hmac_of_the_request():
+    from lorabay.serve.peers import sign_forward, verify_forward
+
+    secret, body, path = b"s" * 32, b'{"model": "team/a"}', "/v1/completions"
+    mark = sign_forward(secret, path, body)
+    assert verify_forward(secret, mark, path, body)
+    assert not verify_forward(b"t" * 32, mark, path, body)  # another secret
+    assert not verify_forward(secret, mark, path, body + b" ")  # another body
+    assert not verify_forward(secret, mark, "/v1/chat/completions", body)
+    assert not verify_forward(secret, sign_forward(secret, path, body, now=1000), path, body)
+    for forged in ("1", "", "x.y", f"{int(time.time())}." + "0" * 64):
+        assert not verify_forward(secret, forged, path, body)

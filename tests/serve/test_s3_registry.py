@@ -68,7 +68,8 @@ def test_a_gateway_serves_what_another_machine_pushes_and_moves(s3_served, tiny_
     registry.set_alias("team/x", "prod", 2)  # from the trainer's machine
     assert first_served_within(gateway, "team/x:prod", v2, 2.0) < 2.0
 
-    v3 = registry.push(make_lora(seed=33), "team/x", base=tiny_base)  # a new latest
+    registry.push(make_lora(seed=33), "team/x", base=tiny_base)  # a new latest
+    v3 = registry.resolve("team/x:3")
     assert first_served_within(gateway, "team/x", f"team/x@{v3.digest}", 2.0) < 2.0
 
     client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="-", max_retries=0)

@@ -132,12 +132,14 @@ def test_option_problems_are_reported_together(tmp_path):
     assert len(caught.value.problems) == 4
 
 
-def test_engine_command_is_loopback_with_runtime_lora(tiny_base):
+def test_engine_command_is_a_private_socket_with_runtime_lora(tiny_base):
     options = ServeOptions(base=str(tiny_base), quantization="nf4", max_loras=4, max_loaded=12)
-    command = build_engine_command(EngineConfig.from_options(options), 4321)
+    command = build_engine_command(EngineConfig.from_options(options), "/run/x/engine.sock")
     joined = " ".join(command)
     assert "vllm.entrypoints.openai.api_server" in joined
-    assert "--host 127.0.0.1 --port 4321" in joined
+    assert "--uds /run/x/engine.sock" in joined
+    assert "--host" not in command and "--port" not in command
+    assert "--middleware lorabay.serve.engine_guard.EngineGuard" in joined
     assert "--enable-lora" in command
     assert "--quantization bitsandbytes" in joined
     assert "--dtype bfloat16" in joined  # NF4 in vLLM needs 16-bit activations
@@ -315,3 +317,155 @@ def test_a_stream_lets_go_of_its_lease_once_however_it_ends():
     # The client leaves before the body starts: the generator never runs, the relay closes.
     released, closed, in_flight, _ = stream_through_asgi([{"type": "http.disconnect"}])
     assert released == ["lease"] and closed == 1 and in_flight == 0
+
+
+# -- issue 14: the engine's guard, restarts, hostile bodies, streams ---------------------
+
+
+def call_guard(path: str, method: str = "GET", token: str | None = "t0ken", kind: str = "http"):
+    """Run one request through the real EngineGuard in front of an app that answers 200."""
+    import asyncio
+
+    from lorabay.serve.engine_guard import EngineGuard
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
+    scope = {"type": kind, "method": method, "path": path, "headers": headers}
+    asyncio.run(EngineGuard(app)(scope, receive, send))
+    return sent[0].get("status", sent[0]["type"])
+
+
+def test_engine_guard_wants_the_token_everywhere_and_serves_only_the_gateways_routes(
+    monkeypatch,
+):
+    monkeypatch.setenv("VLLM_API_KEY", "t0ken")
+    for path in ("/health", "/metrics", "/adapters", "/invocations", "/tokenize", "/ping"):
+        assert call_guard(path, token=None) == 401
+        assert call_guard(path, token="wrong") == 401
+    assert call_guard("/health") == 200
+    assert call_guard("/v1/completions", "POST") == 200
+    assert call_guard("/v1/load_lora_adapter", "POST") == 200
+    for method, path in [
+        ("POST", "/adapters"),
+        ("DELETE", "/adapters/x"),
+        ("POST", "/invocations"),
+        ("POST", "/generative_scoring"),
+        ("POST", "/tokenize"),
+        ("POST", "/scale_elastic_ep"),
+        ("POST", "/v1/responses"),
+        ("GET", "/v1/completions"),
+    ]:
+        assert call_guard(path, method) == 404, path
+    assert call_guard("/v1/completions", "POST", kind="websocket") == "websocket.close"
+    monkeypatch.delenv("VLLM_API_KEY")
+    assert call_guard("/health", token="") == 401  # no token configured: nothing passes
+
+
+def test_restart_backoff_grows_while_the_engine_keeps_failing_soon_after_start():
+    from lorabay.serve.engine import RestartBackoff
+
+    backoff = RestartBackoff(stable_seconds=60, first=1, cap=8)
+    assert backoff.delay(uptime=3600) == 0  # it ran for an hour: restart at once
+    assert [backoff.delay(uptime=2) for _ in range(6)] == [1, 2, 4, 8, 8, 8]
+    assert backoff.delay(uptime=61) == 0  # stable again: the count starts over
+    assert backoff.delay(uptime=0) == 1
+
+
+def test_engine_summary_names_a_signal_death():
+    lines = [
+        "Fatal Python error: Illegal instruction",
+        "",
+        "Thread 0x1 (most recent call first):",
+        '  File "threading.py", line 1, in wait',
+        "Current thread 0x2 (most recent call first):",
+        '  File "vllm/_custom_ops.py", line 3927 in cpu_attention_with_kv_cache',
+        "Traceback (most recent call last):",
+        '  File "core.py", line 9, in run',
+        "RuntimeError: cancelled",
+    ]
+    summary = summarize_engine_failure(lines)
+    assert summary.splitlines()[0] == "Fatal Python error: Illegal instruction"
+    assert "cpu_attention_with_kv_cache" in summary
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"[" * 1000 + b"]" * 1000,
+        b"[" * 100 + b"]" * 100,
+        b'{"model": "m", "prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}",
+    ],
+)
+def test_deep_or_huge_json_is_a_400(raw):
+    with pytest.raises(InvalidRequest) as caught:
+        parse_request(raw, COMPLETIONS, 64)
+    assert caught.value.http_status == 400
+
+
+def test_n_above_the_cap_is_a_400_naming_the_flag():
+    with pytest.raises(InvalidRequest, match="--max-n") as caught:
+        parse_request(body(n=17), COMPLETIONS, 64, max_n=16)
+    assert caught.value.param == "n"
+    assert parse_request(body(n=16), COMPLETIONS, 64, max_n=16)["n"] == 16
+
+
+def test_continuous_usage_is_counted_once_from_the_last_event():
+    events = [
+        b'data: {"choices":[{"text":"a"}],"usage":{"prompt_tokens":3,"completion_tokens":1}}\n\n',
+        b'data: {"choices":[{"text":"b"}],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\n',
+        b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\n',
+        b"data: [DONE]\n\n",
+    ]
+    out, seen, _ = relay([b"".join(events)], wants_usage=True)
+    assert out == b"".join(events)
+    assert seen == [{"prompt_tokens": 3, "completion_tokens": 2}]
+
+
+@pytest.mark.parametrize(
+    "host, content_type, status",
+    [
+        (b"localhost:8000", b"application/json", None),
+        (b"127.0.0.1:8000", b"application/json; charset=utf-8", None),
+        (b"[::1]:8000", b"application/json", None),
+        (b"evil.example:8000", b"application/json", 403),
+        (b"localhost.evil.example", b"application/json", 403),
+        (b"localhost:8000", b"text/plain", 415),
+        (b"localhost:8000", b"application/x-www-form-urlencoded", 415),
+    ],
+)
+def test_loopback_mode_wants_a_loopback_host_and_json(host, content_type, status):
+    from lorabay.serve.app import LoopbackOnly
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/completions",
+        "headers": [(b"host", host), (b"content-type", content_type)],
+    }
+    refusal = LoopbackOnly.refusal(scope)
+    assert (refusal[0] if refusal else None) == status
+
+
+def test_peers_need_a_secret_and_metrics_a_port_of_their_own(tiny_base, tmp_path):
+    with pytest.raises(ConfigError, match="--peer-secret-file"):
+        check_options(ServeOptions(base=str(tiny_base), peers="http://127.0.0.1:8001"))
+    with pytest.raises(ConfigError, match="--metrics-port"):
+        check_options(ServeOptions(base=str(tiny_base), port=8000, metrics_port=8000))
+    check_options(ServeOptions(base=str(tiny_base), port=0, metrics_port=0))
+
+
+def test_engine_args_cannot_move_the_engine_off_its_socket(tiny_base):
+    for flag in ("--host=0.0.0.0", "--port=9000", "--uds=/tmp/open.sock", "--api-key=x"):
+        with pytest.raises(ConfigError, match="address and token"):
+            check_options(ServeOptions(base=str(tiny_base), engine_args=(flag,)))

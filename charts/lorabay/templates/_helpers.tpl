@@ -72,6 +72,15 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
+{{- define "lorabay.peerSecretName" -}}
+{{- .Values.peers.secret.name | default (printf "%s-peers" (include "lorabay.fullname" .)) }}
+{{- end }}
+
+{{/* Where the peers' Secret is mounted; the file passed to --peer-secret-file lies inside. */}}
+{{- define "lorabay.peerSecretDir" -}}
+/etc/lorabay/peers
+{{- end }}
+
 {{- define "lorabay.cachePvcName" -}}
 {{- .Values.cache.persistence.existingClaim | default (printf "%s-cache" (include "lorabay.fullname" .)) }}
 {{- end }}
@@ -117,6 +126,13 @@ click command lorabay.cli.serve:serve; tests/deploy parses this list with it.
 {{- if not (kindIs "invalid" $v.gateway.maxBodyBytes) }}
 {{- $args = concat $args (list "--max-body-bytes" (toString (int $v.gateway.maxBodyBytes))) }}
 {{- end }}
+{{- if not (kindIs "invalid" $v.gateway.maxN) }}
+{{- $args = concat $args (list "--max-n" (toString (int $v.gateway.maxN))) }}
+{{- end }}
+{{- if eq (int $v.metrics.port) (int $v.gateway.port) }}
+{{- fail "metrics.port must differ from gateway.port: metrics are served on a port of their own" }}
+{{- end }}
+{{- $args = concat $args (list "--metrics-host" $v.gateway.bindAddress "--metrics-port" (toString (int $v.metrics.port))) }}
 {{- /* the engine gives up (with its own error in the log) one probe period before the kubelet would */}}
 {{- $startup := $v.probes.startup }}
 {{- $args = concat $args (list "--engine-start-timeout" (toString (max 60 (sub (int $startup.budgetSeconds) (int $startup.periodSeconds))))) }}
@@ -125,6 +141,7 @@ click command lorabay.cli.serve:serve; tests/deploy parses this list with it.
 {{- if not (kindIs "invalid" $v.peers.spillAt) }}
 {{- $args = concat $args (list "--spill-at" (toString (int $v.peers.spillAt))) }}
 {{- end }}
+{{- $args = concat $args (list "--peer-secret-file" (printf "%s/%s" (include "lorabay.peerSecretDir" .) $v.peers.secret.key)) }}
 {{- end }}
 {{- if $v.gateway.jsonLogs }}
 {{- $args = concat $args (list "--json-logs") }}
