@@ -148,12 +148,12 @@ class Endpoint:
         """Ask ``requested`` once and keep what the endpoint says it served (see PinnedModel)."""
         answer = await self.chat(requested, PING, max_tokens=1, temperature=0)
         served = answer.get("model") if isinstance(answer.get("model"), str) else requested
-        if served != requested:
+        card = _card_for(await self.models(), served)
+        if card is None and served != requested:
             try:  # a server may name what it served in a way it does not accept back
                 await self.chat(served, PING, max_tokens=1, temperature=0)
             except EndpointError:
                 served = requested
-        card = _card_for(await self.models(), served)
         if card is None:
             return PinnedModel(requested, served)
         ref = card.get("id") if card.get("kind") != "base" else None

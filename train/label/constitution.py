@@ -157,9 +157,10 @@ def as_messages(prompt) -> list[dict]:
 
 
 def comparison_messages(constitution: Constitution, principle: Principle, prompt, a: str, b: str):
-    """The judge's question: which of responses ``a`` and ``b`` follows ``principle`` better."""
+    """The judge's question: which of responses ``a`` and ``b`` follows ``principle`` better.
+    The responses are shown without their surrounding whitespace, which is not content."""
     text = constitution.templates["comparison"].format(
-        question=principle.comparison, prompt=render_prompt(prompt), a=a, b=b
+        question=principle.comparison, prompt=render_prompt(prompt), a=a.strip(), b=b.strip()
     )
     return [{"role": "user", "content": text}]
 

@@ -7,8 +7,8 @@ child runs in its own session, so a ctrl-C in the terminal reaches only `lorabay
 which then stops the gateway (SIGTERM, then SIGKILL for anything left of it); SIGTERM
 to `lorabay label` does the same.
 
-    with started_gateway("./tiny", registry="file:///tmp/reg") as url:
-        ...  # http://127.0.0.1:PORT
+    with started_gateway("./tiny", registry="file:///tmp/reg") as gateway:
+        gateway.url  # http://127.0.0.1:PORT
 """
 
 from __future__ import annotations
@@ -23,13 +23,22 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from lorabay.hub.errors import LorabayError
 from lorabay.hub.settings import lorabay_home
 
 LISTENING = re.compile(r"gateway listening on (http://\S+)")
+METRICS = re.compile(r"metrics on (http://\S+)")
 STOP_SECONDS = 60
+
+
+@dataclass(frozen=True)
+class StartedGateway:
+    url: str  # the OpenAI-compatible API
+    log: Path
+    metrics_url: str | None = None  # with --serve-args '--metrics-port 0'
 
 
 class GatewayStartFailed(LorabayError):
@@ -54,8 +63,8 @@ def started_gateway(
     serve_args: str = "",
     timeout: float = 900,
     notify=None,
-) -> Iterator[str]:
-    """Start `lorabay serve --base BASE`, yield its URL once it serves, stop it after."""
+) -> Iterator[StartedGateway]:
+    """Start `lorabay serve --base BASE`, yield it once it serves, stop it after."""
     logs = lorabay_home() / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / f"label-serve-{os.getpid()}-{time.strftime('%Y%m%d-%H%M%S')}.log"
@@ -73,13 +82,14 @@ def started_gateway(
             stop_gateway(process)
 
 
-def wait_listening(process: subprocess.Popen, log: Path, timeout: float) -> str:
+def wait_listening(process: subprocess.Popen, log: Path, timeout: float) -> StartedGateway:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         text = log.read_text(errors="replace")
         match = LISTENING.search(text)
-        if match:
-            return match.group(1)
+        if match:  # the metrics line, when there is one, comes first
+            metrics = METRICS.search(text)
+            return StartedGateway(match.group(1), log, metrics.group(1) if metrics else None)
         if process.poll() is not None:
             errors = [line for line in text.splitlines() if line.startswith("Error:")]
             reason = (

@@ -326,8 +326,10 @@ def label(config: LabelConfig, show_progress: bool = True, notify=None) -> Label
 
         with started_gateway(
             config.base, config.registry, config.quantization, config.serve_args, notify=notify
-        ) as url:
-            asyncio.run(label_prompts(config, prompts, constitution, journal, url, show_progress))
+        ) as gateway:
+            asyncio.run(
+                label_prompts(config, prompts, constitution, journal, gateway.url, show_progress)
+            )
     return finish(config, prompts, constitution, journal, resumed)
 
 
