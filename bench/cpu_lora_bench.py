@@ -1,6 +1,7 @@
 """Multi-LoRA throughput on CPU: vLLM's stock path against lorabay's grouped path.
 
-Offline ``LLM.generate`` on the ``small`` base (155M parameters, bf16): the same
+Offline ``LLM.generate`` on the ``small`` base (155M parameters, bf16; ``--base
+smollm2-135m-instruct``: the real base, 30 layers with GQA): the same
 workload (REQUESTS prompts of 16 tokens, NEW_TOKENS greedy tokens each) with no
 LoRA at all, then spread round-robin over 1, 8, 32 and 128 rank-8 q/v adapters
 with the stock path (``LORABAY_CPU_LORA=0``) and with the grouped path
@@ -8,6 +9,7 @@ with the stock path (``LORABAY_CPU_LORA=0``) and with the grouped path
 the table reports tok/s and the ratio to the base-only run of the same invocation.
 
     .venv/bin/python bench/cpu_lora_bench.py                 # full table (~10 min on 2 cores)
+    .venv/bin/python bench/cpu_lora_bench.py --base smollm2-135m-instruct
     .venv/bin/python bench/cpu_lora_bench.py --adapters 1 8 --repeats 1
     .venv/bin/python bench/cpu_lora_bench.py --profile 32    # where the time goes, grouped path
     .venv/bin/python bench/cpu_lora_bench.py --profile 32 --stock
@@ -24,20 +26,14 @@ import sys
 import time
 from pathlib import Path
 
+from benchbase import BASES, bench_base, describe
+
 OUT = Path(__file__).resolve().parent / "out"
 REQUESTS = 128
 NEW_TOKENS = 32
 PROMPT_TOKENS = 16
 MAX_NUM_SEQS = 64
 RANK = 8
-
-
-def ensure_small_base(path: Path) -> Path:
-    if not (path / "model.safetensors").exists():
-        from lorabay.train.base import create_base
-
-        create_base(path, size="small", seed=0, overwrite=True)
-    return path
 
 
 def write_random_adapter(base: Path, out: Path, seed: int, rank: int = RANK) -> Path:
@@ -155,6 +151,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--adapters", type=int, nargs="+", default=[1, 8, 32, 128])
+    parser.add_argument("--base", choices=BASES, default="small", help="the base to serve")
     parser.add_argument(
         "--repeats", type=int, default=2, help="timed runs per engine (best is kept)"
     )
@@ -168,10 +165,11 @@ def main() -> None:
         print("RESULT " + json.dumps(run_config(json.loads(args.worker))))
         return
 
-    base = ensure_small_base(OUT / "small")
+    base = bench_base(args.base, OUT)
     most = max(args.adapters + [args.profile or 0])
     paths = [
-        str(write_random_adapter(base, OUT / "adapters" / f"a{k}", seed=k)) for k in range(most)
+        str(write_random_adapter(base, OUT / f"adapters-{args.base}" / f"a{k}", seed=k))
+        for k in range(most)
     ]
     common = {"VLLM_CPU_KVCACHE_SPACE": "2", "TOKENIZERS_PARALLELISM": "false"}
     if (os.cpu_count() or 0) <= 4:  # as `lorabay serve` runs it (serve/engine.py)
@@ -215,7 +213,7 @@ def main() -> None:
 
     ref = base_only["tok_s"]
     print(
-        f"\nsmall base (bf16), {REQUESTS} requests x {NEW_TOKENS} new tokens, rank-{RANK} q/v adapters,"
+        f"\n{describe(args.base)}, {REQUESTS} requests x {NEW_TOKENS} new tokens, rank-{RANK} q/v adapters,"
         f" {os.cpu_count()} cores, {platform.processor() or platform.machine()}\n"
     )
     print("| path | adapters | tok/s | vs base only | lorabay vs stock |")
@@ -225,7 +223,9 @@ def main() -> None:
             f"| {path} | {n} | {tok_s:.0f} | {tok_s / ref:.2f}x | {'' if gain is None else f'{gain:.2f}x'} |"
         )
     OUT.mkdir(exist_ok=True)
-    (OUT / "cpu_lora_bench.json").write_text(json.dumps({"rows": rows, "base_only": ref}, indent=1))
+    (OUT / f"cpu_lora_bench-{args.base}.json").write_text(
+        json.dumps({"rows": rows, "base_only": ref}, indent=1)
+    )
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
     .venv/bin/python bench/serve_bench.py --quick    # 0, 1, 8 adapters; 32 requests x 16 tokens
     .venv/bin/python bench/serve_bench.py --stock-lora   # + (a) on vLLM's stock CPU LoRA ops
 
-On the `small` base (155M parameters, bf16), built locally, with rank-8 q/v adapters
+On the `small` base (155M parameters, bf16), built locally (or `--base
+smollm2-135m-instruct`, the real pretrained base), with rank-8 q/v adapters
 pushed to a file:// registry, the same mixed workload (--requests concurrent
 streaming requests, --new-tokens each, round-robin over the adapters; 0 = the base
 alone) is sent
@@ -36,6 +37,9 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchbase import BASES, bench_base, describe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -109,6 +113,7 @@ class Gateway:
     """`lorabay serve` as a child process; the engine's URL and token read from its child."""
 
     def __init__(self, base: Path, registry_url: str, env: dict, max_loras: int):
+        self.served_name = base.name
         self.args = [
             PYTHON,
             "-m",
@@ -117,7 +122,7 @@ class Gateway:
             "--base",
             str(base),
             "--served-name",
-            "small",
+            self.served_name,
             "--dtype",
             "bfloat16",
             "--registry",
@@ -388,7 +393,7 @@ def table(runs: list[Run], cold: list[dict], counts: list[int]) -> str:
     return "\n".join(lines)
 
 
-def plot(runs: list[Run], counts: list[int], path: Path) -> None:
+def plot(runs: list[Run], counts: list[int], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -413,14 +418,14 @@ def plot(runs: list[Run], counts: list[int], path: Path) -> None:
     axis.grid(alpha=0.3)
     # Below the axes, not on them: the lines cross the whole plot.
     axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, fontsize="small")
-    axis.set_title("small base (155M, bf16), CPU")
+    axis.set_title(f"{title}, CPU")
     figure.tight_layout()
     figure.savefig(path)
 
 
 def measure_gateway(gateway, path_name: str, manifests, count: int, args, rounds: int) -> Run:
     """(a) alone, best of ``rounds`` after a warm-up that loads the adapters."""
-    models = ["small"] if count == 0 else [m.name for m in manifests[:count]]
+    models = [gateway.served_name] if count == 0 else [m.name for m in manifests[:count]]
     url = f"{gateway.url}/v1/completions"
     measure(path_name, url, {}, models, count, max(len(models), 8), 4)
     best = None
@@ -433,8 +438,11 @@ def measure_gateway(gateway, path_name: str, manifests, count: int, args, rounds
 
 def measure_count(gateway, naive_url, manifests, count: int, args, rounds: int) -> list[Run]:
     """(b) and (a) alternating ``rounds`` times (best of each kept), then (c) once."""
-    gateway_models = ["small"] if count == 0 else [m.name for m in manifests[:count]]
-    engine_models = ["small"] if count == 0 else [f"{m.name}@{m.digest}" for m in manifests[:count]]
+    base_model = [gateway.served_name]
+    gateway_models = base_model if count == 0 else [m.name for m in manifests[:count]]
+    engine_models = (
+        base_model if count == 0 else [f"{m.name}@{m.digest}" for m in manifests[:count]]
+    )
     # Warm-up through the gateway: it loads the adapters (the engine names (b) uses).
     warm = max(len(gateway_models), 8)
     measure("gateway", f"{gateway.url}/v1/completions", {}, gateway_models, count, warm, 4)
@@ -485,6 +493,7 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer adapters/requests/tokens")
+    parser.add_argument("--base", choices=BASES, default="small", help="the base to serve")
     parser.add_argument("--counts", default=None, help="adapter counts, e.g. 0,1,8,32")
     parser.add_argument("--requests", type=int, default=None, help="concurrent requests")
     parser.add_argument("--new-tokens", type=int, default=None)
@@ -520,15 +529,10 @@ def main() -> None:
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.update({k: env[k] for k in ("LORABAY_HOME", "HF_HUB_OFFLINE")})
 
-    from lorabay.train.base import create_base
-
-    base = workdir / "small"
-    if not (base / "config.json").is_file():
-        print("building the small base ...", flush=True)
-        create_base(base, size="small", seed=0)
+    base = bench_base(args.base, workdir)
     most = max(counts)
     print(f"building {most + cold_count} adapters ...", flush=True)
-    folders = build_adapters(base, workdir / "adapters", most + cold_count)
+    folders = build_adapters(base, workdir / f"adapters-{args.base}", most + cold_count)
     registry_url = f"file://{home / 'registry'}"
     manifests = push_adapters(registry_url, base, folders[:most], "bench/a")
     cold_manifests = push_adapters(registry_url, base, folders[most:], "bench/cold")
@@ -573,11 +577,11 @@ def main() -> None:
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
     print()
     print(
-        f"small base (bf16), {requests} concurrent requests x {new_tokens} new tokens, "
+        f"{describe(args.base)}, {requests} concurrent requests x {new_tokens} new tokens, "
         f"best of {rounds} alternating round(s) for (a)/(b); {machine}; {load}"
     )
     print(report)
-    plot(runs, counts, args.plot)
+    plot(runs, counts, args.plot, describe(args.base))
     print(f"\nplot: {args.plot}")
     if args.json:
         args.json.write_text(

