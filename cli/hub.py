@@ -311,7 +311,8 @@ def show(ref, registry_url, as_json):
         ("description", m.description or "-"),
         ("labels", ", ".join(f"{k}={v}" for k, v in sorted(m.labels.items())) or "-"),
         ("peft", ", ".join(f"{k}={v}" for k, v in m.peft.items())),
-        ("base", ", ".join(f"{k}={v}" for k, v in m.base.items() if v is not None) or "-"),
+        ("base", describe_base_record(m.base)),
+        ("base source", describe_base_source(m.base)),
         (
             "lineage",
             ", ".join(f"{k}={v}" for k, v in m.lineage.items() if v) or "- (not trained here)",
@@ -323,6 +324,30 @@ def show(ref, registry_url, as_json):
     for entry in m.files:
         path = printable(entry["path"])
         click.echo(f"    {path:<32} {human_size(entry['size']):>9}  sha256:{entry['sha256'][:16]}")
+
+
+def describe_base_record(base: dict) -> str:
+    """``smollm2-135m-instruct (LlamaForCausalLM, 30 layers, hidden 576, vocab 49152)``."""
+    shape = [
+        base.get("architecture"),
+        base.get("num_hidden_layers") and f"{base['num_hidden_layers']} layers",
+        base.get("hidden_size") and f"hidden {base['hidden_size']}",
+        base.get("vocab_size") and f"vocab {base['vocab_size']}",
+    ]
+    shape = ", ".join(str(part) for part in shape if part)
+    name = base.get("id") or "-"
+    if base.get("revision"):
+        name += f"@{base['revision']}"
+    return f"{name} ({shape})" if shape else name
+
+
+def describe_base_source(base: dict) -> str:
+    """Where a pulled base's weights came from (``lorabay base pull``), or ``-``."""
+    source = base.get("source")
+    if not isinstance(source, dict):
+        return "-"
+    parts = [source.get("uri"), source.get("sha256"), source.get("upstream")]
+    return "  ".join(str(part) for part in parts if part) or "-"
 
 
 @hub.group()
