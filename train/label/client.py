@@ -123,13 +123,13 @@ class Endpoint:
         await self.client.aclose()
 
     async def models(self) -> list[dict]:
-        """The cards of ``GET /v1/models`` (empty when the endpoint has no such route)."""
+        """The cards of ``GET /v1/models``; empty when the endpoint cannot say (no such
+        route, or a gateway whose registry is not there yet answers 503): the cards only
+        add names and digests to the provenance, asked once, not retried."""
         try:
-            body = await self._request("GET", "/models")
-        except EndpointError as error:
-            if error.status in (404, 405):
-                return []
-            raise
+            body = await self._request("GET", "/models", attempts=1)
+        except EndpointError:
+            return []
         cards = body.get("data") if isinstance(body, dict) else None
         return [c for c in cards if isinstance(c, dict)] if isinstance(cards, list) else []
 
@@ -159,11 +159,13 @@ class Endpoint:
         ref = card.get("id") if card.get("kind") != "base" else None
         return PinnedModel(requested, served, ref, card.get("digest"), card.get("kind"))
 
-    async def _request(self, method: str, path: str, body: dict | None = None):
+    async def _request(
+        self, method: str, path: str, body: dict | None = None, attempts: int = ATTEMPTS
+    ):
         httpx = import_httpx()
         async with self.slots:
-            for attempt in range(ATTEMPTS):
-                last = attempt == ATTEMPTS - 1
+            for attempt in range(attempts):
+                last = attempt == attempts - 1
                 try:
                     response = await self.client.request(method, path, json=body)
                 except httpx.TransportError as error:
