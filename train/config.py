@@ -415,6 +415,16 @@ def convert_value(spec: Spec, value: Any) -> Any:
 
 def validate(config: TrainConfig, given: set[str] = frozenset()) -> list[str]:
     """Every problem with ``config``: required fields, choices, bounds, then the method's checks."""
+    problems = field_problems(config)
+    if not config.targets:
+        problems.append("--targets needs at least one module, e.g. q_proj,v_proj or all-linear")
+    problems += config.check(set(given))
+    return problems
+
+
+def field_problems(config) -> list[str]:
+    """Required fields, choices and bounds of any dataclass of :func:`option` fields
+    (a training run, or `lorabay label`'s LabelConfig)."""
     problems = []
     for spec in config_fields(type(config)):
         value = getattr(config, spec.name)
@@ -439,9 +449,6 @@ def validate(config: TrainConfig, given: set[str] = frozenset()) -> list[str]:
                 problems.append(f"{spec.flag} must be at most {meta['maximum']:g}, got {value:g}")
         if spec.kind is list and meta.get("required") and not value:
             problems.append(f"{spec.flag} needs at least one value")
-    if not config.targets:
-        problems.append("--targets needs at least one module, e.g. q_proj,v_proj or all-linear")
-    problems += config.check(set(given))
     return problems
 
 

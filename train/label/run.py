@@ -26,7 +26,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from lorabay.hub.errors import ConfigError
-from lorabay.train.config import config_fields, convert_value, option
+from lorabay.train.config import config_fields, convert_value, field_problems, option
 from lorabay.train.label.constitution import ConstitutionError, load_constitution
 
 MODE_SAMPLES = {"prefs": 2, "revise": 1}  # --samples 0 means these
@@ -195,27 +195,6 @@ def build_label_config(flags: dict[str, typing.Any]) -> LabelConfig:
     if problems:
         raise LabelProblems(problems, "fix the options above; `lorabay label --help` lists them")
     return config
-
-
-def field_problems(config) -> list[str]:
-    """Required fields, choices and bounds, from each field's ``option()`` metadata."""
-    problems = []
-    for spec in config_fields(type(config)):
-        value, meta = getattr(config, spec.name), spec.metadata
-        if meta.get("required") and value in (None, ""):
-            problems.append(f"{spec.flag} is required: {spec.help[0].lower()}{spec.help[1:-1]}")
-        if value is None or isinstance(value, bool):
-            continue
-        if meta.get("choices") and value not in meta["choices"]:
-            problems.append(f"{spec.flag} must be one of {', '.join(meta['choices'])}")
-        if isinstance(value, int | float):
-            if meta.get("minimum") is not None and value < meta["minimum"]:
-                problems.append(f"{spec.flag} must be at least {meta['minimum']:g}, got {value:g}")
-            if meta.get("above") is not None and value <= meta["above"]:
-                problems.append(f"{spec.flag} must be above {meta['above']:g}, got {value:g}")
-            if meta.get("maximum") is not None and value > meta["maximum"]:
-                problems.append(f"{spec.flag} must be at most {meta['maximum']:g}, got {value:g}")
-    return problems
 
 
 # ---------------------------------------------------------------- the journal
