@@ -2,7 +2,8 @@
 
 The registry logic (versions, aliases, yanks, events, gc) is written once in
 ``registry.py`` against this protocol; a store only moves bytes under string keys
-with three atomic primitives:
+with these atomic primitives (an OCI registry has no conditional write: stores/oci.py
+builds them from a claim protocol):
 
 - ``create(key, data)``: create if absent (``O_EXCL``/link, or S3 ``If-None-Match: *``);
 - ``swap(key, data, etag)``: replace only if the current etag matches (``None``: only
@@ -108,7 +109,8 @@ class Store(Protocol):
 
 
 def open_store(url: str) -> Store:
-    """A store for ``file://DIR`` (or a plain path) or ``s3://BUCKET/PREFIX``."""
+    """A store for ``file://DIR`` (or a plain path), ``s3://BUCKET/PREFIX`` or
+    ``oci://HOST[:PORT]/REPOSITORY`` (any OCI registry: stores/oci.py)."""
     parsed = urlparse(url)
     if parsed.scheme in ("", "file"):
         from lorabay.hub.stores.local import LocalStore
@@ -123,7 +125,11 @@ def open_store(url: str) -> Store:
         if not parsed.netloc:
             raise ConfigError(f"registry URL {url!r} names no bucket", "use s3://BUCKET/PREFIX")
         return S3Store(parsed.netloc, parsed.path.strip("/"))
+    if parsed.scheme == "oci":
+        from lorabay.hub.stores.oci import OCIStore
+
+        return OCIStore(parsed.netloc, parsed.path.strip("/"))
     raise ConfigError(
         f"unsupported registry URL {url!r}",
-        "use file:///path/to/registry or s3://bucket/prefix",
+        "use file:///path/to/registry, s3://bucket/prefix or oci://host[:port]/repository",
     )

@@ -133,3 +133,18 @@ def s3_server():
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def oci_server():
+    """A real OCI registry (Debian's ``docker-registry``, CNCF distribution 2.8) on
+    127.0.0.1, a free port, for the session; ``oci_server.url(REPO)`` gives an oci://
+    registry URL. Always stopped. See tests/ociserver.py.
+    """
+    from ociserver import start_oci_server
+
+    server = start_oci_server(_SESSION_DIR / "oci")
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -6,7 +6,16 @@ import uuid
 from pathlib import Path
 
 import pytest
-from hubtools import write_lora
+from hubtools import TAMPERED, write_lora
+
+
+@pytest.fixture(autouse=True)
+def restore_tampered_blobs():
+    """Put back the OCI blobs a test damaged on the registry's disk (hubtools.overwrite)."""
+    yield
+    while TAMPERED:
+        path, data = TAMPERED.popitem()
+        path.write_bytes(data)
 
 
 @pytest.fixture
@@ -35,9 +44,23 @@ def s3_registry_url(s3_server, monkeypatch, request) -> str:
     return f"s3://{s3_server.bucket}/{uuid.uuid4().hex[:12]}"
 
 
-@pytest.fixture(params=["file", pytest.param("s3", marks=pytest.mark.s3)])
+@pytest.fixture
+def oci_registry_url(oci_server) -> str:
+    """A fresh oci:// registry (its own repository) on the session's OCI registry."""
+    return oci_server.url(f"lorabay/t{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture(
+    params=[
+        "file",
+        pytest.param("s3", marks=pytest.mark.s3),
+        pytest.param("oci", marks=pytest.mark.oci),
+    ]
+)
 def store_url(request, tmp_path) -> str:
     """A fresh registry URL per test, for every store kind (the contract suite)."""
     if request.param == "file":
         return f"file://{tmp_path / 'registry'}"
+    if request.param == "oci":
+        return request.getfixturevalue("oci_registry_url")
     return request.getfixturevalue("s3_registry_url")

@@ -68,12 +68,29 @@ def write_lora(
     return out
 
 
+TAMPERED: dict[Path, bytes] = {}  # OCI blobs changed on the registry's disk: their bytes
+
+
 def overwrite(store, key: str, data: bytes) -> None:
     """Change a stored object behind the registry's back (tamper tests)."""
     if hasattr(store, "local_path"):
         path = store.local_path(key)
         path.chmod(0o644)
         path.write_bytes(data)
+    elif store.url.startswith("oci://"):
+        # A blob's bytes are addressed by their digest, which no API call can break: change
+        # them on the registry's disk. A record is a tag, rewritten with other bytes.
+        from ociserver import SERVERS
+
+        if key.startswith("blobs/sha256/"):
+            path = SERVERS[store.host].blob_path(store.repo, key.rsplit("/", 1)[1])
+            # One blob serves every repository of the server: put it back after the test
+            # (restore_tampered_blobs in conftest.py), or later tests would meet the damage.
+            TAMPERED.setdefault(path, path.read_bytes())
+            path.write_bytes(data)
+        else:
+            tagged = store.read_tagged(key)
+            store.swap(key, data, tagged[1] if tagged else None)
     else:
         store.client.put_object(Bucket=store.bucket, Key=store.key(key), Body=data)
 

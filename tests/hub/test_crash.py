@@ -27,6 +27,7 @@ def leftovers(reg) -> tuple[list[str], list[str]]:
 
 
 S3 = pytest.mark.s3
+OCI = pytest.mark.oci
 
 
 @pytest.mark.parametrize(
@@ -38,6 +39,8 @@ S3 = pytest.mark.s3
         pytest.param("s3", "push:blob", marks=S3),
         pytest.param("s3", "s3:part-uploaded", marks=S3),
         pytest.param("s3", "push:blobs", marks=S3),
+        pytest.param("oci", "push:blob", marks=OCI),
+        pytest.param("oci", "push:blobs", marks=OCI),
     ],
     indirect=["store_url"],
 )
