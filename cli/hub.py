@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import sys
 import time
@@ -19,7 +20,8 @@ from collections.abc import Iterator
 import click
 from lorabay.cli.base import resolve_base_option
 
-REGISTRY_HELP = "Registry URL: file://DIR or s3://BUCKET/PREFIX [default: $LORABAY_REGISTRY, else file://$LORABAY_HOME/registry]."
+REGISTRY_HELP = "Registry URL: file://DIR, s3://BUCKET/PREFIX or oci://HOST[:PORT]/REPOSITORY [default: $LORABAY_REGISTRY, else file://$LORABAY_HOME/registry]."
+SIGN_HELP = "Sign the version with this EC private key (PEM; OpenSSF model signing, offline) [default: $LORABAY_SIGNING_KEY; password in $LORABAY_SIGNING_KEY_PASSWORD]."
 
 
 def registry_option(command):
@@ -164,19 +166,34 @@ def hub() -> None:
     default="lora",
     show_default=True,
 )
+@click.option(
+    "--sign",
+    "sign_key",
+    metavar="KEY",
+    envvar="LORABAY_SIGNING_KEY",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help=SIGN_HELP,
+)
 @registry_option
 @json_option
-def push(folder, name, aliases, description, labels, base, kind, registry_url, as_json):
+def push(folder, name, aliases, description, labels, base, kind, sign_key, registry_url, as_json):
     """Check FOLDER (a PEFT LoRA) and store it as the next version of NAME.
 
     Prints NAME:VERSION and the digest. Content identical to an existing version
-    of NAME returns that version and creates nothing.
+    of NAME returns that version and creates nothing. With --sign, the version is
+    signed too (a signature stored beside its manifest: `lorabay hub show`).
 
     \b
-    Example:
+    Examples:
       lorabay hub push ./out/adapter team/summarize --alias prod --label task=summaries
+      lorabay hub push ./out/adapter team/summarize --sign ~/.lorabay/release.key
     """
     label_map = parse_labels(labels)
+    if sign_key:  # a key that cannot sign fails before anything is pushed
+        from lorabay.hub.signing import PASSWORD_ENV, load_private_key
+
+        load_private_key(sign_key, os.environ.get(PASSWORD_ENV))
     registry = open_registry(registry_url)
     with progress_bar(folder_size(folder), "hashing") as update:
         pushed = registry.push(
@@ -190,11 +207,54 @@ def push(folder, name, aliases, description, labels, base, kind, registry_url, a
             progress=update,
         )
     manifest = pushed.manifest
+    signed = None
+    if sign_key:
+        from lorabay.hub.signing import sign_version
+
+        signed = sign_version(registry, manifest, sign_key)
     if as_json:
-        emit_json({**manifest.to_dict(), "ref": manifest.ref, "created": pushed.created})
+        facts = {**manifest.to_dict(), "ref": manifest.ref, "created": pushed.created}
+        emit_json({**facts, "signed_by": signed.key_id if signed else None})
     else:
         note = "" if pushed.created else "  (unchanged: identical to this existing version)"
+        note += f"  signed by {signed.key_id[:16]}" if signed else ""
         click.echo(f"{manifest.ref}  {manifest.digest}{note}")
+
+
+@hub.command()
+@click.argument("ref")
+@click.option(
+    "--key",
+    "sign_key",
+    metavar="KEY",
+    envvar="LORABAY_SIGNING_KEY",
+    type=click.Path(dir_okay=False),
+    required=True,
+    help=SIGN_HELP.replace("Sign the version", "Sign"),
+)
+@registry_option
+@json_option
+def sign(ref, sign_key, registry_url, as_json):
+    """Sign REF, an existing version, with KEY (OpenSSF model signing over its verified files).
+
+    The signature is stored beside the manifest; `lorabay serve --trust` and
+    `lorabay hub verify REF --signed-by PUBKEY` check it.
+
+    \b
+    Example:
+      lorabay hub sign team/summarize:3 --key release.key
+    """
+    from lorabay.hub.signing import sign_version
+
+    signed = sign_version(open_registry(registry_url), ref, sign_key)
+    m = signed.manifest
+    if as_json:
+        emit_json(
+            {"ref": m.ref, "digest": m.digest, "key_id": signed.key_id, "created": signed.created}
+        )
+    else:
+        note = "" if signed.created else "  (already signed by this key)"
+        click.echo(f"{m.ref}  {m.digest}  signed by {signed.key_id[:16]}{note}")
 
 
 @hub.command()
@@ -299,8 +359,12 @@ def show(ref, registry_url, as_json):
     aliases = registry.aliases(m.name)
     here = sorted(a for a, v in aliases.items() if v == m.version)
     yanked = registry.is_yanked(m)
+    from lorabay.hub.signing import signature_summary
+
+    signatures = signature_summary(registry, m)
     if as_json:
-        emit_json({**m.to_dict(), "ref": m.ref, "aliases": here, "yanked": yanked})
+        facts = {**m.to_dict(), "ref": m.ref, "aliases": here, "yanked": yanked}
+        emit_json({**facts, "signatures": signatures})
         return
     click.echo(f"{m.ref}{'  (yanked)' if yanked else ''}")
     pairs = [  # stored text is printed through printable(): a record must not drive the terminal
@@ -316,6 +380,14 @@ def show(ref, registry_url, as_json):
         (
             "lineage",
             ", ".join(f"{k}={v}" for k, v in m.lineage.items() if v) or "- (not trained here)",
+        ),
+        (
+            "signed by",
+            ", ".join(
+                s["key_id"][:16] + ("" if s["covers_manifest"] else " (not over these files!)")
+                for s in signatures
+            )
+            or "- (unsigned)",
         ),
     ]
     for key, value in pairs:
@@ -423,26 +495,61 @@ def yank(ref, undo, reason, registry_url, as_json):
 
 @hub.command()
 @click.argument("ref", required=False)
+@click.option(
+    "--signed-by",
+    "public_keys",
+    multiple=True,
+    metavar="PUBKEY",
+    type=click.Path(dir_okay=False),
+    help="Also check that REF carries a valid signature by this public key (PEM; repeatable).",
+)
 @registry_option
 @json_option
-def verify(ref, registry_url, as_json):
+def verify(ref, public_keys, registry_url, as_json):
     """Re-hash stored blobs (of REF, or all) and report every mismatch. Exit 1 if any.
 
+    With --signed-by, REF's signature by each key is checked over its verified
+    files (exit 1 unless every one holds).
+
     \b
-    Example:
+    Examples:
       lorabay hub verify
+      lorabay hub verify team/summarize:prod --signed-by release.pub
     """
+    if public_keys and ref is None:
+        raise click.UsageError("--signed-by needs REF: signatures are checked per version")
+    from lorabay.hub.signing import PublicKey, check_signatures
+
+    keys = [PublicKey.load(path) for path in public_keys]
     registry = open_registry(registry_url)
     with progress_bar(None, "verifying") as update:
         problems = registry.verify(ref, progress=update)
+    checks = []
+    if keys and not problems:
+        manifest = registry.resolve(ref)
+        with yank_warnings(), registry.lease(manifest) as held:
+            checks = check_signatures(registry, manifest, held.path, keys)
+    bad = [c for c in checks if not c.valid]
     if as_json:
-        emit_json([p.to_dict() for p in problems])
-    elif problems:
+        if keys:
+            emit_json(
+                {
+                    "problems": [p.to_dict() for p in problems],
+                    "signatures": [c.to_dict() for c in checks],
+                }
+            )
+        else:
+            emit_json([p.to_dict() for p in problems])
+    else:
         for problem in problems:
             click.echo(f"{problem.kind}: {problem.message}")
-    else:
-        click.echo("ok: every stored blob matches its digest")
-    if problems:
+        if not problems:
+            click.echo("ok: every stored blob matches its digest")
+        for check in checks:
+            state = "ok: signed by" if check.valid else "not signed by"
+            reason = "" if check.valid else f": {check.reason}"
+            click.echo(f"{state} {check.key.key_id[:16]} ({check.key.path}){printable(reason)}")
+    if problems or bad:
         sys.exit(1)
 
 

@@ -92,6 +92,23 @@ class IncompatibleBase(LorabayError):
         )
 
 
+class UntrustedAdapter(LorabayError):
+    """The trust policy (``serve --trust``) refuses an adapter: no valid signature by a key
+    it allows for that name. ``kind``: no_rule, unsigned, unknown_signer or bad_signature."""
+
+    http_status = 403
+    code = "untrusted_adapter"
+
+    def __init__(self, adapter: str, kind: str, reason: str, hint: str | None = None):
+        self.adapter = adapter
+        self.kind = kind
+        self.reason = reason
+        super().__init__(
+            f"adapter {adapter!r} is not trusted: {reason}",
+            hint or "sign it with a key the trust policy allows (`lorabay hub sign REF --key KEY`)",
+        )
+
+
 class RegistryUnavailable(LorabayError):
     http_status = 503
     code = "registry_unavailable"

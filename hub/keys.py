@@ -41,6 +41,11 @@ def yanked_key(name: str, version: int) -> str:
     return f"{name_prefix(name)}{version}.yanked"
 
 
+def signature_key(name: str, version: int, key_id: str) -> str:
+    """A signature of a version (hub/signing.py), one per signing key, beside the manifest."""
+    return f"{name_prefix(name)}{version}.sig.{key_id[:32]}"
+
+
 def event_prefix(name: str) -> str:
     # Keyed by name, so `hub log NAME` lists one prefix instead of reading every event.
     namespace, _, short = name.rpartition("/")

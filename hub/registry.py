@@ -749,6 +749,10 @@ class Registry:
             self._log("removed", name=name, version=version, digest=manifest.digest, reason=reason)
         self.store.delete(manifest_key(name, version))
         self.store.delete(yanked_key(name, version))
+        signatures = f"{name_prefix(name)}{version}.sig."  # hub/signing.py: one per key
+        for info in self.store.list(name_prefix(name)):
+            if info.key.startswith(signatures):
+                self.store.delete(info.key)
         self._drop_copies(name, version)
         # An alias set to this version while it was being removed would point at nothing.
         moved |= self._release_aliases(manifest, True, move_aliases)

@@ -24,6 +24,8 @@ Keys (the same in every store)::
     aliases/<ns or _>/<name>.json             {alias: version}, moved by compare-and-swap
     adapters/<ns or _>/<name>/<version>.removed  tombstone of a removed version (`hub rm`):
                                               its number is never given out again
+    adapters/<ns or _>/<name>/<version>.sig.<key id>  a signature of that version by one
+                                              key (a sigstore bundle: hub/signing.py)
     events/<ns or _>/<name>/<time-ns>-<random>.json  append-only event log, one object per
                                               event, keyed by name (``hub log NAME`` lists one
                                               prefix); older registries wrote
