@@ -164,6 +164,9 @@ def test_journal_refuses_other_settings_and_drops_a_cut_line(tmp_path):
     assert path.read_text().endswith("}\n")
     with pytest.raises(ConfigError, match=r"other settings \(seed\).*--overwrite"):
         Journal.open(path, {"seed": 1})
+    path.write_text('{"settings": {"seed": 0}}\nnot json\n')
+    with pytest.raises(ConfigError, match="damaged.*--overwrite"):
+        Journal.open(path, {"seed": 0})
 
 
 def test_out_that_exists_needs_overwrite(tmp_path):

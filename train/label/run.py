@@ -224,7 +224,13 @@ class Journal:
         if tail:
             with path.open("r+b") as f:  # drop it: that prompt is labelled again
                 f.truncate(len("\n".join(complete).encode()) + (1 if complete else 0))
-        entries = [json.loads(line) for line in complete if line.strip()]
+        try:
+            entries = [json.loads(line) for line in complete if line.strip()]
+        except ValueError:
+            raise ConfigError(
+                f"{path} is damaged (not one JSON object per line)",
+                "pass --overwrite to start the run over",
+            ) from None
         if not entries or "settings" not in entries[0]:
             return cls(path, {"settings": settings})
         header = entries[0]
