@@ -40,7 +40,7 @@ from lorabay.serve.options import DEFAULT_MAX_N
 @click.option(
     "--registry",
     default=None,
-    help="Registry URL (file://DIR or s3://BUCKET/PREFIX). Default: $LORABAY_REGISTRY or the embedded one.",
+    help="Registry URL (file://DIR, s3://BUCKET/PREFIX or oci://HOST[:PORT]/REPOSITORY). Default: $LORABAY_REGISTRY or the embedded one.",
 )
 @click.option(
     "--host",
@@ -166,6 +166,16 @@ from lorabay.serve.options import DEFAULT_MAX_N
     default=None,
     help="With --peers (required there): a file holding the secret every gateway of the group "
     "shares; forwarded requests carry its HMAC, so a client cannot pose as a peer.",
+)
+@click.option(
+    "--trust",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Trust policy (YAML): which public keys may sign which adapter names, e.g. "
+    "{keys: {release: release.pub}, rules: [{names: ['team-a/*'], signers: [release]}]}. "
+    "An adapter without a valid signature (`lorabay hub push --sign`) by a signer its rule "
+    "allows is refused (403, with the reason), checked on its verified files before the "
+    "engine loads it.",
 )
 @click.option("--json-logs", is_flag=True, help="Log one JSON object per line.")
 def serve(**options) -> None:

@@ -30,7 +30,14 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import httpx
-from lorabay.hub.errors import AdapterLoadFailed, EngineUnavailable, InvalidRequest, LorabayError
+from lorabay.hub.errors import (
+    AdapterLoadFailed,
+    EngineUnavailable,
+    IncompatibleBase,
+    InvalidRequest,
+    LorabayError,
+    UntrustedAdapter,
+)
 from lorabay.hub.reference import parse_reference
 from lorabay.serve.engine import EngineSupervisor, engine_answer
 from lorabay.serve.keys import OPEN, ApiKeys, KeyGrant
@@ -261,12 +268,17 @@ class Gateway:
             return target, None
         # One key for the pool and the engine: the engine name (name@digest). Two names
         # with the same content are two engine adapters, and the gauge counts both.
-        lease = await self.pool.acquire(
-            target.engine_name,
-            target.engine_name,
-            target.labels,
-            lambda: self.resolver.prepare(target),
-        )
+        try:
+            lease = await self.pool.acquire(
+                target.engine_name,
+                target.engine_name,
+                target.labels,
+                lambda: self.resolver.prepare(target),
+            )
+        except (IncompatibleBase, UntrustedAdapter) as error:
+            reason = getattr(error, "kind", "incompatible")
+            self.metrics.refusals.labels(*target.labels, reason).inc()
+            raise
         return target, lease
 
     def forwarded_by_peer(self, path: str, raw: bytes, headers) -> bool:

@@ -99,6 +99,14 @@ class GatewayMetrics:
             buckets=LOAD_BUCKETS,
             registry=r,
         )
+        self.refusals = Counter(
+            "lorabay_adapter_refusals",
+            "Requests refused because their adapter may not be served, by reason: "
+            "incompatible (it does not fit the base), or what --trust found: no_rule, "
+            "unsigned, unknown_signer, bad_signature.",
+            ADAPTER + ("reason",),
+            registry=r,
+        )
         self.cache_hits = Counter(
             "lorabay_adapter_cache_hits",
             "Requests for an adapter that was already loaded in the engine.",

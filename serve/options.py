@@ -48,6 +48,7 @@ class ServeOptions:
     peers: str | None = None  # the gateways serving this base: adapter affinity (peers.py)
     spill_at: int | None = None  # in flight here past which forwarded requests go back
     peer_secret_file: str | None = None  # the secret the --peers gateways sign forwards with
+    trust: str | None = None  # trust policy: which keys may sign which names (hub/signing.py)
 
     @property
     def served_model_name(self) -> str:
@@ -117,6 +118,13 @@ def check_options(options: ServeOptions) -> None:
         )
     if options.max_n < 1:
         problems.append("--max-n must be at least 1")
+    if options.trust is not None:
+        from lorabay.hub.signing import TrustPolicy
+
+        try:
+            TrustPolicy.load(options.trust)
+        except ConfigError as error:
+            problems += [f"--trust: {problem}" for problem in error.problems]
     if options.metrics_port is not None and options.metrics_port == options.port != 0:
         problems.append(f"--metrics-port {options.metrics_port} is the API's --port too")
     if options.peers is not None:

@@ -23,13 +23,19 @@ from pathlib import Path
 from lorabay.hub import Manifest, Registry
 from lorabay.hub.cache import CacheLease
 from lorabay.hub.compat import check_manifest_against_base, compare_config, read_base_shapes
-from lorabay.hub.errors import AdapterNotFound, IncompatibleBase, InvalidReference
+from lorabay.hub.errors import (
+    AdapterNotFound,
+    IncompatibleBase,
+    InvalidReference,
+    UntrustedAdapter,
+)
 from lorabay.hub.reference import parse_reference
 from lorabay.serve.keys import KeyGrant
 
 log = logging.getLogger("lorabay.serve")
 
 BASE_VERSION = "base"
+TRUST_RECHECK_SECONDS = 5.0  # a trust refusal stands this long (a signature added counts after)
 
 
 def model_not_found(model: str) -> AdapterNotFound:
@@ -100,8 +106,12 @@ class ModelResolver:
         base: str,
         max_rank: int | None = None,
         ttl: float = 0.5,
+        trust=None,
     ):
         self.registry = registry
+        self.trust = trust  # hub.signing.TrustPolicy (--trust), or None: no signature needed
+        # (name, digest) -> a recent refusal; the name too: rules are by name, not content
+        self._untrusted: dict[tuple[str, str], tuple[float, UntrustedAdapter]] = {}
         self.served_name = served_name
         self.base_folder, self.base_config = read_base_config(base)
         self.max_rank = max_rank
@@ -185,10 +195,31 @@ class ModelResolver:
                 self._fit[manifest.digest] = reasons
             if reasons:
                 raise IncompatibleBase(manifest.ref, self.served_name, reasons)
+            if self.trust is not None:
+                self._check_trust(manifest, folder)
         except BaseException:
             lease.release()
             raise
         return lease
+
+    def _check_trust(self, manifest: Manifest, folder: Path) -> None:
+        """The trust policy on the verified folder, before the engine sees it (raises
+        UntrustedAdapter). A refusal is kept a few seconds: a client repeating a request
+        for an untrusted adapter does not make the gateway check it again each time."""
+        key = (manifest.name, manifest.digest)
+        refused = self._untrusted.get(key)
+        if refused is not None and time.monotonic() - refused[0] < TRUST_RECHECK_SECONDS:
+            raise refused[1]
+        try:
+            signer = self.trust.check(self.registry, manifest, folder)
+        except UntrustedAdapter as error:
+            log.warning("refused %s: %s", manifest.ref, error.reason)
+            if len(self._untrusted) > 10_000:
+                self._untrusted.clear()
+            self._untrusted[key] = (time.monotonic(), error)
+            raise
+        self._untrusted.pop(key, None)
+        log.info("%s is signed by %s (trust policy)", manifest.ref, signer.shown)
 
     def fits(self, manifest: Manifest) -> bool:
         """For /v1/models: a known result, else the manifest-only check."""

@@ -162,13 +162,18 @@ async def serve_async(options: ServeOptions, registry, keys, peer_secret=None) -
 
 async def serve_gateway(options, supervisor, registry, keys, peer_secret, sockets, stopper):
     import uvicorn
+    from lorabay.hub.signing import TrustPolicy
     from lorabay.serve.app import create_app, create_metrics_app
     from lorabay.serve.gateway import Gateway
     from lorabay.serve.peers import Peers
     from lorabay.serve.resolve import ModelResolver
 
     resolver = ModelResolver(
-        registry, options.served_model_name, options.base, max_rank=options.max_lora_rank
+        registry,
+        options.served_model_name,
+        options.base,
+        max_rank=options.max_lora_rank,
+        trust=TrustPolicy.load(options.trust) if options.trust else None,
     )
     api_socket = sockets[0]
     gateway = Gateway(
