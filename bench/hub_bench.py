@@ -1,6 +1,6 @@
 """Registry benchmark: push/pull against `cp -r`, resolve latency and list time, per store.
 
-    .venv/bin/python bench/hub_bench.py                      # file:// and s3:// (SeaweedFS)
+    .venv/bin/python bench/hub_bench.py                      # file://, s3:// and oci://
     .venv/bin/python bench/hub_bench.py --stores file --adapters 200 --size-mib 16
 
 In one run, on one disk (a temporary folder under --workdir):
@@ -19,8 +19,10 @@ In one run, on one disk (a temporary folder under --workdir):
   record, then it packs them) and a new process after it; baseline: one LIST and a raw
   read of every record; goal <= 1 s.
 The s3:// runs start SeaweedFS (`weed mini`, loopback, free ports) with its data on the
-same disk, using tests/s3server.py. Prints a markdown table (bench/README.md keeps the
-latest one).
+same disk, using tests/s3server.py; the oci:// runs start Debian's docker-registry (CNCF
+distribution, loopback, a free port) with its storage on the same disk, using
+tests/ociserver.py (an OCI registry has no packs: its rows show one GET per record). Prints
+a markdown table (bench/README.md keeps the latest one).
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ def one_transfer(reg, work: Path, size_mib: int, index: int) -> dict:
     times["warm"] = timed(lambda: reg.pull(manifest))  # cache hit: re-hashed
     weights = cache_dir() / manifest.digest_hex / "adapter_model.safetensors"
     times["sha256"] = timed(lambda: sha256_file(weights))  # the floor of any verified pull
+    remote = not hasattr(reg.store, "local_path")  # s3:// and oci://: a server, not a disk
     if hasattr(reg.store, "client"):  # S3: what boto3's own download (s3transfer) takes
         store, into = reg.store, work / f"boto-{index}"
         into.mkdir()
@@ -106,6 +109,8 @@ def one_transfer(reg, work: Path, size_mib: int, index: int) -> dict:
 
         times["boto3"] = timed(download)
         drop_tree(into)
+    if remote:
+        store = reg.store
 
         def bare_gets() -> None:  # the pull's own ranged GETs, bytes dropped: its floor here
             from lorabay.hub import pieces
@@ -282,7 +287,7 @@ def run_store(kind: str, url: str, work: Path, args) -> list[list[str]]:
             f"{transfer['cp_s'] / transfer['pull_s']:.2f}x",
             ok(transfer["cp_s"] / transfer["pull_s"] >= 0.5, ">= 0.5x")
             if transfer["gets_s"] is None
-            else f"n/a: cp reads a local disk; S3's bare GETs reach "
+            else f"n/a: cp reads a local disk; the store's bare GETs reach "
             f"{transfer['cp_s'] / transfer['gets_s']:.2f}x",
         ],
     ]
@@ -343,14 +348,16 @@ def run_store(kind: str, url: str, work: Path, args) -> list[list[str]]:
         [
             kind,
             f"push {args.adapters} tiny adapters with an alias"
-            + (f" ({'8 threads, ' if kind != 'file' else ''}{listing['packs']} packs left)"),
+            + {"file": "", "s3": f" (8 threads, {listing['packs']} packs left)"}.get(
+                kind, " (8 threads)"
+            ),
             f"{populate_s:.1f} s ({populate_s / args.adapters * 1000:.1f} ms each)",
             "-",
             "-",
             "-",
         ]
     )
-    label = "new process, another machine" + (": the pushes' packs" if kind != "file" else "")
+    label = "new process, another machine" + (": the pushes' packs" if kind == "s3" else "")
     rows.append(
         [
             kind,
@@ -361,7 +368,7 @@ def run_store(kind: str, url: str, work: Path, args) -> list[list[str]]:
             ok(listing["pushed_s"] <= 1.0, "<= 1 s"),
         ]
     )
-    if kind != "file":
+    if kind == "s3":
         rows.append(
             [
                 kind,
@@ -402,7 +409,7 @@ def ok(met: bool, goal: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--stores", default="file,s3", help="Comma list: file, s3.")
+    parser.add_argument("--stores", default="file,s3,oci", help="Comma list: file, s3, oci.")
     parser.add_argument("--size-mib", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=7, help="Push/pull repetitions (median).")
     parser.add_argument("--adapters", type=int, default=1000)
@@ -414,7 +421,7 @@ def main() -> None:
     os.environ["LORABAY_HOME"] = str(work_root / "home")
     os.environ.pop("LORABAY_REGISTRY", None)
     rows: list[list[str]] = []
-    server = None
+    servers = []
     try:
         for kind in args.stores.split(","):
             work = work_root / kind
@@ -427,13 +434,21 @@ def main() -> None:
                 from s3server import start_s3_server
 
                 server = start_s3_server(work / "seaweedfs")
+                servers.append(server)
                 os.environ.update(server.env())
                 url = f"s3://{server.bucket}/bench"
+            elif kind == "oci":
+                sys.path.insert(0, str(ROOT / "tests"))
+                from ociserver import start_oci_server
+
+                server = start_oci_server(work / "oci", storage=work / "oci-storage")
+                servers.append(server)
+                url = server.url("lorabay/bench")
             else:
                 parser.error(f"unknown store {kind!r}")
             rows += run_store(kind, url, work, args)
     finally:
-        if server is not None:
+        for server in servers:
             server.stop()
         shutil.rmtree(work_root, ignore_errors=True)
 

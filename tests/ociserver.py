@@ -97,18 +97,21 @@ def write_htpasswd(path: Path, users: dict[str, str]) -> None:
 
 
 def start_oci_server(
-    data_dir: Path, timeout: float = 30.0, htpasswd: dict[str, str] | None = None
+    data_dir: Path,
+    timeout: float = 30.0,
+    htpasswd: dict[str, str] | None = None,
+    storage: Path | None = None,
 ) -> OciServer:
+    """Start it; ``storage``: where its blobs go (default: a tmpfs when there is one, the
+    benchmark gives a folder on the disk the other stores use)."""
     binary = registry_binary()
     data_dir.mkdir(parents=True, exist_ok=True)
     # The storage in memory where there is a tmpfs: distribution syncs every write, and on
     # this disk that makes a manifest PUT 26 ms instead of 3.5 ms.
     shm = Path("/dev/shm")
-    root = (
-        Path(tempfile.mkdtemp(prefix="lorabay-oci-", dir=shm))
-        if shm.is_dir()
-        else data_dir / "storage"
-    )
+    if storage is None and shm.is_dir():
+        storage = Path(tempfile.mkdtemp(prefix="lorabay-oci-", dir=shm))
+    root = storage or data_dir / "storage"
     port = free_port()
     auth = ""
     if htpasswd:
