@@ -283,7 +283,11 @@ class OCIStore:
 
         if not host:
             raise ConfigError("an oci:// registry URL names no host", "use oci://HOST[:PORT]/REPO")
-        if not repository or not _REPOSITORY_RE.match(repository) or len(repository) > 200:
+        if not repository:
+            raise ConfigError(
+                f"oci://{host} names no repository", "use oci://HOST[:PORT]/REPOSITORY"
+            )
+        if not _REPOSITORY_RE.match(repository) or len(repository) > 200:
             raise ConfigError(
                 f"oci://{host}/{repository}: {repository!r} is not a valid OCI repository name",
                 "use lowercase letters, digits and . _ - separators, with / between parts, "
@@ -557,8 +561,10 @@ class OCIStore:
         a lorabay registry (a repository of images is refused, as a folder of other files
         is by file://)."""
         self._request("GET", None, "/", ok=(200,))
+        if self.exists():
+            return
         tags = self._tags(self.repo)
-        if tags and not self.exists():
+        if tags:
             # Every key but the marker has a '/', spelled '__'; an image's tag (latest, v1.0)
             # has none. One tag's manifest is read too: ours name their key.
             keys = [key_of(t) for t in tags if "Z" not in t]
