@@ -83,6 +83,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
+from urllib.parse import urlparse
 
 from lorabay.hub.errors import (
     ConfigError,
@@ -411,7 +412,8 @@ class OCIStore:
         except (ValueError, AttributeError, IndexError, TypeError):
             detail = (response.text or "").strip().splitlines()[0][:200] if response.text else ""
         response.close()
-        where = f"{method} {repo or ''}{path.split('?')[0]}"
+        shown = urlparse(path).path.removeprefix("/v2") if path.startswith("http") else path
+        where = f"{method} /v2/{repo + '/' if repo else ''}{shown.split('?')[0].lstrip('/')}"
         facts = (self.url, where, key, status, code, detail)
         if status in (401, 403):
             found = "no credentials for it were found" if not self._has_credentials() else ""
