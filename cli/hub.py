@@ -297,30 +297,9 @@ def list_(name, include_yanked, registry_url, as_json):
     Example:
       lorabay hub list team/summarize --all
     """
-    registry = open_registry(registry_url)
-    manifests = registry.list(name, include_yanked=include_yanked)
-    names = sorted({m.name for m in manifests})
-    aliases = registry.alias_tables(names)
-    yanked = (
-        {n: s.yanked for n, s in registry.version_table(name).items()} if include_yanked else {}
-    )
-    rows = []
-    for m in manifests:
-        tags = sorted(a for a, v in aliases[m.name].items() if v == m.version)
-        rows.append(
-            {
-                "ref": m.ref,
-                "name": m.name,
-                "version": m.version,
-                "digest": m.digest,
-                "size": m.size,
-                "kind": m.kind,
-                "aliases": tags,
-                "created_at": m.created_at,
-                "yanked": m.version in yanked.get(m.name, set()),
-                "description": m.description,
-            }
-        )
+    from lorabay.hub.listing import list_rows
+
+    rows = list_rows(open_registry(registry_url), name, include_yanked=include_yanked)
     if as_json:
         emit_json(rows)
         return
@@ -925,3 +904,58 @@ def cache_prune(digests, budget, everything, dry_run, as_json):
     if report.manifests:
         click.echo(f"{verb} {len(report.manifests)} folders of manifest copies")
     click.echo(f"{verb} {human_size(report.freed)}; the cache holds {human_size(report.total)}")
+
+
+@hub.command("ui")
+@registry_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8700,
+    show_default=True,
+    help="Port (0: any free one).",
+)
+@click.option(
+    "--api-keys",
+    "api_keys",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="The key file `lorabay serve` reads: each key sees only its names. Needed off loopback.",
+)
+@click.option(
+    "--base",
+    default=None,
+    callback=resolve_base_option(),
+    help="A base folder (or a pulled base's name) to say which adapters fit.",
+)
+@click.option(
+    "--max-rank",
+    type=click.IntRange(min=1),
+    default=None,
+    help="The engine's --max-lora-rank, for the fit check.",
+)
+def ui(registry_url, host, port, api_keys, base, max_rank):
+    """Serve the web console for a registry alone: adapters, versions, lineage.
+
+    Open the URL it prints. The playground and traffic pages need a gateway
+    (`lorabay serve` serves the same console at /ui).
+
+    \b
+    Example:
+      lorabay hub ui --registry s3://models/adapters --base ./tiny
+    """
+    from lorabay.serve.ui.standalone import run_console
+
+    def ready(url: str) -> None:
+        click.echo(f"console on {url} (Ctrl-C stops it)")
+
+    run_console(
+        registry_url,
+        host=host,
+        port=port,
+        api_keys=api_keys,
+        base=base,
+        max_rank=max_rank,
+        on_ready=ready,
+    )

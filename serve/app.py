@@ -101,7 +101,7 @@ class LoopbackOnly:
 
     @staticmethod
     def refusal(scope) -> tuple[int, str, str] | None:
-        if not scope["path"].startswith("/v1"):
+        if not scope["path"].startswith(("/v1", "/ui")):  # /ui: the console and its data
             return None  # /health, /ready: nothing to read or drive
         headers = {k.lower(): v for k, v in scope.get("headers") or []}
         host = headers.get(b"host", b"").decode("latin-1").lower()
@@ -181,6 +181,9 @@ def create_app(gateway: Gateway, loopback_only: bool = False) -> FastAPI:
     async def completions(request: Request):
         return await generate(gateway, request, COMPLETIONS)
 
+    from lorabay.serve.ui import add_gateway_console  # /ui: the web console (serve/ui/)
+
+    add_gateway_console(app, gateway)
     return app
 
 
