@@ -543,27 +543,48 @@ class DPOConfig(TrainConfig):
     method: typing.ClassVar[str] = "dpo"
 
 
+VERIFIER_FORMATS = ("generative", "head")
+FORMAT_HELP = (
+    "generative: a plain LoRA read through two label tokens, which the serving engine runs "
+    "(best-of-N, search); head: a LoRA plus a score head, read in-process only."
+)
+
+
 @dataclass
 class RewardConfig(TrainConfig):
-    """A Bradley-Terry reward model: LoRA plus a scalar ``score`` head, trained on
-    preference pairs with loss -log sigmoid(r(chosen) - r(rejected))."""
+    """An outcome reward model on preference pairs: generative (a LoRA whose probability of
+    a "right" label token after the response is the score; chosen right, rejected wrong) or
+    a Bradley-Terry LoRA plus a scalar ``score`` head (-log sigmoid(r(chosen) - r(rejected)))."""
 
     lr: float = option(1e-4, "Peak learning rate.", above=0, maximum=1)
+    format: str = option("generative", FORMAT_HELP, choices=VERIFIER_FORMATS)
     center_rewards: float = option(
         0.0,
-        "Weight of a penalty on the squared mean reward, keeping scores near 0 (arXiv:2312.09244).",
+        "Weight of a penalty on the squared mean reward, keeping scores near 0 (arXiv:2312.09244; "
+        "--format head).",
         minimum=0,
     )
 
     method: typing.ClassVar[str] = "reward"
 
+    def check(self, given: set[str]) -> list[str]:
+        problems = super().check(given)
+        if self.format == "generative" and self.center_rewards:
+            problems.append(
+                "--center-rewards applies to a head reward model's scalar: add --format head "
+                "or drop it (a generative one's score is a probability)"
+            )
+        return problems
+
 
 @dataclass
 class PRMConfig(TrainConfig):
-    """A process reward model: LoRA plus a two-class ``score`` head read at the token that
-    ends each solution step (Math-Shepherd / PRM800K data)."""
+    """A process reward model judging each solution step (Math-Shepherd / PRM800K data):
+    generative (a LoRA read through two label tokens after each step) or a LoRA plus a
+    two-class ``score`` head read at the token that ends each step."""
 
     lr: float = option(1e-4, "Peak learning rate.", above=0, maximum=1)
+    format: str = option("generative", FORMAT_HELP, choices=VERIFIER_FORMATS)
     step_separator: str = option(
         "\n", "Text appended to each step; the step's label sits on its last token."
     )

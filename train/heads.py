@@ -1,7 +1,10 @@
 """Reward models and process reward models as adapters beside a policy, on one base.
 
-A reward model (``lorabay train reward``) or a PRM (``lorabay train prm``) is a LoRA
-adapter plus a ``score`` head (saved through PEFT ``modules_to_save``) and a
+A reward model (``lorabay train reward``) or a PRM (``lorabay train prm``) comes in two
+formats. A generative verifier (the default) is a plain LoRA with a ``verifier.json``:
+its "head" is the output layer's rows of its two label tokens, read one position before
+each marker (lorabay.hub.verifier); the serving engine runs it too. The older format is a
+LoRA adapter plus a ``score`` head (saved through PEFT ``modules_to_save``) and a
 ``head.json`` that says what the head reads. Training loads the base as a sequence or
 token classifier; here the same adapter is loaded under its own name into a causal-LM
 PeftModel, so PPO keeps ONE base in memory for policy, reference and reward: switch
@@ -48,6 +51,13 @@ def head_files(kind: str, step_separator: str | None = None) -> dict[str, str]:
 
 
 def read_head_settings(folder: Path, flag: str, ref: str) -> dict:
+    """What a verifier adapter's head reads: ``verifier.json`` of a generative verifier
+    (``format: generative``), else the score head's ``head.json``."""
+    from lorabay.hub.verifier import read_verifier_spec
+
+    spec = read_verifier_spec(folder)
+    if spec is not None:
+        return spec.to_json()
     path = Path(folder) / HEAD_FILE
     if not path.is_file():
         raise ConfigError(
@@ -92,9 +102,12 @@ def attach_head(model, parent, name: str, kind: str | None = None, flag: str = "
         model = PeftModel.from_pretrained(
             model, str(parent.folder), adapter_name=name, config=config
         )
-    weights = load_file(str(parent.folder / "adapter_model.safetensors"))
-    prefix = f"base_model.model.{settings.get('module', HEAD_MODULE)}"
-    weight, bias = weights[f"{prefix}.weight"], weights.get(f"{prefix}.bias")
+    if is_generative(settings):
+        weight, bias = label_rows(model, settings)
+    else:
+        weights = load_file(str(parent.folder / "adapter_model.safetensors"))
+        prefix = f"base_model.model.{settings.get('module', HEAD_MODULE)}"
+        weight, bias = weights[f"{prefix}.weight"], weights.get(f"{prefix}.bias")
     linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
     with torch.no_grad():
         linear.weight.copy_(weight.float())
@@ -103,6 +116,20 @@ def attach_head(model, parent, name: str, kind: str | None = None, flag: str = "
     linear.requires_grad_(False)
     device = next(p.device for p in model.parameters())
     return model, Head(model, name, linear.to(device), settings)
+
+
+def is_generative(settings: dict) -> bool:
+    return settings.get("format") == "generative"
+
+
+def label_rows(model, settings: dict):
+    """(weight (2, H), bias or None): a generative verifier's "head", the output layer's rows
+    of its (bad, good) label tokens: softmax over them is p(wrong), p(right), the verdict
+    lorabay.hub.verifier defines, so every reader below treats both formats alike."""
+    output = model.get_output_embeddings()
+    rows = [settings["bad_id"], settings["good_id"]]
+    bias = getattr(output, "bias", None)
+    return output.weight[rows].detach(), None if bias is None else bias[rows].detach()
 
 
 def check_head(parent, kind: str | None, flag: str) -> dict:
@@ -170,6 +197,9 @@ def reward_scores(head: Head, tokenizer, prompts: list, responses: list[str]):
     """(B,) the reward model's score of each (prompt, response)."""
     import torch
 
+    if is_generative(head.settings):
+        read = verifier_reads(head, tokenizer, prompts, [[r] for r in responses])
+        return torch.tensor([row[0] for row in read])
     sequences = [reward_input(tokenizer, p, r) for p, r in zip(prompts, responses, strict=True)]
     device = head.linear.weight.device
     ids, mask = pad_right(sequences, tokenizer.pad_token_id, device)
@@ -202,6 +232,8 @@ def step_probabilities(head: Head, tokenizer, prompts: list, step_lists: list[li
     """For each solution, the PRM's probability that each of its steps is right."""
     import torch
 
+    if is_generative(head.settings):
+        return verifier_reads(head, tokenizer, prompts, step_lists)
     separator = head.settings["step_separator"]
     built = [
         step_input(tokenizer, p, s, separator) for p, s in zip(prompts, step_lists, strict=True)
@@ -217,3 +249,22 @@ def step_probabilities(head: Head, tokenizer, prompts: list, step_lists: list[li
 def split_steps(text: str, separator: str) -> list[str]:
     """A response's steps: its text cut at the separator, empty pieces dropped."""
     return [step for step in text.split(separator) if step.strip()]
+
+
+def verifier_reads(head: Head, tokenizer, prompts: list, step_lists: list[list[str]]):
+    """A generative verifier's p(right) for each step of each solution: the label softmax
+    one position before each marker (lorabay.hub.verifier), in one batched forward."""
+    import torch
+    from lorabay.hub.verifier import VerifierSpec
+    from lorabay.train.verifier import verifier_input
+
+    spec = VerifierSpec.from_json(head.settings)
+    built = [
+        verifier_input(tokenizer, spec, p, s) for p, s in zip(prompts, step_lists, strict=True)
+    ]
+    if not built:
+        return []
+    device = head.linear.weight.device
+    ids, mask = pad_right([ids for ids, _ in built], tokenizer.pad_token_id, device)
+    right = torch.softmax(head.outputs(ids, mask), dim=-1)[..., 1]  # (B, L): p(right)
+    return [[float(right[row, m - 1]) for m in markers] for row, (_, markers) in enumerate(built)]

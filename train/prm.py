@@ -1,4 +1,9 @@
-"""A process reward model: a LoRA adapter plus a two-class head that judges each solution step.
+"""A process reward model: a LoRA adapter that judges each solution step.
+
+``--format generative`` (the default, train/verifier.py): a plain LoRA read through two
+label tokens after each step (Math-Shepherd's "+"/"-"), which the serving engine runs
+like any adapter (best-of-N and beam search in the gateway). ``--format head``, the
+older format: a LoRA plus a two-class head, read in-process only, described below.
 
 Data (Math-Shepherd / PRM800K shape), one record per line::
 
@@ -48,6 +53,10 @@ def step_dataset(records: list[dict], tokenizer, separator: str, max_length: int
 
 def train_prm(config: PRMConfig, show_progress: bool = True) -> RunResult:
     """Train ``config`` (already validated by build_config) and return the finished run."""
+    if config.format == "generative":
+        from lorabay.train.verifier import train_verifier
+
+        return train_verifier(config, KIND, show_progress)
     import datasets
     from lorabay.train.data import detect_shape, load_records
     from lorabay.train.heads import head_files

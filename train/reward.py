@@ -1,5 +1,10 @@
-"""A Bradley-Terry reward model with TRL's RewardTrainer: a LoRA adapter plus a scalar head.
+"""An outcome reward model on preference pairs: generative (the default) or a scalar head.
 
+``--format generative`` (train/verifier.py): a plain LoRA whose score is the probability
+of a "right" label token after the response, which the serving engine runs like any
+adapter (best-of-N in the gateway). ``--format head``, the older format, below.
+
+A Bradley-Terry reward model with TRL's RewardTrainer: a LoRA adapter plus a scalar head.
 The base is loaded as a sequence classifier with one output: the new ``score`` head
 (hidden size -> 1) reads the last token of prompt + response. Training lowers
 
@@ -10,7 +15,8 @@ with the adapter and saved inside it (PEFT ``modules_to_save``), so the adapter
 folder is the whole reward model; the registry records it as kind ``reward``.
 :mod:`lorabay.train.heads` puts it beside a policy on one base for PPO.
 
-    lorabay train reward --base ./tiny --data pairs.jsonl --push team/rm
+    lorabay train reward --base ./tiny --data pairs.jsonl --push team/rm              # generative
+    lorabay train reward --base ./tiny --data pairs.jsonl --format head --push team/rm-head
 """
 
 from __future__ import annotations
@@ -23,6 +29,10 @@ KIND = "reward"
 
 def train_reward(config: RewardConfig, show_progress: bool = True) -> RunResult:
     """Train ``config`` (already validated by build_config) and return the finished run."""
+    if config.format == "generative":
+        from lorabay.train.verifier import train_verifier
+
+        return train_verifier(config, KIND, show_progress)
     import datasets
     from lorabay.train.data import load_dataset
     from lorabay.train.heads import head_files

@@ -60,7 +60,10 @@ class AlignWorld:
     @functools.cached_property
     def reward_model(self) -> dict:
         data = str(self.data["sentiment-pairs-train"])
-        return self.train("reward", "toy/rm", "--data", data, *NEW_ADAPTER, "--max-steps", "60")
+        # The score-head format (--format head): test_reward.py holds its bars and its
+        # agreement with TRL's sequence classifier; the generative default: test_verifier.py.
+        args = ["--data", data, "--format", "head", *NEW_ADAPTER, "--max-steps", "60"]
+        return self.train("reward", "toy/rm", *args)
 
     @functools.cached_property
     def sentiment_policy(self) -> dict:
@@ -73,8 +76,8 @@ class AlignWorld:
     @functools.cached_property
     def prm(self) -> dict:
         data = str(self.data["steps-prm-train"])
-        args = ["--data", data, "--targets", "all-linear", "--lr", "2e-3", "--max-steps", "80"]
-        return self.train("prm", "toy/prm", *args)
+        args = ["--data", data, "--format", "head", "--targets", "all-linear", "--lr", "2e-3"]
+        return self.train("prm", "toy/prm", *args, "--max-steps", "80")
 
     @functools.cached_property
     def steps_policy(self) -> dict:
