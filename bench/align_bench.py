@@ -68,7 +68,8 @@ def phase_flags(phase: str, work: Path, args) -> dict:
         extra = {"dropout": 0.0, "logging_steps": 5, "overwrite": True}
         return {**base, **epoch, **extra, "data": data, "from": sft, "lr": 1e-3, "beta": 0.1}
     if phase == "reward":
-        return {**base, **COMMON, **epoch, "data": data, "lr": 1e-3}
+        # The score-head format the README's tables measured (--format head, issue 16).
+        return {**base, **COMMON, **epoch, "data": data, "lr": 1e-3, "format": "head"}
     if phase in ("ppo", "ppo_critic"):
         reward = str(work / "runs" / "reward" / "adapter")
         critic = {"value_model": "adapter"} if phase == "ppo_critic" else {}
