@@ -266,10 +266,12 @@ class Claim:
     def check(self) -> None:
         """Write only within the first half of the claim's life (module docstring)."""
         if time.monotonic() - self.started > CLAIM_SECONDS / 2:
-            raise Conflict(
-                "a registry write took too long while holding its claim and was given up",
-                "retry; if it keeps happening, check the registry's latency",
-            )
+            raise ClaimAged()
+
+
+class ClaimAged(Exception):
+    """A claim got too old to write under (a slow registry): nothing was written; take it
+    again."""
 
 
 class OCIStore:
@@ -732,25 +734,45 @@ class OCIStore:
             return self._blob_exists(f"sha256:{blob.group(1)}", key) is not None
         return self._head_manifest(self.repo, tag_of(key), key) is not None
 
+    def _under_claim(self, key: str, action):
+        """``action(claim)`` while holding the claim on ``key``; a claim that aged past its
+        writing window before the write (``Claim.check``) is given up and taken again."""
+        for _ in range(5):
+            with self._claimed(key) as claim:
+                try:
+                    return action(claim)
+                except ClaimAged:
+                    log.info("the claim on %s aged before its write; taking it again", key)
+        raise Conflict(
+            f"the registry was too slow to write {key} within a claim",
+            "retry; if it keeps happening, check the registry's latency",
+        )
+
     def create(self, key: str, data: bytes) -> bool:
         prepared = self._prepare(key, data)
-        with self._claimed(key) as claim:
+
+        def write(claim: Claim) -> bool:
             if self._head_manifest(self.repo, tag_of(key), key) is not None:
                 return False
             claim.check()
             self._write_record(key, prepared)
-        return True
+            return True
+
+        return self._under_claim(key, write)
 
     def swap(self, key: str, data: bytes, etag: str | None) -> str:
         prepared = self._prepare(key, data)
-        with self._claimed(key) as claim:
+
+        def write(claim: Claim) -> tuple[str, str | None]:
             current = self._head_manifest(self.repo, tag_of(key), key)
             if current != etag:
                 raise PreconditionFailed(key)
             claim.check()
-            digest = self._write_record(key, prepared)
-        if current is not None:
-            self._delete_manifest(self.repo, current, key)  # no tag names it any more
+            return self._write_record(key, prepared), current
+
+        digest, replaced = self._under_claim(key, write)
+        if replaced is not None:
+            self._delete_manifest(self.repo, replaced, key)  # no tag names it any more
         return digest
 
     def delete(self, key: str, etag: str | None = None) -> None:
@@ -758,13 +780,15 @@ class OCIStore:
             return self._delete_blob(key, etag)
         tag = tag_of(key)
         if etag is not None:
-            with self._claimed(key) as claim:
+
+            def remove(claim: Claim) -> None:
                 current = self._head_manifest(self.repo, tag, key)
                 if current is None or current != etag:
                     raise PreconditionFailed(key)
                 claim.check()
                 self._delete_manifest(self.repo, current, key)
-            return
+
+            return self._under_claim(key, remove)
         for _ in range(20):  # a swap may move the tag meanwhile: delete what it points at now
             current = self._head_manifest(self.repo, tag, key)
             if current is None:
@@ -845,15 +869,28 @@ class OCIStore:
             return False
         digest = f"sha256:{sha256}"
         size = source.stat().st_size
-        if size <= UPLOAD_PART:
-            data = source.read_bytes()
-            if hashlib.sha256(data).hexdigest() != sha256:
-                raise changed_while_pushing(source)
-            self._upload(self.repo, data, key)
-        else:
-            self._upload_parts(key, source, sha256)
-        self._put_manifest(self.repo, tag_of(key), self._index(key, digest, size), key)
-        return True
+        for _ in range(5):  # a gc may delete the blob between its upload and its index
+            if size <= UPLOAD_PART:
+                data = source.read_bytes()
+                if hashlib.sha256(data).hexdigest() != sha256:
+                    raise changed_while_pushing(source)
+                self._upload(self.repo, data, key)
+            else:
+                self._upload_parts(key, source, sha256)
+            if self._put_index(key, digest, size):
+                return True
+        raise Conflict(f"{key} kept disappearing while it was pushed", "retry the push")
+
+    def _put_index(self, key: str, digest: str, size: int) -> bool:
+        """Write the blob's index tag (its time now); False when the blob is gone (the
+        registry refuses an index of a blob it does not hold)."""
+        try:
+            self._put_manifest(self.repo, tag_of(key), self._index(key, digest, size), key)
+            return True
+        except StoreFailed as error:
+            if error.error_code == "MANIFEST_BLOB_UNKNOWN":
+                return False
+            raise
 
     def _upload_parts(self, key: str, source: Path, sha256: str) -> None:
         """A chunked upload (PATCH per part), hashed as it goes; completed only when the
@@ -916,9 +953,9 @@ class OCIStore:
         size = self._blob_exists(digest, key)
         if size is None:
             return False
-        tag = tag_of(key)
-        old = self._head_manifest(self.repo, tag, key)
-        self._put_manifest(self.repo, tag, self._index(key, digest, size), key)
+        old = self._head_manifest(self.repo, tag_of(key), key)
+        if not self._put_index(key, digest, size):
+            return False  # a gc deleted it meanwhile: absent
         if old is not None:
             self._delete_manifest(self.repo, old, key)
         return True
@@ -1014,7 +1051,8 @@ class OCIStore:
                     time.sleep(random.uniform(0.002, 0.01))
                     continue
                 break
-            self._delete_manifest(self.locks, digest, key)
+            with contextlib.suppress(StoreFailed):  # best effort: one left behind expires
+                self._delete_manifest(self.locks, digest, key)
             if time.monotonic() > given_up:
                 break
             time.sleep(random.uniform(0, min(0.5, 0.005 * 2 ** min(attempt, 10))))
