@@ -82,9 +82,10 @@ SENTENCES = [
 EXTRACT_QUESTION = "Extract the person's name, age and city as JSON: {sentence}"
 HELDOUT_SHAPES = 3  # the last sentence shapes, names and cities are held out
 RECIPES = {
-    # Measured on 2 cores: ~1.5 s per step at batch 8 on the bf16 base (all-linear, r 8).
-    "sentiment": {"targets": "all-linear", "r": 8, "lr": 5e-4, "batch_size": 8, "max_steps": 40},
-    "extract": {"targets": "all-linear", "r": 8, "lr": 5e-4, "batch_size": 8, "max_steps": 40},
+    # LoRA on every linear layer, r 8, batch 8. Seen on 2 cores: the sentiment loss is 0.02 by
+    # step 15 (token accuracy 1.0); the JSON answers take a few more steps.
+    "sentiment": {"targets": "all-linear", "r": 8, "lr": 1e-3, "batch_size": 8, "max_steps": 20},
+    "extract": {"targets": "all-linear", "r": 8, "lr": 1e-3, "batch_size": 8, "max_steps": 30},
 }
 
 
