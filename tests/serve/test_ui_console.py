@@ -8,8 +8,6 @@ test_ui_gateway.py.
 
 from __future__ import annotations
 
-import fnmatch
-import json
 import re
 import subprocess
 import sys
@@ -24,11 +22,12 @@ from lorabay.hub import Registry
 from uitools import (
     ADMIN_KEY,
     HOSTILE,
-    KEYS,
     TEAM_A_KEY,
     TEAM_B_KEY,
     ConsolePage,
     fill_registry,
+    hub_list,
+    shown_rows,
     start_browser,
     write_keys,
 )
@@ -122,29 +121,6 @@ def open_page(browser, console):
         page.close()
 
 
-def hub_list(registry_url: str, key: str, *extra: str) -> list[dict]:
-    """What `lorabay hub list --json` prints, cut to the names ``key`` may use."""
-    result = CliRunner().invoke(cli, ["hub", "list", "--json", "--registry", registry_url, *extra])
-    assert result.exit_code == 0, result.output
-    patterns = KEYS[key]
-    return [
-        r
-        for r in json.loads(result.output)
-        if any(fnmatch.fnmatchcase(r["name"], p) for p in patterns)
-    ]
-
-
-def shown_rows(page: ConsolePage) -> list[dict]:
-    return page.page.eval_on_selector_all(
-        "#adapters tbody tr",
-        """rows => rows.map(tr => ({
-            ref: tr.dataset.ref,
-            cells: [...tr.cells].map(td => td.textContent),
-            aliases: [...tr.cells[2].querySelectorAll('.badge')].map(b => b.textContent),
-        }))""",
-    )
-
-
 def test_adapters_list_is_hub_list_for_the_key(open_page, filled):
     url, _, _ = filled
     page = open_page(TEAM_A_KEY)
@@ -154,7 +130,6 @@ def test_adapters_list_is_hub_list_for_the_key(open_page, filled):
     for row, listed in zip(rows, expected, strict=True):
         assert row["aliases"] == listed["aliases"]
         assert row["cells"][0] == listed["name"] and row["cells"][8] == listed["created_by"]
-    page.screenshot("adapters")
     # --all: the yanked version too, marked
     page.page.check("#filter-yanked")
     page.wait_loaded("adapters")
@@ -261,7 +236,6 @@ def test_version_page_draws_the_lineage(open_page, filled):
     assert len(history) == 2 and "alias=canary version=2" in history[0]  # newest first
     assert "alias=prod version=1" in history[1]
     assert "trainer_state.json" in page.texts("#files td")
-    page.screenshot("version")
     # a parent is a link: clicking it opens that version
     page.page.click('#lineage g.node[data-role="ancestor"]')
     page.wait_loaded("version")

@@ -12,6 +12,8 @@ README's images: ``LORABAY_SCREENSHOTS=docs/console pytest tests/serve/test_ui*.
 
 from __future__ import annotations
 
+import fnmatch
+import json
 import os
 import shutil
 from pathlib import Path
@@ -50,6 +52,32 @@ def start_browser():
         manager.stop()
         raise
     return manager, browser
+
+
+def hub_list(registry_url: str, key: str, *extra: str) -> list[dict]:
+    """What `lorabay hub list --json` prints, cut to the names ``key`` may use."""
+    from click.testing import CliRunner
+    from lorabay.cli.main import cli
+
+    result = CliRunner().invoke(cli, ["hub", "list", "--json", "--registry", registry_url, *extra])
+    assert result.exit_code == 0, result.output
+    patterns = KEYS[key]
+    return [
+        r
+        for r in json.loads(result.output)
+        if any(fnmatch.fnmatchcase(r["name"], p) for p in patterns)
+    ]
+
+
+def shown_rows(page: ConsolePage) -> list[dict]:
+    return page.page.eval_on_selector_all(
+        "#adapters tbody tr",
+        """rows => rows.map(tr => ({
+            ref: tr.dataset.ref,
+            cells: [...tr.cells].map(td => td.textContent),
+            aliases: [...tr.cells[2].querySelectorAll('.badge')].map(b => b.textContent),
+        }))""",
+    )
 
 
 class ConsolePage:

@@ -2,8 +2,8 @@
 
 import { api, clear, h, s, versionHref } from "./dom.js";
 
-const W = 320;
-const H = 150;
+const WIDTH = 320;
+const HEIGHT = 150;
 const M = { left: 46, right: 10, top: 24, bottom: 26 };
 const SERIES = 6; // colours (.s0 ... .s5)
 
@@ -19,13 +19,16 @@ function tick(value) {
 
 // series: [{name, points: [[x, y], ...]}]; options: {title, xLabel, xTime}
 export function lineChart(series, options = {}) {
+  const W = options.width || WIDTH;
+  const H = options.height || HEIGHT;
   const all = series.flatMap((one) => one.points);
   const xs = all.map((p) => p[0]);
   const ys = all.map((p) => p[1]);
   const x0 = Math.min(...xs);
   const x1 = Math.max(...xs);
   const y0 = Math.min(0, ...ys);
-  const y1 = Math.max(...ys, y0 + 1e-9);
+  const top = Math.max(...ys);
+  const y1 = top > y0 ? top : y0 + 1; // all zero (no traffic): an axis from 0 to 1
   const px = (x) => M.left + (x1 === x0 ? 0.5 : (x - x0) / (x1 - x0)) * (W - M.left - M.right);
   const py = (y) => H - M.bottom - ((y - y0) / (y1 - y0)) * (H - M.top - M.bottom);
   const svg = s(

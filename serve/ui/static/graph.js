@@ -102,7 +102,7 @@ export function drawCurve(points) {
     metrics.map((key) =>
       lineChart(
         [{ name: key, points: points.filter((p) => typeof p[key] === "number").map((p) => [p.step, p[key]]) }],
-        { title: key, xLabel: "step" },
+        { title: key, xLabel: "step", width: 520, height: 220 },
       ),
     ),
   );

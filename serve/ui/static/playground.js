@@ -150,7 +150,7 @@ export function showPlayground(main, info) {
       temperature: Number(temperature.value) || 0,
     };
     const panels = chosen.map((model) =>
-      h("div", { class: "panel card", dataset: { model } }, h("h3", {}, model), h("pre", { class: "answer" }), h("p", { class: "stats muted" }, "waiting...")),
+      h("div", { class: "panel card", dataset: { model } }, h("h3", { class: "model" }, model), h("pre", { class: "answer" }), h("p", { class: "stats muted" }, "waiting...")),
     );
     output.append(...panels);
     output.dataset.done = "";
