@@ -89,6 +89,7 @@ class EngineConfig:
     health_interval: float = 2.0  # seconds between /health probes
     health_timeout: float = 5.0  # a probe without an answer by then failed
     health_failures: int = 3  # consecutive failed probes before a restart
+    busy_limit: float = 120.0  # seconds a working (CPU-consuming) engine may go without answering
     self_test_timeout: float = 300.0  # seconds the first one-token generation may take
 
     @classmethod
@@ -289,10 +290,17 @@ def summarize_engine_failure(lines: list[str], max_lines: int = 40) -> str:
 def fatal_error(text: list[str], frames: int = 8) -> str:
     """Python's faulthandler report of a process killed by a signal (PYTHONFAULTHANDLER):
     "Fatal Python error: Illegal instruction" and the top frames of the thread that got it."""
-    at = next((i for i, line in enumerate(text) if line.startswith("Fatal Python error:")), None)
+    marker = "Fatal Python error:"
+    at = next((i for i, line in enumerate(text) if line.startswith(marker)), None)
     if at is None:
         return ""
-    report = [text[at]]
+    message = text[at][len(marker) :].strip()
+    if message.startswith("("):
+        # faulthandler writes the line in pieces; another process's log line (vLLM's
+        # "(EngineCore pid=...)") can land in the middle, and the rest follows it.
+        following = (line.strip() for line in text[at + 1 : at + 4])
+        message = next((line for line in following if line and line[0] != "("), message)
+    report = [f"{marker} {message}"]
     current = next(
         (i for i in range(at, min(at + 400, len(text))) if text[i].startswith("Current thread")),
         None,
@@ -509,17 +517,18 @@ class EngineSupervisor:
         (a kernel the CPU cannot run): find out now, with the engine's own error."""
         body = {"model": self.config.served_name, "prompt": SELF_TEST_PROMPT, "max_tokens": 1}
         began = time.perf_counter()
-        reason = None
+        dying = True  # no answer, or a 5xx: the engine is going down
         try:
             async with self.client(timeout=self.config.self_test_timeout) as client:
                 response = await client.post("/v1/completions", json=body)
             if response.status_code == 200:
                 return (time.perf_counter() - began) * 1000
             reason = f"HTTP {response.status_code}: {engine_answer(response)}"
+            dying = response.status_code >= 500
         except httpx.HTTPError as error:
             reason = f"no answer ({type(error).__name__})"
-        # The engine's error lands in its log as it goes down: give it a moment to print.
-        await wait_exit(self.process, 10.0)
+        if dying:  # its error lands in its log as it goes down: give it a moment to print
+            await wait_exit(self.process, 10.0)
         if self.process.returncode is not None:
             await self._drain_output()
         raise EngineStartFailed(
@@ -568,19 +577,34 @@ class EngineSupervisor:
     async def _wait_failure(self) -> str:
         """Probe the engine until it fails; why it did. One failed probe takes it out of
         service (``state`` UNRESPONSIVE: requests get 503, ``/ready`` fails); it is back
-        when a probe succeeds, restarted after ``health_failures`` in a row."""
+        when a probe succeeds, restarted after ``health_failures`` in a row.
+
+        A probe that times out while the engine's server process is using CPU is not a
+        failure (for up to ``busy_limit`` seconds): on a saturated machine its event loop
+        can take longer than the timeout to answer, and killing an engine that is working
+        through a full batch would fail every request in it. A stopped or deadlocked
+        process uses none.
+        """
         config = self.config
         failures = 0
+        busy_since = None
         async with self.client(timeout=config.health_timeout) as client:
             while not self._stopping:
                 self._poke.clear()
                 if self.process.returncode is not None:
                     return f"exited with code {self.process.returncode}"
+                cpu = cpu_seconds(self.process.pid)
                 try:
                     response = await client.get("/health")
                 except httpx.HTTPError as error:
                     if self.process.returncode is not None:
                         return f"exited with code {self.process.returncode}"
+                    used = cpu_seconds(self.process.pid) - cpu
+                    if isinstance(error, httpx.TimeoutException) and used >= 0.01:
+                        busy_since = busy_since or time.monotonic()
+                        if time.monotonic() - busy_since < config.busy_limit:
+                            log.info("engine busy: /health took over %.0f s", config.health_timeout)
+                            continue
                     failures += 1
                     self.state = UNRESPONSIVE
                     log.warning(
@@ -597,7 +621,7 @@ class EngineSupervisor:
                         return f"answered /health with {response.status_code}"
                     if failures:
                         log.info("engine answers /health again")
-                    failures = 0
+                    failures, busy_since = 0, None
                     self.state = READY
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._poke.wait(), config.health_interval)
@@ -645,6 +669,17 @@ class EngineSupervisor:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time a process has used (0 once it is gone)."""
+    import psutil
+
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return 0.0
+    return times.user + times.system
 
 
 def engine_answer(response: httpx.Response) -> str:

@@ -177,35 +177,6 @@ def test_an_engine_that_loads_but_cannot_generate_fails_serve_at_once(tiny_base,
         gateway.kill_leftovers()
 
 
-def has_amx() -> bool:
-    import torch
-
-    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
-
-
-@pytest.mark.skipif(not has_amx(), reason="the crash needs a CPU with AMX")
-def test_an_engine_whose_worker_dies_on_its_first_generation_fails_serve_with_its_error(
-    tiny_base, tmp_path
-):
-    """The issue's own case, with lorabay's plugin off: bfloat16 on the tiny base kills
-    the worker with SIGILL on the first real request. serve says so and exits."""
-    gateway = GatewayProcess(
-        ["--base", str(tiny_base), "--dtype", "bfloat16", "--port", "0"],
-        env={"LORABAY_HOME": str(tmp_path / "home"), "LORABAY_VLLM_PLUGIN": "0"},
-    )
-    try:
-        gateway.start()
-        assert gateway.url is None, gateway.output
-        assert gateway.process.wait(60) == 1
-        output = gateway.output
-        assert "self-test" in output
-        assert "Fatal Python error: Illegal instruction" in output, output[-3000:]
-        assert_nothing_left(gateway)
-    finally:
-        gateway.stop(signal.SIGKILL)
-        gateway.kill_leftovers()
-
-
 def test_sigterm_right_after_the_engine_is_ready_and_a_huge_log_line_leave_nothing(
     tiny_base, tmp_path
 ):

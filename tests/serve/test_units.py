@@ -397,6 +397,11 @@ def test_engine_summary_names_a_signal_death():
     summary = summarize_engine_failure(lines)
     assert summary.splitlines()[0] == "Fatal Python error: Illegal instruction"
     assert "cpu_attention_with_kv_cache" in summary
+    # Another process's line written into the middle of faulthandler's (seen for real).
+    lines[0] = "Fatal Python error: (EngineCore pid=9) ERROR 12-01 11:41:03 [x.py:1] died"
+    lines.insert(1, "Illegal instruction")
+    summary = summarize_engine_failure(lines)
+    assert summary.splitlines()[0] == "Fatal Python error: Illegal instruction"
 
 
 @pytest.mark.parametrize(
