@@ -32,7 +32,7 @@ from uitools import (
     write_keys,
 )
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]  # a browser and a server: seconds each
 
 READY = re.compile(r"console on (http://\S+)/ui")
 
