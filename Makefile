@@ -34,7 +34,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not vllm and not s3 and not slow"
+	$(BIN)/python -m pytest -m "not vllm and not s3 and not oci and not browser and not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
