@@ -24,11 +24,11 @@ from uitools import (
     HOSTILE,
     TEAM_A_KEY,
     TEAM_B_KEY,
-    ConsolePage,
     fill_registry,
     hub_list,
+    page_opener,
+    running_browser,
     shown_rows,
-    start_browser,
     write_keys,
 )
 
@@ -99,26 +99,14 @@ def console(filled, tiny_base):
 
 @pytest.fixture(scope="module")
 def browser():
-    manager, browser = start_browser()
-    try:
+    with running_browser() as browser:
         yield browser
-    finally:
-        browser.close()
-        manager.stop()
 
 
 @pytest.fixture
 def open_page(browser, console):
-    pages = []
-
-    def open_(key: str | None) -> ConsolePage:
-        pages.append(ConsolePage(browser, console, key))
-        return pages[-1]
-
-    yield open_
-    for page in pages:
-        assert not page.errors, page.errors
-        page.close()
+    with page_opener(browser, console) as open_:
+        yield open_
 
 
 def test_adapters_list_is_hub_list_for_the_key(open_page, filled):

@@ -24,8 +24,9 @@ from uitools import (
     ConsolePage,
     fill_registry,
     hub_list,
+    page_opener,
+    running_browser,
     shown_rows,
-    start_browser,
     write_keys,
 )
 
@@ -60,26 +61,14 @@ def served(tiny_base, make_lora, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    manager, browser = start_browser()
-    try:
+    with running_browser() as browser:
         yield browser
-    finally:
-        browser.close()
-        manager.stop()
 
 
 @pytest.fixture
 def open_page(browser, served):
-    pages = []
-
-    def open_(key: str) -> ConsolePage:
-        pages.append(ConsolePage(browser, served[0].url, key))
-        return pages[-1]
-
-    yield open_
-    for page in pages:
-        assert not page.errors, page.errors
-        page.close()
+    with page_opener(browser, served[0].url) as open_:
+        yield open_
 
 
 def chat(url: str, key: str, model: str, stream: bool = False) -> str:

@@ -12,6 +12,7 @@ README's images: ``LORABAY_SCREENSHOTS=docs/console pytest tests/serve/test_ui*.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import os
@@ -52,6 +53,36 @@ def start_browser():
         manager.stop()
         raise
     return manager, browser
+
+
+@contextlib.contextmanager
+def running_browser():
+    """A headless chromium for a test module, always closed."""
+    manager, browser = start_browser()
+    try:
+        yield browser
+    finally:
+        browser.close()
+        manager.stop()
+
+
+@contextlib.contextmanager
+def page_opener(browser, url: str):
+    """``open_(key)`` -> a ConsolePage signed in with ``key``; each is closed at the end, and
+    none may have seen an uncaught error or a console error the test did not expect."""
+    pages: list[ConsolePage] = []
+
+    def open_(key: str | None) -> ConsolePage:
+        pages.append(ConsolePage(browser, url, key))
+        return pages[-1]
+
+    try:
+        yield open_
+    finally:
+        errors = [error for page in pages for error in page.errors]
+        for page in pages:
+            page.close()
+        assert not errors, errors
 
 
 def hub_list(registry_url: str, key: str, *extra: str) -> list[dict]:
