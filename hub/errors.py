@@ -1,10 +1,17 @@
-"""One error hierarchy for lorabay, carrying facts.
+"""The base of lorabay's error hierarchy, and the registry's own errors.
 
 Every error a user can cause or meet derives from :class:`LorabayError`. Each
 carries the facts as attributes and renders one line that ends with what to do
 next (``hint``). The CLI prints ``str(error)`` (traceback only with
 ``LORABAY_DEBUG=1``); the gateway maps the same types to HTTP status codes with
 ``http_status`` and OpenAI-style bodies with ``code``.
+
+The base lives here because ``hub`` is the one package every other may import
+(``cli -> serve, train -> hub``; the ``lorabay`` namespace itself has no module to
+hold it). Each layer's own errors live next to its code and derive from these:
+training's in ``lorabay.train`` (``train/launch.py``, ``train/label/``), serving's in
+``lorabay.serve.errors``. What follows the base is the registry's: references,
+adapters, stores, the Hugging Face Hub, signatures.
 """
 
 from __future__ import annotations
@@ -129,11 +136,6 @@ class Conflict(LorabayError):
     code = "conflict"
 
 
-class EngineUnavailable(LorabayError):
-    http_status = 503
-    code = "engine_unavailable"
-
-
 class DamagedRecord(LorabayError):
     """A stored manifest, alias table or blob cannot be read as what it should be."""
 
@@ -172,61 +174,6 @@ class YankedVersion(LorabayError):
     def __init__(self, ref: str):
         self.ref = ref
         super().__init__(f"{ref} is yanked", f"undo it first with `lorabay hub yank {ref} --undo`")
-
-
-class Unauthorized(LorabayError):
-    """No API key, or one the gateway does not know."""
-
-    http_status = 401
-    code = "invalid_api_key"
-
-    def __init__(self, reason: str = "missing or unknown API key"):
-        self.reason = reason
-        super().__init__(reason, "send `Authorization: Bearer <key>` with a key from --api-keys")
-
-
-class InvalidRequest(LorabayError):
-    """A request body the gateway refuses before it reaches the engine."""
-
-    def __init__(self, message: str, param: str | None = None, http_status: int = 400):
-        self.param = param
-        self.http_status = http_status
-        super().__init__(message)
-
-
-class EngineStartFailed(LorabayError):
-    """The vLLM engine exited, or never answered, while starting; ``output`` is its own error."""
-
-    http_status = 503
-    code = "engine_unavailable"
-
-    def __init__(self, exit_code: int | None, output: str, log_path: str | None = None):
-        self.exit_code = exit_code
-        self.output = output
-        self.log_path = log_path
-        how = f"exited with code {exit_code}" if exit_code is not None else "did not start"
-        indented = "\n".join("    " + line for line in output.splitlines())
-        super().__init__(
-            f"the vLLM engine {how} before it was ready; its error:\n{indented}\n",
-            f"fix the cause above; the whole engine log is {log_path}"
-            if log_path
-            else "fix the cause above",
-        )
-
-
-class AdapterLoadFailed(LorabayError):
-    """The engine refused to load an adapter that passed verification (its own reason)."""
-
-    http_status = 502
-    code = "adapter_load_failed"
-
-    def __init__(self, adapter: str, reason: str):
-        self.adapter = adapter
-        self.reason = reason
-        super().__init__(
-            f"the engine could not load adapter {adapter!r}: {reason}",
-            "check the adapter with `lorabay hub verify` and its rank against --max-lora-rank",
-        )
 
 
 class StoreFailed(RegistryUnavailable):
@@ -298,4 +245,70 @@ class VersionAliased(LorabayError):
             f"{ref} is what {shown} point{'s' if len(aliases) == 1 else ''} at",
             "move them first (`lorabay hub alias set NAME ALIAS VERSION`), or pass "
             "--drop-aliases or --move-aliases VERSION",
+        )
+
+
+# ---------------------------------------------------------------- serving's errors
+# The engine, the gateway, API keys and request bodies. They belong to lorabay.serve and
+# move to serve/errors.py (issue 19, part 2: serve/ is being changed by others now);
+# lorabay.serve.errors already re-exports them, so that move changes no importer.
+
+
+class EngineUnavailable(LorabayError):
+    http_status = 503
+    code = "engine_unavailable"
+
+
+class Unauthorized(LorabayError):
+    """No API key, or one the gateway does not know."""
+
+    http_status = 401
+    code = "invalid_api_key"
+
+    def __init__(self, reason: str = "missing or unknown API key"):
+        self.reason = reason
+        super().__init__(reason, "send `Authorization: Bearer <key>` with a key from --api-keys")
+
+
+class InvalidRequest(LorabayError):
+    """A request body the gateway refuses before it reaches the engine."""
+
+    def __init__(self, message: str, param: str | None = None, http_status: int = 400):
+        self.param = param
+        self.http_status = http_status
+        super().__init__(message)
+
+
+class EngineStartFailed(LorabayError):
+    """The vLLM engine exited, or never answered, while starting; ``output`` is its own error."""
+
+    http_status = 503
+    code = "engine_unavailable"
+
+    def __init__(self, exit_code: int | None, output: str, log_path: str | None = None):
+        self.exit_code = exit_code
+        self.output = output
+        self.log_path = log_path
+        how = f"exited with code {exit_code}" if exit_code is not None else "did not start"
+        indented = "\n".join("    " + line for line in output.splitlines())
+        super().__init__(
+            f"the vLLM engine {how} before it was ready; its error:\n{indented}\n",
+            f"fix the cause above; the whole engine log is {log_path}"
+            if log_path
+            else "fix the cause above",
+        )
+
+
+class AdapterLoadFailed(LorabayError):
+    """The engine refused to load an adapter that passed verification (its own reason)."""
+
+    http_status = 502
+    code = "adapter_load_failed"
+
+    def __init__(self, adapter: str, reason: str):
+        self.adapter = adapter
+        self.reason = reason
+        super().__init__(
+            f"the engine could not load adapter {adapter!r}: {reason}",
+            "check the adapter with `lorabay hub verify` and its rank against --max-lora-rank",
         )
