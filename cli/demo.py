@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,10 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import click
+from lorabay.cli.output import print_table
+from lorabay.hub.ports import free_port
 
 HELDOUT = 12  # held-out prompts per task, never trained on
 PASS_SHARE = 0.8  # an adapter must get this share of its task's held-out prompts right
 BASE_SHARE = 0.25  # and the base at most this share (else the adapter taught nothing)
+CELL_WIDTH = 44  # characters of an answer shown in a table cell
 
 
 @dataclass(frozen=True)
@@ -96,12 +98,6 @@ def lorabay(*args: str) -> None:
         raise click.ClickException(f"`lorabay {' '.join(args[:2])}` failed (its output is above)")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def wait_ready(url: str, server: subprocess.Popen, timeout: float = 600) -> None:
     import httpx
 
@@ -143,18 +139,6 @@ def ask_many(url: str, jobs: list[tuple[str, str]], max_tokens: int) -> list[str
     """Answers to (model, question) jobs, eight requests in flight (the engine batches them)."""
     with ThreadPoolExecutor(8) as pool:
         return list(pool.map(lambda job: ask(url, *job, max_tokens), jobs))
-
-
-def print_table(header: list[str], rows: list[list[str]], width: int = 44) -> None:
-    def cell(value: str) -> str:
-        return value if len(value) <= width else value[: width - 3] + "..."
-
-    rows = [[cell(str(v)) for v in row] for row in rows]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = "  ".join(f"{{:<{w}}}" for w in widths)
-    click.secho(line.format(*header), bold=True)
-    for row in rows:
-        click.echo(line.format(*row))
 
 
 def stop(server: subprocess.Popen) -> None:
@@ -281,13 +265,14 @@ def demo(base_name: str, workdir: str) -> None:
         rows = [
             [q, *answers[i * len(models) : (i + 1) * len(models)]] for i, q in enumerate(questions)
         ]
-        print_table(["prompt", *models], rows)
+        print_table(["prompt", *models], rows, width=CELL_WIDTH)
 
         say(f"5. held-out prompts answered right ({HELDOUT} per task, none trained on)")
         scores = score_heldout(url, plan, models)
         print_table(
             ["task", *models],
             [[t.name, *(f"{scores[m, t.name]}/{HELDOUT}" for m in models)] for t in plan.tasks],
+            width=CELL_WIDTH,
         )
         check_scores(plan, scores)
 
@@ -302,7 +287,9 @@ def demo(base_name: str, workdir: str) -> None:
         while after == before and time.monotonic() - moved < 2:
             time.sleep(0.1)
             after = ask(url, "demo/assistant:prod", question, plan.max_tokens)
-        print_table(["prompt", "prod -> 1", "prod -> 2"], [[question, before, after]])
+        print_table(
+            ["prompt", "prod -> 1", "prod -> 2"], [[question, before, after]], width=CELL_WIDTH
+        )
         if before == after:
             raise click.ClickException("the answer did not change within 2 s of the alias move")
         click.echo(f"new requests got version 2 within {time.monotonic() - moved:.1f} s")

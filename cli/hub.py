@@ -13,12 +13,12 @@ import os
 import re
 import sys
 import time
-import unicodedata
 import warnings
 from collections.abc import Iterator
 
 import click
 from lorabay.cli.base import resolve_base_option
+from lorabay.cli.output import print_table, printable
 
 REGISTRY_HELP = "Registry URL: file://DIR, s3://BUCKET/PREFIX or oci://HOST[:PORT]/REPOSITORY [default: $LORABAY_REGISTRY, else file://$LORABAY_HOME/registry]."
 SIGN_HELP = "Sign the version with this EC private key (PEM; OpenSSF model signing, offline) [default: $LORABAY_SIGNING_KEY; password in $LORABAY_SIGNING_KEY_PASSWORD]."
@@ -42,29 +42,6 @@ def open_registry(url: str | None):
 
 def emit_json(value) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=True))
-
-
-def printable(value) -> str:
-    """``value`` as text a terminal shows as it is: control and formatting characters
-    (escape sequences, bidi overrides) from stored records are written as escapes."""
-    from lorabay.hub.content import UNPRINTABLE
-
-    text = str(value)
-    if all(unicodedata.category(c) not in UNPRINTABLE for c in text):
-        return text
-    return "".join(
-        (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
-        if unicodedata.category(c) in UNPRINTABLE
-        else c
-        for c in text
-    )
-
-
-def print_table(headers: list[str], rows: list[list[str]]) -> None:
-    rows = [[printable(x) for x in row] for row in rows]
-    widths = [max(len(str(x)) for x in column) for column in zip(headers, *rows, strict=False)]
-    for row in [headers, *rows]:
-        click.echo("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=False)).rstrip())
 
 
 def human_size(size: int) -> str:

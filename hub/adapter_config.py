@@ -55,13 +55,19 @@ def nesting_depth(value) -> int:
     return deepest
 
 
+def module_pattern(pattern: str) -> str:
+    """PEFT's reading of a ``rank_pattern``/``alpha_pattern`` key: a regular expression
+    matched against the end of a module's name (peft.utils.other.get_pattern_key)."""
+    return rf"(.*\.)?({pattern})$"
+
+
 def regex_problem(pattern: str, field: str) -> str | None:
     if not isinstance(pattern, str):
         return f"{field} {short(pattern)} is not a string"
     if len(pattern) > MAX_PATTERN:
         return f"{field} is {len(pattern)} characters long; patterns have at most {MAX_PATTERN}"
     try:
-        re.compile(rf"(.*\.)?({pattern})$")
+        re.compile(module_pattern(pattern))
     except (re.error, RecursionError, OverflowError) as error:
         return f"{field} {short(pattern)} is not a valid regular expression ({error})"
     return None

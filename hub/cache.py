@@ -35,20 +35,20 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock
 from lorabay.hub import faults, pieces
+from lorabay.hub.atomic import write_atomically
 from lorabay.hub.content import check_relative_path, sha256_file
 from lorabay.hub.errors import ConfigError, DigestMismatch, InvalidAdapter, MissingBlob
 from lorabay.hub.manifest import Manifest
+from lorabay.hub.pieces import Progress
 from lorabay.hub.settings import cache_budget
 
 log = logging.getLogger("lorabay.hub")
-Progress = Callable[[int], None]
 LOCKS = ".locks"  # <hex>.use: held by users (shared) and pruners (exclusive); <hex>.lock: fetch
 META = ".meta"  # <hex>.json: the reference and registry a folder was pulled from
 
@@ -317,10 +317,7 @@ def note_source(cache: Path, manifest: Manifest, registry_url: str | None) -> No
     """Remember what ``manifest``'s folder was pulled as (``hub cache ls`` shows it)."""
     record = {"ref": manifest.ref, "registry": registry_url, "size": manifest.size}
     try:
-        (cache / META).mkdir(exist_ok=True)
-        tmp = cache / META / f".{manifest.digest_hex}.{uuid.uuid4().hex}"
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, cache / META / f"{manifest.digest_hex}.json")
+        write_atomically(cache / META / f"{manifest.digest_hex}.json", json.dumps(record))
     except OSError as error:
         log.debug("could not note where %s came from: %s", manifest.ref, error)
 

@@ -15,11 +15,12 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from lorabay.hub.base_config import read_base_config
 from lorabay.hub.bases import read_provenance, source_digest
 from lorabay.hub.content import (
+    LORA_TENSOR,
     WEIGHTS_FILE,
     AdapterContent,
-    read_base_config,
     read_tensor_shapes,
 )
 from lorabay.hub.errors import LorabayError
@@ -45,6 +46,8 @@ def read_base_shapes(folder: Path) -> dict[str, list[int]] | None:
 
 
 def compare_config(recorded: dict, config: dict) -> list[str]:
+    """What a base's config.json (``values`` of a :class:`BaseConfig`) says against what the
+    adapter's base record says it was trained on."""
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
     actual = {
         "architecture": (config.get("architectures") or [None])[0],
@@ -102,7 +105,7 @@ def compare_shapes(
     (the ``score`` of a reward model or PRM); each must read ``hidden_size`` features."""
     reasons: list[str] = []
     for key, shape in sorted(adapter.items()):
-        match = re.search(r"\.lora_(embedding_)?([AB])(\.|$)", key)
+        match = LORA_TENSOR.search(key)
         module = key[: match.start()] if match else key.rsplit(".", 1)[0]
         module = module.removeprefix(PEFT_PREFIX)
         weight = base.get(f"{module}.weight")
@@ -144,22 +147,22 @@ def fit_reasons(
     base_path: str | os.PathLike,
     max_rank: int | None,
 ) -> list[str]:
-    config, _, config_path = read_base_config(base_path)
-    reasons = compare_config(recorded_base or {}, config)
-    reasons += compare_source(recorded_base or {}, read_provenance(config_path.parent))
-    ranks = [s[0] for k, s in shapes.items() if re.search(r"\.lora_(embedding_)?A(\.|$)", k)]
+    found = read_base_config(base_path)
+    reasons = compare_config(recorded_base or {}, found.values)
+    reasons += compare_source(recorded_base or {}, read_provenance(found.folder))
+    ranks = [s[0] for k, s in shapes.items() if (m := LORA_TENSOR.search(k)) and m[2] == "A"]
     rank = max(ranks + [int(peft.get("r") or 0)])
     if max_rank is not None and rank > max_rank:
         reasons.append(f"rank {rank} is above the maximum {max_rank} (--max-lora-rank)")
-    base_shapes = read_base_shapes(config_path.parent)
+    base_shapes = read_base_shapes(found.folder)
     if base_shapes is not None:
         modules = {k.removesuffix(".weight") for k in base_shapes if k.endswith(".weight")}
         missing = missing_targets(peft.get("target_modules"), modules)
         reasons += missing
         if not missing:
             heads = tuple(peft.get("modules_to_save") or ())
-            text = config.get("text_config") or config
-            reasons += compare_shapes(shapes, base_shapes, heads, text.get("hidden_size"))
+            hidden_size = found.text.get("hidden_size")
+            reasons += compare_shapes(shapes, base_shapes, heads, hidden_size)
     return reasons
 
 

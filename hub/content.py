@@ -18,15 +18,15 @@ import os
 import re
 import stat
 import unicodedata
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from lorabay.hub import pieces
-from lorabay.hub.bases import read_provenance
+from lorabay.hub.adapter_config import module_pattern
 from lorabay.hub.errors import InvalidAdapter
-from lorabay.hub.manifest import digest_files, empty_base
+from lorabay.hub.manifest import digest_files
+from lorabay.hub.pieces import Progress
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -38,8 +38,6 @@ DEFAULT_MAX_BYTES = 8 << 30
 # surrogates, private use, unassigned.
 UNPRINTABLE = {"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"}
 CHUNK = 1 << 20
-
-Progress = Callable[[int], None]
 
 
 @dataclass(frozen=True)
@@ -253,19 +251,22 @@ def read_tensor_shapes(path: Path) -> dict[str, list[int]]:
 
 
 def expected_rank(module: str, config: dict) -> int:
-    # PEFT's rank_pattern: regex keys matched against the end of the module name
-    # (peft.utils.other.get_pattern_key).
     for pattern, rank in (config.get("rank_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
+        if re.match(module_pattern(pattern), module):
             return int(rank)
     return int(config["r"])
+
+
+# A LoRA tensor's key: ``<module>.lora_A.weight`` or ``lora_B`` (an embedding's:
+# ``lora_embedding_A``/``_B``); group 1 says embedding, group 2 the side.
+LORA_TENSOR = re.compile(r"\.lora_(embedding_)?([AB])(\.|$)")
 
 
 def check_shapes(path: Path, shapes: dict[str, list[int]], config: dict) -> None:
     """lora_A is [r, in, ...], lora_B is [out, r, ...] (also lora_embedding_A/B)."""
     lora_keys = 0
     for key, shape in shapes.items():
-        match = re.search(r"\.lora_(embedding_)?([AB])(\.|$)", key)
+        match = LORA_TENSOR.search(key)
         if not match:
             continue
         lora_keys += 1
@@ -321,77 +322,3 @@ def scan_adapter(
         for f in sorted(files, key=lambda f: f.path)
     ]
     return AdapterContent(folder=folder, files=hashed, config=config, shapes=shapes)
-
-
-def read_base_config(base: str | os.PathLike) -> tuple[dict, bytes, Path]:
-    """Read ``config.json`` from a base folder (or the file itself)."""
-    path = Path(base).expanduser()
-    if path.is_dir():
-        path = path / "config.json"
-    try:
-        raw = path.read_bytes()
-        config = json.loads(raw)
-    except FileNotFoundError:
-        raise InvalidAdapter(
-            str(path), "does not exist", "pass --base the base model's folder or its config.json"
-        ) from None
-    except (OSError, json.JSONDecodeError) as error:
-        raise InvalidAdapter(str(path), f"is not a readable config.json ({error})") from None
-    if not isinstance(config, dict):
-        raise InvalidAdapter(str(path), "is not a JSON object")
-    return config, raw, path
-
-
-def describe_base(
-    config: dict, raw: bytes, base_id: str | None, revision: str | None, folder: Path | None = None
-) -> dict:
-    """The manifest's base record. A folder that ``lorabay base pull`` wrote names itself:
-    its provenance gives the id (``smollm2-135m-instruct``), the revision and the source."""
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    architectures = config.get("architectures") or [None]
-    provenance = read_provenance(folder) if folder is not None else None
-    source = (provenance or {}).get("source")
-    if isinstance(source, dict) and provenance.get("name"):
-        base_id = provenance["name"]
-        revision = source.get("revision") or revision
-    return {
-        "id": base_id,
-        "revision": revision,
-        "architecture": architectures[0],
-        "hidden_size": text.get("hidden_size"),
-        "num_hidden_layers": text.get("num_hidden_layers"),
-        "vocab_size": text.get("vocab_size"),
-        "config_digest": "sha256:" + hashlib.sha256(raw).hexdigest(),
-        "source": (
-            {key: source.get(key) for key in ("kind", "uri", "sha256", "upstream")}
-            if isinstance(source, dict)
-            else None
-        ),
-    }
-
-
-def find_base(adapter_config: dict, base: str | os.PathLike | None) -> dict:
-    """The manifest's ``base`` record: from ``base``'s config.json, else from the adapter's
-    ``base_model_name_or_path`` (a local folder, or a repository already in the HF cache);
-    with only the id and revision when that config cannot be found offline."""
-    base_id = adapter_config.get("base_model_name_or_path")
-    revision = adapter_config.get("revision")
-    if base is not None:
-        config, raw, path = read_base_config(base)
-        return describe_base(config, raw, base_id or str(path.parent), revision, path.parent)
-    if not base_id:
-        return empty_base()
-    local = Path(base_id).expanduser()
-    if (local / "config.json").is_file():
-        config, raw, path = read_base_config(local)
-        return describe_base(config, raw, base_id, revision, path.parent)
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(base_id, "config.json", revision=revision)
-    except Exception:  # not a repo id; nothing to read offline
-        cached = None
-    if isinstance(cached, str):
-        config, raw, _ = read_base_config(cached)
-        return describe_base(config, raw, base_id, revision)
-    return {**empty_base(), "id": base_id, "revision": revision}

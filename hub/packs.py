@@ -36,7 +36,7 @@ import uuid
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 
-from lorabay.hub.store import ObjectInfo, Store
+from lorabay.hub.store import ObjectInfo, Store, md5_etag
 
 log = logging.getLogger("lorabay.hub")
 PREFIX = "packs/"
@@ -47,10 +47,6 @@ TIDY_AFTER = 16  # packs a reader finds before it merges them (writers left them
 
 Records = dict[str, tuple[str, bytes]]  # key -> (etag, data)
 _merging = threading.Lock()
-
-
-def md5_etag(data: bytes) -> str:
-    return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
 def etag_holds(etag: str | None, data: bytes) -> bool:

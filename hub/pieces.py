@@ -23,6 +23,7 @@ from collections.abc import Callable
 PIECE_BYTES = 16 << 20
 READ_STEP = 1 << 20
 
+# Called with the number of bytes just read, hashed or copied (a bar's update).
 Progress = Callable[[int], None]
 
 

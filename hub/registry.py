@@ -27,16 +27,17 @@ import random
 import threading
 import time
 import unicodedata
-import uuid
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorabay.hub import faults, packs
+from lorabay.hub.atomic import write_atomically
+from lorabay.hub.base_config import find_base
 from lorabay.hub.cache import CacheLease, PullStats, blob_key, copy_out, pull_into_cache
 from lorabay.hub.cache_prune import discard_unused
-from lorabay.hub.content import find_base, scan_adapter
+from lorabay.hub.content import scan_adapter
 from lorabay.hub.errors import (
     AdapterNotFound,
     ConfigError,
@@ -59,6 +60,7 @@ from lorabay.hub.keys import (
     yanked_key,
 )
 from lorabay.hub.manifest import KINDS, LINEAGE_KEYS, Manifest, empty_lineage
+from lorabay.hub.pieces import Progress
 from lorabay.hub.reference import (
     LATEST,
     Reference,
@@ -78,7 +80,6 @@ from lorabay.hub.upkeep import (
 )
 
 log = logging.getLogger("lorabay.hub")
-Progress = Callable[[int], None]
 CAS_ATTEMPTS = 200
 
 
@@ -162,12 +163,9 @@ def parse_alias_table(raw: bytes, key: str) -> dict[str, int]:
 
 
 def save_copy(path: Path, data: bytes) -> None:
-    """Write ``path`` atomically (temporary name, then rename); a failure only costs speed."""
+    """Write ``path`` whole or not at all; a failure only costs speed."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        write_atomically(path, data)
     except OSError as error:
         log.debug("could not keep a copy of %s: %s", path, error)
 

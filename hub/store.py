@@ -36,6 +36,7 @@ Keys (the same in every store)::
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,12 @@ from urllib.parse import urlparse
 from lorabay.hub.errors import ConfigError
 
 MARKER = "lorabay-registry.json"
+
+
+def md5_etag(data: bytes) -> str:
+    """The etag S3 gives an object put in one part, and the local store gives every record
+    (an identity for compare-and-swap and pack checks, not a security digest)."""
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
 class PreconditionFailed(Exception):

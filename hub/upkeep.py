@@ -71,10 +71,10 @@ from lorabay.hub import faults, packs, pieces
 from lorabay.hub.cache import blob_key
 from lorabay.hub.errors import Conflict, LorabayError
 from lorabay.hub.keys import manifest_key
+from lorabay.hub.pieces import Progress
 from lorabay.hub.store import PreconditionFailed, Store
 
 log = logging.getLogger("lorabay.hub")
-Progress = Callable[[int], None]
 
 LEASE_KEY = "leases/gc.json"
 LEASE_SECONDS = 120.0

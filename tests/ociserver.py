@@ -16,7 +16,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -24,6 +23,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from lorabay.hub.ports import free_port
 
 SERVERS: dict[str, OciServer] = {}
 
@@ -38,12 +39,6 @@ def registry_binary() -> str:
     if found is None:
         raise RuntimeError(INSTALL_HINT)
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass

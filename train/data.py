@@ -22,6 +22,7 @@ import json
 import os
 from pathlib import Path
 
+from lorabay.hub.atomic import write_atomically
 from lorabay.hub.errors import ConfigError
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -251,9 +252,4 @@ def assistant_spans(
 
 def write_jsonl(records: list[dict], path: str | os.PathLike) -> Path:
     """Write ``records`` as JSONL, whole or not at all (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_atomically(path, "".join(json.dumps(record) + "\n" for record in records))

@@ -14,20 +14,14 @@ starts a single process.)
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from lorabay.hub.ports import free_port
 from lorabay.train.config import TrainConfig, recipe_values
 from lorabay.train.run import default_output, write_recipe
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_command(recipe: Path, method: str, nproc: int, as_json: bool) -> list[str]:

@@ -22,18 +22,13 @@ REFERENCE_ADAPTER = "ref"
 TRAINED_ADAPTER = "default"
 
 
-def base_dtype(path: str | os.PathLike) -> str:
-    """The dtype a base folder stores its weights in ("float32", "bfloat16", ...), from config.json."""
-    config = json.loads((Path(path) / "config.json").read_text())
-    return str(config.get("dtype") or config.get("torch_dtype") or "float32")
-
-
 def compute_dtype(base: str | os.PathLike, precision: str):
     """The torch dtype training computes in: ``precision`` fp32/bf16, or auto (follow the base)."""
     import torch
+    from lorabay.hub.base_config import read_base_config
 
     if precision == "auto":
-        precision = "bf16" if base_dtype(base) == "bfloat16" else "fp32"
+        precision = "bf16" if read_base_config(base).dtype == "bfloat16" else "fp32"
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
@@ -235,13 +230,10 @@ def save_adapter(
     """Save only the trained ``default`` adapter (adapter_config.json + safetensors) at ``folder``,
     whole or not at all: written in a temporary sibling, then renamed into place.
     ``extra_files`` (name -> text) are written beside it (a head's settings)."""
-    import shutil
-    import tempfile
+    from lorabay.hub.atomic import replacing_folder
 
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with replacing_folder(folder) as tmp:
         model.save_pretrained(
             str(tmp), selected_adapters=[TRAINED_ADAPTER], safe_serialization=True
         )
@@ -257,11 +249,6 @@ def save_adapter(
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

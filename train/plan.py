@@ -19,8 +19,8 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
+from lorabay.hub.base_config import read_base_config
 from lorabay.hub.errors import ConfigError
 
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -39,19 +39,8 @@ ADAM_BYTES = 8  # two fp32 moments per trainable parameter
 
 
 def read_model_config(base: str | os.PathLike) -> dict:
-    """The config.json of a base folder, or the file itself."""
-    path = Path(base)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
-        raise ConfigError(
-            f"--base {base}: no config.json there", "give a base folder or its config.json"
-        )
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"--base {path}: not valid JSON ({error})") from error
-    return config.get("text_config", config)  # a multimodal config nests the language model
+    """The language model's config in a base folder's config.json (or the file itself)."""
+    return read_base_config(base).text
 
 
 def llama_shapes(config: dict) -> dict[str, tuple[int, int]]:

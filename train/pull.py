@@ -27,12 +27,12 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from lorabay.hub.atomic import replacing_folder
 from lorabay.hub.bases import NAME_PATTERN, PACKAGED, PROVENANCE_FILE, PackagedBase, pulled_path
 from lorabay.hub.errors import ConfigError, DigestMismatch
 
@@ -105,18 +105,11 @@ def pull_base(
         raise ConfigError(
             f"{target} exists and is not empty", "pick a new folder or pass --overwrite"
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with replacing_folder(target) as tmp:
         record = convert(tmp)
         provenance = {"name": name, **record, "lorabay_version": lorabay_version()}
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
         say(f"write    {target}")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return PulledBase(target, name, provenance)
 
 

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lorabay.hub.atomic import write_atomically
 from lorabay.hub.errors import ConfigError
 from lorabay.train.config import TrainConfig, hyperparameters, recipe_values
 
@@ -101,10 +102,7 @@ def write_recipe(values: dict, path: Path) -> Path:
     """Write ``values`` (recipe keys) as a YAML recipe, whole or not at all."""
     import yaml
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(values, sort_keys=False))
-    os.replace(tmp, path)
-    return path
+    return write_atomically(path, yaml.safe_dump(values, sort_keys=False))
 
 
 @dataclass(frozen=True)

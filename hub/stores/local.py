@@ -25,15 +25,11 @@ from typing import BinaryIO
 from filelock import FileLock
 from lorabay.hub import faults
 from lorabay.hub.errors import InvalidAdapter, RegistryUnavailable
-from lorabay.hub.store import MARKER, ObjectInfo, PreconditionFailed
+from lorabay.hub.store import MARKER, ObjectInfo, PreconditionFailed, md5_etag
 
 CHUNK = 1 << 20
 _TMP = ".tmp"
 _LOCKS = ".locks"
-
-
-def etag_of(data: bytes) -> str:
-    return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
 class LocalStore:
@@ -114,7 +110,7 @@ class LocalStore:
 
     def read_tagged(self, key: str) -> tuple[bytes, str] | None:
         data = self.read(key)
-        return None if data is None else (data, etag_of(data))
+        return None if data is None else (data, md5_etag(data))
 
     def has(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -143,7 +139,7 @@ class LocalStore:
             with self._write_temporary(data) as tmp:
                 faults.checkpoint("local:swap-locked")
                 os.replace(tmp, final)
-        return etag_of(data)
+        return md5_etag(data)
 
     def delete(self, key: str, etag: str | None = None) -> None:
         if etag is None:

@@ -84,11 +84,9 @@ def test_a_version_is_a_model_artifact_oras_pulls(oci_registry_url, lora, tmp_pa
 
 @pytest.mark.oci
 def test_an_unreachable_registry_is_one_line_at_once():
-    import socket
+    from lorabay.hub.ports import free_port
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # closed again: nothing listens there
+    port = free_port()  # nothing listens there
     started = time.monotonic()
     with pytest.raises(
         RegistryUnavailable, match=f"cannot reach http://127.0.0.1:{port}"

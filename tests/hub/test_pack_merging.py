@@ -7,12 +7,13 @@ the S3 server; reading records back through etags is tested against S3 in test_p
 import json
 
 from lorabay.hub import packs
+from lorabay.hub.store import md5_etag
 from lorabay.hub.stores.local import LocalStore
 
 
 def record(i: int) -> tuple[str, tuple[str, bytes]]:
     data = json.dumps({"name": f"team/a{i:04d}", "padding": "x" * 1500}).encode()
-    return f"adapters/team/a{i:04d}/1.json", (packs.md5_etag(data), data)
+    return f"adapters/team/a{i:04d}/1.json", (md5_etag(data), data)
 
 
 def test_one_pack_per_push_ends_as_a_few_holding_every_record(tmp_path):
@@ -35,10 +36,10 @@ def test_a_newer_version_of_a_record_wins_the_merge(tmp_path):
     store.initialize()
     old = b'{"prod": 1}'
     new = b'{"prod": 2}'
-    packs.add(store, {"aliases/team/a.json": (packs.md5_etag(old), old)}, workers=1)
+    packs.add(store, {"aliases/team/a.json": (md5_etag(old), old)}, workers=1)
     for i in range(packs.FANOUT - 2):
         packs.add(store, dict([record(i)]), workers=1)
-    packs.add(store, {"aliases/team/a.json": (packs.md5_etag(new), new)}, workers=1)  # merges
+    packs.add(store, {"aliases/team/a.json": (md5_etag(new), new)}, workers=1)  # merges
     (merged,) = store.list(packs.PREFIX)
     versions = packs.read_packs(store, [merged], workers=1)["aliases/team/a.json"]
-    assert versions == {packs.md5_etag(new): new}
+    assert versions == {md5_etag(new): new}

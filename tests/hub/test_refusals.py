@@ -128,7 +128,9 @@ def test_bad_options_reported_together(registry_url, tmp_path, lora):
 
 
 def test_bad_base(registry_url, tmp_path, lora):
-    assert "config.json" in refuse(registry_url, tmp_path, lora(), base=tmp_path / "nobase")
+    # A base that is not there is a wrong option, not a wrong adapter (hub/base_config.py).
+    message = refuse(registry_url, tmp_path, lora(), error=ConfigError, base=tmp_path / "nobase")
+    assert "--base" in message and "config.json" in message
 
 
 def test_missing_registry_for_reading(tmp_path):
@@ -216,11 +218,9 @@ def test_unsafe_path_in_a_stored_manifest_is_refused_at_pull(registry_url, tmp_p
 
 
 def test_unreachable_s3_registry(monkeypatch):
-    import socket
+    from lorabay.hub.ports import free_port
 
-    with socket.socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # nobody listens there
     monkeypatch.setenv("LORABAY_S3_ENDPOINT", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")

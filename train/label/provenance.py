@@ -19,6 +19,8 @@ import logging
 import os
 from pathlib import Path
 
+from lorabay.hub.atomic import write_atomically
+
 KIND = "lorabay.label"
 SCHEMA = 1
 
@@ -32,10 +34,7 @@ def provenance_path(data: str | os.PathLike) -> Path:
 
 def write_provenance(path: Path, provenance: dict) -> Path:
     """Write the provenance whole or not at all (a temporary file, then a rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(provenance, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_atomically(path, json.dumps(provenance, indent=2, sort_keys=False) + "\n")
 
 
 def data_provenance(data: str | os.PathLike, dataset_digest: str) -> dict | None:
