@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import click
 from lorabay.cli.base import resolve_base_option
 from lorabay.cli.output import print_table, printable
+from lorabay.hub.manifest import KINDS
 
 REGISTRY_HELP = "Registry URL: file://DIR, s3://BUCKET/PREFIX or oci://HOST[:PORT]/REPOSITORY [default: $LORABAY_REGISTRY, else file://$LORABAY_HOME/registry]."
 SIGN_HELP = "Sign the version with this EC private key (PEM; OpenSSF model signing, offline) [default: $LORABAY_SIGNING_KEY; password in $LORABAY_SIGNING_KEY_PASSWORD]."
@@ -139,9 +140,10 @@ def hub() -> None:
 )
 @click.option(
     "--kind",
-    type=click.Choice(["lora", "reward", "prm", "value"]),
+    type=click.Choice(KINDS),
     default="lora",
     show_default=True,
+    help="What the adapter is: a plain LoRA, an outcome reward model or a process reward model.",
 )
 @click.option(
     "--sign",

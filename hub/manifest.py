@@ -18,7 +18,7 @@ from lorabay.hub import pieces
 from lorabay.hub.errors import DamagedRecord
 
 SCHEMA = 2  # the newest this reads; 2: large files carry piece digests (pieces.py)
-KINDS = ("lora", "reward", "prm", "value")
+KINDS = ("lora", "reward", "prm")  # a plain adapter, an outcome reward model, a PRM
 PEFT_KEYS = ("peft_type", "r", "lora_alpha", "target_modules", "modules_to_save")
 BASE_KEYS = (
     "id",

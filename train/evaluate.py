@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 
+from lorabay.train.verifier import end_token_ids
+
 
 def load_policy_for_eval(
     base: str | os.PathLike, adapter: str | os.PathLike | None = None, quantize: str = "none"
@@ -53,11 +55,7 @@ def greedy_answers(model, tokenizer, records: list[dict], max_new_tokens: int = 
     """The greedy completion of each record's prompt, decoded without special tokens, stripped."""
     import torch
 
-    stops = [
-        i
-        for i in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>"))
-        if i is not None
-    ]
+    stops = end_token_ids(tokenizer)
     answers = []
     with torch.no_grad():
         for record in records:

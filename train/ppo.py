@@ -74,6 +74,7 @@ from dataclasses import dataclass
 
 from lorabay.train.config import RLHFConfig, reward_source
 from lorabay.train.run import RunResult
+from lorabay.train.verifier import end_token_ids
 
 JUDGE_ADAPTER = "judge"
 VALUE_ADAPTER = "value"
@@ -109,11 +110,6 @@ class Rollouts:
 # ---------------------------------------------------------------- rollouts
 
 
-def stop_ids(tokenizer) -> list[int]:
-    ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
-    return sorted({i for i in ids if i is not None and i != tokenizer.unk_token_id})
-
-
 def generate_rollouts(
     model,
     tokenizer,
@@ -139,7 +135,7 @@ def generate_rollouts(
         mask[row, length - len(prompt) :] = 1
     device = next(model.parameters()).device
     ids, mask = ids.to(device), mask.to(device)
-    stops = stop_ids(tokenizer)
+    stops = end_token_ids(tokenizer)
     sampling = GenerationConfig(
         do_sample=True,
         temperature=temperature,
