@@ -1,7 +1,8 @@
 """The registry: versions, aliases, yanks, the event log, pull, verify and gc.
 
-Written once against the small ``store.Store`` interface, so ``file://`` and
-``s3://`` registries behave the same.
+Written once against the small ``store.Store`` interface, so ``file://``, ``s3://`` and
+``oci://`` registries behave the same. How manifests are found (memory, this machine's
+copies, the store, packs) is ``records.py``; blobs and the pull cache, ``cache.py``.
 
     from lorabay.hub import Registry
     reg = Registry.open("file:///tmp/reg")          # or s3://bucket/prefix, or None
@@ -19,12 +20,10 @@ default registry (``$LORABAY_HOME/registry``), which reads as empty until then.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import random
-import threading
 import time
 import unicodedata
 import warnings
@@ -32,8 +31,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorabay.hub import faults, packs
-from lorabay.hub.atomic import write_atomically
+from lorabay.hub import faults
 from lorabay.hub.base_config import find_base
 from lorabay.hub.cache import CacheLease, PullStats, blob_key, copy_out, pull_into_cache
 from lorabay.hub.cache_prune import discard_unused
@@ -61,6 +59,7 @@ from lorabay.hub.keys import (
 )
 from lorabay.hub.manifest import KINDS, LINEAGE_KEYS, Manifest, empty_lineage
 from lorabay.hub.pieces import Progress
+from lorabay.hub.records import ManifestRecords
 from lorabay.hub.reference import (
     LATEST,
     Reference,
@@ -162,14 +161,6 @@ def parse_alias_table(raw: bytes, key: str) -> dict[str, int]:
         raise DamagedRecord(f"alias table {key}", str(error)) from None
 
 
-def save_copy(path: Path, data: bytes) -> None:
-    """Write ``path`` whole or not at all; a failure only costs speed."""
-    try:
-        write_atomically(path, data)
-    except OSError as error:
-        log.debug("could not keep a copy of %s: %s", path, error)
-
-
 def unprintable(text: str) -> str | None:
     """The first control or formatting character in ``text`` (as U+XXXX), if any: they
     rewrite or reorder what a terminal shows when `hub show` prints the text."""
@@ -237,10 +228,7 @@ class Registry:
         self.url = store.url
         self.missing_is_empty = missing_is_empty
         self.pull_stats = PullStats()
-        self._manifests: dict[tuple[str, int], Manifest] = {}  # immutable: cached forever
-        self._unpacked: dict[str, bytes] = {}  # records written and not yet in a pack
-        self._unpacked_lock = threading.Lock()
-        self._packs = packs.PackCache()  # packs read so far (remote stores)
+        self.records = ManifestRecords(store)  # how manifests are found (hub/records.py)
 
     # -- opening ---------------------------------------------------------------------
     @classmethod
@@ -276,36 +264,7 @@ class Registry:
 
     def load_manifest(self, name: str, version: int) -> Manifest | None:
         """Version ``version`` of ``name`` (None if absent), cached: manifests never change."""
-        cached = self._manifests.get((name, version)) or self._kept_manifest(name, version)
-        if cached is not None:
-            return cached
-        key = manifest_key(name, version)
-        raw = self.store.read(key)
-        return None if raw is None else self._accept_manifest(name, version, raw, keep=True)
-
-    def _kept_manifest(self, name: str, version: int) -> Manifest | None:
-        """The copy this machine keeps of a remote store's manifest, if any."""
-        local = self._manifest_copy(manifest_key(name, version))
-        if local is None or not local.is_file():
-            return None
-        try:
-            return self._accept_manifest(name, version, local.read_bytes(), keep=False)
-        except (DamagedRecord, OSError) as error:  # this machine's copy, not the store's record
-            log.warning("dropping a damaged local copy %s: %s", local, error)
-            local.unlink(missing_ok=True)
-            return None
-
-    def _accept_manifest(self, name: str, version: int, raw: bytes, keep: bool) -> Manifest:
-        """Check a manifest read from anywhere, remember it (and keep a copy if asked)."""
-        key = manifest_key(name, version)
-        manifest = Manifest.from_json(raw, key)
-        if (manifest.name, manifest.version) != (name, version):
-            raise DamagedRecord(f"manifest {key}", f"it describes {manifest.ref}")
-        local = self._manifest_copy(key) if keep else None
-        if local is not None:
-            save_copy(local, raw)
-        self._manifests[(name, version)] = manifest
-        return manifest
+        return self.records.get(name, version)
 
     def read_stored_manifest(self, name: str, version: int) -> Manifest:
         """The manifest as the store holds it now (verify: no cached copy may hide damage)."""
@@ -314,34 +273,6 @@ class Registry:
         if raw is None:
             raise DamagedRecord(f"manifest {key}", "it disappeared")
         return Manifest.from_json(raw, key)
-
-    def _manifest_copy(self, key: str) -> Path | None:
-        """Where a remote store's manifest is kept on this machine. Manifests are immutable
-        and checked against their own digest when read, so a copy never goes stale; it
-        spares a fresh process one GET per version (``list`` of 1,000 on S3)."""
-        if not getattr(self.store, "remote", False):
-            return None
-        store_id = hashlib.sha256(self.url.encode()).hexdigest()[:16]
-        return cache_dir() / "manifests" / store_id / key
-
-    def _manifests_of(
-        self, pairs: list[tuple[str, int]], listed: Mapping[str, ObjectInfo] | None = None
-    ) -> list[Manifest]:
-        """The manifests of ``pairs`` (absent ones left out): from memory, this machine's
-        copies, then all the others at once (``packs.read_many``: a few GETs on S3)."""
-        missing = [p for p in pairs if p not in self._manifests and self._kept_manifest(*p) is None]
-        if len(missing) > 4:
-            listed = listed or {}
-            infos = [
-                listed.get(manifest_key(*p)) or ObjectInfo(manifest_key(*p), 0, 0) for p in missing
-            ]
-            workers = getattr(self.store, "concurrent_reads", 1)
-            raws, fetched = packs.read_many(self.store, infos, workers, self._packs)
-            fetched = set(fetched)  # kept on this machine; a pack's are in the pack
-            for pair, info in zip(missing, infos, strict=True):
-                if info.key in raws:
-                    self._accept_manifest(*pair, raws[info.key], keep=info.key in fetched)
-        return [m for m in (self.load_manifest(*p) for p in pairs) if m is not None]
 
     def _read_aliases(self, name: str) -> tuple[dict[str, int], str | None]:
         key = alias_key(name)
@@ -357,8 +288,7 @@ class Registry:
             return {}
         listed = {name_from_alias_key(i.key): i for i in self.store.list("aliases/")}
         wanted = sorted(listed) if names is None else sorted(set(names) & set(listed))
-        workers = getattr(self.store, "concurrent_reads", 1)
-        raws, _ = packs.read_many(self.store, [listed[n] for n in wanted], workers, self._packs)
+        raws, _ = self.records.read_many([listed[n] for n in wanted])
         tables = {n: {} for n in ([] if names is None else names)}
         for name in wanted:
             raw = raws.get(listed[name].key)
@@ -377,7 +307,7 @@ class Registry:
             return self._existing_manifest(name, parsed.version, shown)
         if parsed.digest is not None:
             state = self._state(name)
-            for manifest in self._manifests_of([(name, v) for v in state.versions]):
+            for manifest in self.records.many([(name, v) for v in state.versions]):
                 if manifest.digest == parsed.digest:
                     return manifest
             raise AdapterNotFound(shown, f"run `lorabay hub list {name}` to see its digests")
@@ -411,25 +341,18 @@ class Registry:
         """Version ``version`` while the store has it: a copy kept here is used only after a
         HEAD shows its manifest is still there (``hub rm`` may have removed it)."""
         key = manifest_key(name, version)
-        kept = self._manifests.get((name, version)) or self._kept_manifest(name, version)
+        kept = self.records.known(name, version)
         if kept is not None and self.store.has(key):
             return kept
-        self._drop_copies(name, version)
+        self.records.forget(name, version)
         raw = self.store.read(key) if kept is None else None
         if raw is not None:
-            return self._accept_manifest(name, version, raw, keep=True)
+            return self.records.accept(name, version, raw, keep=True)
         if self.store.has(removed_key(name, version)):
             raise AdapterNotFound(
                 shown, f"{name}:{version} was removed (`lorabay hub log {name}` says when)"
             )
         raise AdapterNotFound(shown, f"run `lorabay hub list {name}` to see its versions")
-
-    def _drop_copies(self, name: str, version: int) -> None:
-        """Forget this machine's copies of a manifest that is gone from the store."""
-        self._manifests.pop((name, version), None)
-        local = self._manifest_copy(manifest_key(name, version))
-        if local is not None:
-            local.unlink(missing_ok=True)
 
     def _as_manifest(self, ref_or_manifest: str | Manifest) -> Manifest:
         return (
@@ -465,7 +388,7 @@ class Registry:
             for v in sorted(state.versions)
             if include_yanked or v not in state.yanked
         ]
-        return self._manifests_of(pairs, listed)
+        return self.records.many(pairs, listed)
 
     def yanked_versions(self, name: str) -> set[int]:
         validate_name(name)
@@ -573,9 +496,9 @@ class Registry:
             )
             key = manifest_key(name, candidate.version)
             if self.store.create(key, candidate.to_json()):
-                self._written(key, candidate.to_json())
+                self.records.written(key, candidate.to_json())
                 manifest, created = candidate, True
-                self._manifests[(name, candidate.version)] = candidate
+                self.records.remember(candidate)
                 faults.checkpoint("push:manifest")
                 self._log("pushed", name=name, version=candidate.version, digest=digest)
                 # A gc running now read the manifests before this one existed: make sure
@@ -590,14 +513,14 @@ class Registry:
             )
         for alias in aliases:
             self.set_alias(name, alias, manifest.version)
-        self._pack_written()
+        self.records.pack_written()
         return Pushed(manifest, created)
 
     def _find_digest(
         self, name: str, digest: str, state: NameState | None = None
     ) -> Manifest | None:
         state = state or self._state(name)
-        for manifest in self._manifests_of([(name, v) for v in state.versions]):
+        for manifest in self.records.many([(name, v) for v in state.versions]):
             if manifest.digest == digest:
                 return manifest
         return None
@@ -619,7 +542,7 @@ class Registry:
             data = json.dumps(table, sort_keys=True).encode()
             try:
                 self.store.swap(key, data, etag)
-                self._written(key, data)
+                self.records.written(key, data)
                 return previous
             except PreconditionFailed:
                 # Another writer moved an alias of this name: re-read and retry, with a
@@ -650,7 +573,7 @@ class Registry:
             raise YankedVersion(f"{name}:{version}")
         previous = self._move_alias(name, alias, version)
         self._log("aliased", name=name, alias=alias, version=version, previous=previous)
-        self._pack_written()
+        self.records.pack_written()
 
     def remove_alias(self, name: str, alias: str) -> None:
         validate_name(name)
@@ -658,20 +581,7 @@ class Registry:
         self._readable_or_raise(f"{name}:{alias}")
         previous = self._move_alias(name, alias, None)
         self._log("unaliased", name=name, alias=alias, previous=previous)
-        self._pack_written()
-
-    def _written(self, key: str, data: bytes) -> None:
-        """Remember a record just written, for the next pack (remote stores: packs.py)."""
-        if getattr(self.store, "remote", False):
-            with self._unpacked_lock:
-                self._unpacked[key] = data
-
-    def _pack_written(self) -> None:
-        """Put the records this registry wrote into one small pack, so the next ``list``
-        anywhere finds them without a GET each."""
-        with self._unpacked_lock:
-            written, self._unpacked = self._unpacked, {}
-        packs.note(self.store, written)
+        self.records.pack_written()
 
     def _readable_or_raise(self, shown: str) -> None:
         if not self.is_readable():
@@ -751,11 +661,11 @@ class Registry:
         for info in self.store.list(name_prefix(name)):
             if info.key.startswith(signatures):
                 self.store.delete(info.key)
-        self._drop_copies(name, version)
+        self.records.forget(name, version)
         # An alias set to this version while it was being removed would point at nothing.
         moved |= self._release_aliases(manifest, True, move_aliases)
-        self._pack_written()
-        packs.forget(self.store, [manifest_key(name, version)])
+        self.records.pack_written()
+        self.records.unpack_removed([manifest_key(name, version)])
         discard_unused(cache_dir(), manifest.digest_hex)
         return Removed(manifest, moved)
 
@@ -783,7 +693,7 @@ class Registry:
             except PreconditionFailed:
                 time.sleep(random.uniform(0, min(0.2, 0.005 * (attempt + 1))))
                 continue
-            self._written(key, data)
+            self.records.written(key, data)
             for alias in pointing:
                 if move_to is None:
                     self._log("unaliased", name=name, alias=alias, previous=version)
