@@ -5,9 +5,13 @@ The Hugging Face Hub cannot be reached from here, so:
   (blobs/, snapshots/<commit>/ links, refs/main) with HF_HUB_OFFLINE=1: the real
   ``snapshot_download`` resolves it;
 - export runs huggingface_hub's real upload code (``create_repo`` + ``create_commit``:
-  preupload, then the NDJSON commit) with ONLY its HTTP layer replaced, through
-  huggingface_hub's own ``set_client_factory``, by an in-process fake of the three Hub
-  endpoints it calls. The fake keeps what was committed, so the test checks the bytes.
+  preupload, the LFS batch API and upload for the weights, then the NDJSON commit) with
+  ONLY its HTTP layer replaced, through huggingface_hub's own ``set_client_factory``, by an
+  in-process fake of the Hub endpoints it calls. The fake answers as the Hub does: the
+  weights (binary) travel by LFS, small text files inline in the commit; it keeps what
+  was uploaded and committed, so the test checks the bytes. Xet is switched off: its
+  client (hf_xet) is native code talking to the Hub's own storage servers, which cannot
+  be faked in-process; without it huggingface_hub takes the LFS path.
 """
 
 import base64
@@ -23,12 +27,15 @@ from lorabay.hub.errors import ConfigError, HubFailed
 from lorabay.hub.hf import MANIFEST_FILE, export_to_hf, import_from_hf
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
+LFS_SUFFIXES = (".safetensors", ".bin", ".gguf")  # binary: the Hub stores them by LFS
 
 
 def lay_out_hf_cache(
     folder: Path, repo_id: str, commit: str = COMMIT, extra: dict | None = None
 ) -> Path:
-    """Copy ``folder`` into the HF cache as huggingface_hub stores a downloaded snapshot."""
+    """Copy ``folder`` into the HF cache as huggingface_hub stores a downloaded snapshot: a
+    blob per file, named by the etag the Hub serves it under (an LFS file's sha256, a small
+    file's git blob sha1), and the snapshot's links to them."""
     from huggingface_hub import constants
 
     repo = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
@@ -39,7 +46,11 @@ def lay_out_hf_cache(
     (repo / "refs" / "main").write_text(commit)
     files = {p.name: p.read_bytes() for p in folder.iterdir()} | (extra or {})
     for name, data in files.items():
-        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        if name.endswith(LFS_SUFFIXES):
+            etag = hashlib.sha256(data).hexdigest()
+        else:
+            etag = hashlib.sha1(b"blob %d\0" % len(data) + data, usedforsecurity=False).hexdigest()
+        blob = repo / "blobs" / etag
         blob.write_bytes(data)
         os.symlink(os.path.relpath(blob, snapshot), snapshot / name)
     return snapshot
@@ -77,12 +88,14 @@ def test_import_refusals(registry_url, lora):
 
 class FakeHub:
     """The Hub endpoints ``create_repo`` and ``create_commit`` call, answered in-process:
-    repos/create, validate-yaml (README metadata), preupload (all "regular", so the
-    files travel base64 in the commit body) and commit (NDJSON)."""
+    repos/create, validate-yaml (README metadata), preupload ("lfs" for binary files, as
+    the Hub answers, else "regular": those travel base64 in the commit body), the LFS batch
+    API, the upload and verify it points to, and commit (NDJSON)."""
 
     def __init__(self):
         self.repos: set[str] = set()
         self.commits: list[dict] = []
+        self.lfs: dict[str, bytes] = {}  # oid (sha256 hex) -> the bytes uploaded
         self.unexpected: list[str] = []
         self.fail: tuple[int, dict] | None = None  # answer every request so, when set
         self.unreachable = False  # raise a connection error instead
@@ -111,11 +124,38 @@ class FakeHub:
                 200,
                 json={
                     "files": [
-                        {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                        {
+                            "path": f["path"],
+                            "uploadMode": "lfs" if f["path"].endswith(LFS_SUFFIXES) else "regular",
+                            "shouldIgnore": False,
+                        }
                         for f in files
                     ]
                 },
             )
+        if request.method == "POST" and path.endswith(".git/info/lfs/objects/batch"):
+            body = json.loads(request.content)
+            assert body["operation"] == "upload" and body["hash_algo"] == "sha256"
+            objects = [
+                {
+                    "oid": o["oid"],
+                    "size": o["size"],
+                    "actions": {
+                        "upload": {"href": f"https://hub-lfs.test/upload/{o['oid']}"},
+                        "verify": {"href": "https://huggingface.co/lfs/verify"},
+                    },
+                }
+                for o in body["objects"]
+            ]
+            return httpx2.Response(200, json={"transfer": "basic", "objects": objects})
+        if request.method == "PUT" and path.startswith("/upload/"):
+            self.lfs[path.removeprefix("/upload/")] = request.read()
+            return httpx2.Response(200)
+        if request.method == "POST" and path == "/lfs/verify":
+            body = json.loads(request.content)
+            uploaded = self.lfs.get(body["oid"])
+            ok = uploaded is not None and len(uploaded) == body["size"]
+            return httpx2.Response(200 if ok else 404, json={})
         if request.method == "POST" and "/commit/" in path:
             lines = [json.loads(line) for line in request.content.decode().splitlines() if line]
             header = next(line["value"] for line in lines if line["key"] == "header")
@@ -124,6 +164,11 @@ class FakeHub:
                 for line in lines
                 if line["key"] == "file"
             }
+            for line in lines:  # an LFS file is named by its oid: the bytes uploaded before
+                if line["key"] == "lfsFile":
+                    lfs = line["value"]
+                    assert lfs["algo"] == "sha256" and len(self.lfs[lfs["oid"]]) == lfs["size"]
+                    files[lfs["path"]] = self.lfs[lfs["oid"]]
             repo_id = path.split("/api/models/", 1)[1].split("/commit/", 1)[0]
             self.commits.append({"repo": repo_id, "message": header["summary"], "files": files})
             return httpx2.Response(
@@ -139,11 +184,12 @@ class FakeHub:
 
 @pytest.fixture
 def fake_hub(monkeypatch):
-    from huggingface_hub import set_client_factory
+    from huggingface_hub import constants, set_client_factory
     from huggingface_hub.utils._http import default_client_factory
 
     hub = FakeHub()
     monkeypatch.setenv("HF_TOKEN", "hf_fake_token_for_tests")
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # the LFS path (docstring)
     set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(hub)))
     try:
         yield hub
@@ -164,6 +210,9 @@ def test_export_uploads_the_verified_files_and_the_manifest(registry_url, lora, 
     assert set(files) == {f["path"] for f in m.files} | {MANIFEST_FILE}
     for entry in m.files:
         assert hashlib.sha256(files[entry["path"]]).hexdigest() == entry["sha256"]
+    # The weights went the way real weights go, by LFS under their sha256, and only they.
+    (weights,) = [f for f in m.files if f["path"] == "adapter_model.safetensors"]
+    assert set(fake_hub.lfs) == {weights["sha256"]}
     assert json.loads(files[MANIFEST_FILE])["digest"] == m.digest
 
     # Round trip: import what was exported; lineage and description come back,
@@ -191,7 +240,9 @@ def test_export_cli(registry_url, lora, fake_hub):
         cli, ["hub", "export", "a", "hf://acme/a", "--registry", registry_url]
     )
     assert result.exit_code == 0, result.output
-    assert result.output.strip().startswith("https://huggingface.co/acme/a/commit/")
+    # The commit URL on stdout; the weights' upload bar (huggingface_hub's) goes to stderr.
+    assert result.stdout.strip().startswith("https://huggingface.co/acme/a/commit/")
+    assert "adapter_model.safetensors" not in result.stdout
 
 
 def test_import_cli(registry_url, lora):
