@@ -116,28 +116,58 @@ class VerifierSpec:
         return [ids[:marker] for marker in markers]
 
     def split_steps(self, response_ids: list[int]) -> list[list[int]]:
-        """A response's steps, in token ids: its end tokens stripped, then cut at each
-        separator (empty pieces dropped); an outcome reward model's one step is the whole
-        response. A last piece without a separator is a step too."""
+        """A response's steps, in token ids (:func:`split_step_text` on text): its end
+        tokens stripped; an outcome reward model's one step is the whole response."""
         ids = list(response_ids)
         while ids and ids[-1] in self.end_ids:
             ids.pop()
         if self.kind == "reward":
-            return [ids] if ids else [[]]
+            return [ids]
         separator = list(self.separator_ids)
         width = len(separator)
-        steps, current, at = [], [], 0
+        steps, current, content, at = [], [], False, 0
         while at < len(ids):
             if ids[at : at + width] == separator:
-                if current:
+                if content:
                     steps.append(current)
-                current, at = [], at + width
+                    current, content = [], False
+                else:
+                    current += separator
+                at += width
                 continue
             current.append(ids[at])
+            content = True
             at += 1
-        if current:
+        if content:
             steps.append(current)
         return steps
+
+    def split_text(self, response: str) -> list[str]:
+        """The same steps of a response's text."""
+        if self.kind == "reward":
+            return [response]
+        return split_step_text(response, self.step_separator)
+
+
+def split_step_text(text: str, separator: str) -> list[str]:
+    """A solution's steps: a step ends at a separator that follows something else; a
+    separator with nothing before it (an empty line) starts the next step, so a verifier
+    sees it; a last piece without a separator is a step too, a trailing run of
+    separators is none: ``"a\\n\\nb\\n"`` -> ``["a", "\\nb"]``."""
+    steps, current = [], ""
+    pieces = text.split(separator)
+    for index, piece in enumerate(pieces):
+        current += piece
+        if index == len(pieces) - 1:
+            break  # no separator after the last piece
+        if current.replace(separator, ""):
+            steps.append(current)
+            current = ""
+        else:
+            current += separator
+    if current.replace(separator, ""):
+        steps.append(current)
+    return steps
 
 
 def spec_problems(data) -> list[str]:

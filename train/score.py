@@ -2,10 +2,14 @@
 
 Each step's probability of being right is the PRM's judgement at the step separator,
 given the prompt and every step before it; the solution's score is their product, as
-"Let's Verify Step by Step" (arXiv:2305.20050) ranks solutions.
+"Let's Verify Step by Step" (arXiv:2305.20050) ranks solutions. In-process
+(:func:`score_steps`: the base and the PRM loaded here, either format) or through a
+lorabay gateway (:func:`score_steps_at`: its engine reads a generative PRM on the base
+it holds; the same probabilities, tests/serve/test_ttc.py).
 
     result = score_steps("./tiny", "team/prm:1", "Praise: cat tree\\nSteps:", [" kind", " warm"])
     result.probabilities, result.score     # [0.998, 0.997], 0.995
+    score_steps_at("http://127.0.0.1:8000", "team/prm:1", "Praise: cat tree\\nSteps:", [" kind"])
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ class StepScores:
 
     def to_dict(self) -> dict:
         return {
+            **self.extra,
             "prm": self.prm,
             "digest": self.digest,
             "prompt": self.prompt,
@@ -68,6 +73,42 @@ def read_steps(path: str | os.PathLike) -> list[str]:
     if not steps:
         raise ConfigError(f"--steps {path}: no steps", "write one step per line")
     return steps
+
+
+def score_steps_at(
+    endpoint: str, prm: str, prompt: str, steps: list[str], api_key: str | None = None
+) -> StepScores:
+    """Judge ``steps`` with the PRM ``prm`` through a lorabay gateway (its ``/v1/verify``):
+    the engine behind it reads the verifier on the base it already holds."""
+    from lorabay.hub.errors import LorabayError
+    from lorabay.train.label.client import api_base, display_url, import_httpx
+
+    httpx = import_httpx()
+    url = api_base(endpoint) + "/verify"
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    body = {"verifier": prm, "prompt": prompt, "steps": [steps]}
+    try:
+        response = httpx.post(url, json=body, headers=headers, timeout=600)
+    except httpx.HTTPError as error:
+        raise LorabayError(
+            f"--endpoint {display_url(endpoint)}: {type(error).__name__} ({error})",
+            "is a lorabay gateway listening there? (`lorabay serve`)",
+        ) from None
+    try:
+        answer = response.json()
+    except ValueError:
+        answer = {}
+    if response.status_code != 200:
+        error = answer.get("error") if isinstance(answer, dict) else None
+        message = error.get("message") if isinstance(error, dict) else response.text[:200]
+        raise LorabayError(
+            f"--endpoint {display_url(endpoint)} answered {response.status_code}: {message}"
+        )
+    pinned = answer["verifier"]  # name:version@sha256:...
+    ref, _, digest = pinned.partition("@")
+    read = answer["data"][0]["steps"]
+    extra = {"endpoint": display_url(endpoint), "verifier": pinned}
+    return StepScores(prompt, steps, [step["probability"] for step in read], ref, digest, extra)
 
 
 def score_steps(

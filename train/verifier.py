@@ -85,11 +85,9 @@ def spec_files(spec: VerifierSpec) -> dict[str, str]:
 
 
 def response_steps(spec: VerifierSpec, response: str) -> list[str]:
-    """The steps a verifier reads in a response's text: a PRM's steps at the separator
-    (empty pieces dropped), an outcome RM's one step, the whole response."""
-    if spec.kind == "reward":
-        return [response]
-    return [step for step in response.split(spec.step_separator) if step.strip()]
+    """The steps a verifier reads in a response's text (lorabay.hub.verifier): a PRM's
+    steps at the separator, an outcome RM's one step, the whole response."""
+    return spec.split_text(response)
 
 
 def verifier_input(tokenizer, spec: VerifierSpec, prompt, steps: list[str]):

@@ -160,7 +160,10 @@ def test_marked_input_and_reading_prefixes_share_one_layout():
 def test_split_steps_cuts_at_the_separator_and_strips_end_tokens():
     # " kind\n warm\n loud" then EOS (id 0): three steps; the last has no separator.
     assert SPEC.split_steps([30, 201, 31, 201, 32, 0]) == [[30], [31], [32]]
-    assert SPEC.split_steps([201, 30, 201, 201, 31, 201]) == [[30], [31]]  # empty pieces dropped
+    # An empty line starts the next step (the verifier sees it); trailing ones are no step.
+    assert SPEC.split_steps([30, 201, 201, 31, 201, 201]) == [[30], [201, 31]]
+    assert SPEC.split_text("a\n\nb\n\n") == ["a", "\nb"]  # the same, on text
+    assert SPEC.split_text(" kind\n warm\n loud") == [" kind", " warm", " loud"]
     assert SPEC.split_steps([0]) == []
     outcome = VerifierSpec("reward", "+", 13, "-", 15, "\n", (201,), (0,))
     assert outcome.split_steps([30, 201, 31, 0]) == [[30, 201, 31]]  # one step: all of it
