@@ -92,3 +92,44 @@ def test_the_plugin_asks_for_amx_where_the_cpu_has_it():
     # Without the permission, vLLM's bfloat16 CPU attention (its AMX kernel) dies of
     # SIGILL; the real engine case is test_lifecycle's default-dtype test.
     assert vllm_plugin.allow_amx() == bool(torch.cpu._is_amx_tile_supported())
+
+
+def test_queue_readers_sleep_on_the_notification_instead_of_spinning():
+    """Right after a read, vLLM's reader spins (sched_yield, returning at once) for a
+    second; patched, it waits on the notification socket: until the writer notifies, or
+    for the whole timeout."""
+    import time
+
+    import zmq
+    from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
+    from vllm.utils.network_utils import get_open_zmq_ipc_path
+
+    assert vllm_plugin.wait_without_spinning()  # the CPU platform: patched
+    context = zmq.Context()
+    address = get_open_zmq_ipc_path()
+    writer = SpinCondition(is_reader=False, context=context, notify_address=address)
+    reader = SpinCondition(is_reader=True, context=context, notify_address=address)
+    try:
+        reader.record_read()  # inside vLLM's one-second spin window from here
+        began = time.monotonic()
+        reader.wait(timeout_ms=300)
+        assert time.monotonic() - began >= 0.25  # slept on the socket: nothing was written
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the SUB side may still be connecting
+            writer.notify()
+            began = time.monotonic()
+            reader.wait(timeout_ms=200)
+            if time.monotonic() - began < 0.15:
+                break  # woken by the notification, not the timeout
+        else:
+            raise AssertionError("the reader never woke on a notification")
+    finally:
+        for condition in (writer, reader):
+            for sock in (
+                condition.local_notify_socket,
+                condition.read_cancel_socket,
+                condition.write_cancel_socket,
+            ):
+                if sock is not None:
+                    sock.close(linger=0)
+        context.term()
