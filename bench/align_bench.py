@@ -107,7 +107,8 @@ def write_long_toy(folder: Path, pairs: int, words: int, seed: int = 0) -> None:
 
 def run_phase(phase: str, flags: dict) -> dict:
     """In this process: train ``phase`` and report seconds, steps and peak RSS."""
-    from lorabay.train.config import DPOConfig, RewardConfig, RLHFConfig, SFTConfig, build_config
+    from lorabay.train.config import build_config
+    from lorabay.train.methods import METHODS
 
     started = time.perf_counter()
     steps = 0
@@ -119,17 +120,9 @@ def run_phase(phase: str, flags: dict) -> dict:
         with torch.no_grad():  # one forward: every weight read (loading may only map them)
             model(**tokenizer("the base, loaded and used once", return_tensors="pt"))
     else:
-        method = {
-            "sft": (SFTConfig, "lorabay.train.sft", "train_sft"),
-            "dpo": (DPOConfig, "lorabay.train.dpo", "train_dpo"),
-            "reward": (RewardConfig, "lorabay.train.reward", "train_reward"),
-            "ppo": (RLHFConfig, "lorabay.train.ppo", "train_rlhf"),
-            "ppo_critic": (RLHFConfig, "lorabay.train.ppo", "train_rlhf"),
-        }[phase]
-        import importlib
-
-        config = build_config(method[0], flags=flags)
-        result = getattr(importlib.import_module(method[1]), method[2])(config, show_progress=False)
+        method = METHODS[{"ppo": "rlhf", "ppo_critic": "rlhf"}.get(phase, phase)]
+        config = build_config(method.config, flags=flags)
+        result = method.train(config, show_progress=False)
         steps = result.metrics["steps"]
     seconds = time.perf_counter() - started
     loop = result.metrics["train_runtime"] if phase != "idle" else 0.0

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 import click
-from lorabay.train.config import click_options, flags_from_click
 from lorabay.train.label.run import LabelConfig
+from lorabay.train.options import click_options, flags_from_click
 
 
 @click.command()

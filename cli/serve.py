@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 from lorabay.cli.base import resolve_base_option
-from lorabay.serve.options import DEFAULT_MAX_N
+from lorabay.serve.options import DEFAULT_MAX_N, SearchLimits
 
 
 @click.command()
@@ -118,6 +118,27 @@ from lorabay.serve.options import DEFAULT_MAX_N
     default=DEFAULT_MAX_N,
     show_default=True,
     help="Choices (`n`) one request may ask for; more get 400 saying so.",
+)
+@click.option(
+    "--max-best-of",
+    type=click.IntRange(1),
+    default=SearchLimits.max_best_of,
+    show_default=True,
+    help="Candidates one request's `best_of` may sample (best-of-N with a verifier); more get 400.",
+)
+@click.option(
+    "--max-search-samples",
+    type=click.IntRange(1),
+    default=SearchLimits.max_search_samples,
+    show_default=True,
+    help="Continuations per step of a beam `search` (width x expand); more get 400.",
+)
+@click.option(
+    "--max-search-steps",
+    type=click.IntRange(1),
+    default=SearchLimits.max_search_steps,
+    show_default=True,
+    help="Steps one beam `search` may take (`max_steps`); more get 400.",
 )
 @click.option(
     "--metrics-port",

@@ -1,8 +1,9 @@
-"""`lorabay train sft|dpo`: train a LoRA adapter and, with --push, put it in the registry.
+"""`lorabay train sft|dpo|reward|rlhf|prm`: train a LoRA adapter and, with --push, put it in
+the registry. Thin: parse, call lorabay.train.methods.run_training, print.
 
-Every option is generated from the method's config dataclass (lorabay.train.config),
-so a recipe key and a flag are the same thing; flags override the recipe. Later
-methods (reward, rlhf, prm) add a command here with :func:`training_command`.
+Every option is generated from the method's config dataclass (lorabay.train.config), so a
+recipe key and a flag are the same thing and each command shows only the options its
+method uses; flags override the recipe.
 """
 
 from __future__ import annotations
@@ -10,15 +11,8 @@ from __future__ import annotations
 import json
 
 import click
-from lorabay.train.config import (
-    DPOConfig,
-    PRMConfig,
-    RewardConfig,
-    RLHFConfig,
-    SFTConfig,
-    TrainConfig,
-    click_options,
-)
+from lorabay.train.methods import METHODS
+from lorabay.train.options import click_options, flags_from_click
 
 
 @click.group()
@@ -26,33 +20,16 @@ def train() -> None:
     """Train a LoRA (or QLoRA) adapter on a base; push it with its lineage."""
 
 
-def run_training(
-    cls: type[TrainConfig], runner: str, recipe: str | None, as_json: bool, params: dict
-) -> None:
-    """Build and validate the config, train (in --nproc processes if asked), print the result.
+def run_command(name: str, recipe: str | None, as_json: bool, params: dict) -> None:
+    """Build and validate the config, train, print the result (where this process has it)."""
+    from lorabay.train.config import build_config, run_recipe
+    from lorabay.train.methods import run_training
 
-    ``runner`` is "module:function", imported only when a run starts (torch loads then).
-    """
-    import importlib
-
-    from lorabay.train.config import build_config, flags_from_click, run_recipe
-
+    cls = METHODS[name].config
     flags = flags_from_click(cls, params)
     config = build_config(cls, run_recipe(recipe, flags), flags)
-    if config.nproc > 1:
-        from lorabay.train.launch import launch_data_parallel
-
-        code = launch_data_parallel(config, as_json)
-        if code:
-            raise SystemExit(code)
-        return
-
-    module, function = runner.split(":")
-    result = getattr(importlib.import_module(module), function)(config, show_progress=True)
-
-    from lorabay.train.run import is_main_process
-
-    if not is_main_process():
+    result = run_training(config, show_progress=True, as_json=as_json)
+    if result is None:  # another process reports the run (--nproc, or a rank other than 0)
         return
     if as_json:
         click.echo(json.dumps(result.to_dict()))
@@ -67,15 +44,15 @@ def run_training(
     click.echo(line)
 
 
-def training_command(cls: type[TrainConfig], name: str, runner: str, help: str):
-    """Add ``lorabay train NAME``: --config, --json, and one option per field of ``cls``;
-    ``runner`` ("module:function") trains a built config and returns a RunResult."""
+def training_command(name: str, help: str):
+    """Add ``lorabay train NAME``: --config, --json, and one option per field of its
+    method's config (lorabay.train.methods.METHODS)."""
 
     def command(config_path: str | None, as_json: bool, **params) -> None:
-        run_training(cls, runner, config_path, as_json, params)
+        run_command(name, config_path, as_json, params)
 
     command.__doc__ = help
-    command = click_options(cls)(command)
+    command = click_options(METHODS[name].config)(command)
     command = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")(
         command
     )
@@ -90,9 +67,7 @@ def training_command(cls: type[TrainConfig], name: str, runner: str, help: str):
 
 
 sft = training_command(
-    SFTConfig,
     "sft",
-    "lorabay.train.sft:train_sft",
     """Supervised fine-tuning (TRL SFTTrainer); loss on completion tokens only.
 
     \b
@@ -108,9 +83,7 @@ sft = training_command(
 )
 
 dpo = training_command(
-    DPOConfig,
     "dpo",
-    "lorabay.train.dpo:train_dpo",
     """Direct preference optimization (TRL DPOTrainer).
 
     The reference policy is the base with the adapter disabled or, with --from, the
@@ -127,9 +100,7 @@ dpo = training_command(
 )
 
 reward = training_command(
-    RewardConfig,
     "reward",
-    "lorabay.train.reward:train_reward",
     """Train a Bradley-Terry reward model (TRL RewardTrainer): LoRA plus a scalar head.
 
     Loss -log sigmoid(r(chosen) - r(rejected)). The head is saved inside the adapter
@@ -146,9 +117,7 @@ reward = training_command(
 )
 
 rlhf = training_command(
-    RLHFConfig,
     "rlhf",
-    "lorabay.train.ppo:train_rlhf",
     """RLHF with PPO (InstructGPT): maximise the reward model's score minus a KL penalty.
 
     One base holds the policy (the trained adapter), the reference (the starting adapter
@@ -171,9 +140,7 @@ rlhf = training_command(
 )
 
 prm = training_command(
-    PRMConfig,
     "prm",
-    "lorabay.train.prm:train_prm",
     """Train a process reward model: LoRA plus a head that judges each solution step.
 
     The label of each step sits on the step separator's token; every other token is

@@ -1,6 +1,8 @@
 """The gateway's HTTP surface (FastAPI): OpenAI-compatible routes and health.
 
-    /v1/chat/completions, /v1/completions   generation (stream=true: SSE)
+    /v1/chat/completions, /v1/completions   generation (stream=true: SSE); best_of and
+                                            search with a verifier (serve/ttc.py)
+    /v1/verify                              a verifier scores given solutions
     /v1/models, /v1/models/{id}             the base and the adapters the key may use
     /health                                 the gateway is alive
     /ready                                  the engine answers (the one engine state)
@@ -39,6 +41,8 @@ from lorabay.serve.gateway import (
 )
 from lorabay.serve.peers import BUSY
 from lorabay.serve.resolve import model_not_found
+from lorabay.serve.ttc import answer_ttc, read_plan, read_verify_request
+from lorabay.serve.ttc import verify as verify_solutions
 from lorabay.serve.validate import CHAT, COMPLETIONS, parse_request
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -181,6 +185,23 @@ def create_app(gateway: Gateway, loopback_only: bool = False) -> FastAPI:
     async def completions(request: Request):
         return await generate(gateway, request, COMPLETIONS)
 
+    @app.post("/v1/verify")
+    async def verify(request: Request):  # a verifier scores given solutions (serve/ttc.py)
+        timer = RequestTimer(gateway.metrics, "verify")
+        try:
+            grant = gateway.authenticate(request.headers.get("authorization"))
+            body = read_verify_request(await gateway.read_body(request))
+            timer.begin()
+            result = await verify_solutions(gateway, body, grant, timer)
+            timer.finish(200)
+            return AsciiJSONResponse(result)
+        except ClientGone:
+            timer.finish(CLIENT_CLOSED, "client_closed_request")
+            return Response(status_code=CLIENT_CLOSED)
+        except LorabayError as error:
+            timer.finish(error.http_status, error.code)
+            return lorabay_error_response(error)
+
     from lorabay.serve.ui import add_gateway_console  # /ui: the web console (serve/ui/)
 
     add_gateway_console(app, gateway)
@@ -298,6 +319,7 @@ async def generate(gateway: Gateway, request: Request, endpoint: str):
         grant = gateway.authenticate(request.headers.get("authorization"))
         raw = await gateway.read_body(request)
         body = parse_request(raw, endpoint, gateway.max_model_len, gateway.max_n)
+        plan = read_plan(body, endpoint, gateway.search_limits)  # best_of, search: ttc.py
     except ClientGone:
         timer.finish(CLIENT_CLOSED, "client_closed_request")
         return Response(status_code=CLIENT_CLOSED)  # nobody reads it
@@ -305,7 +327,7 @@ async def generate(gateway: Gateway, request: Request, endpoint: str):
         timer.finish(error.http_status, error.code)
         return lorabay_error_response(error)
     timer.begin()  # in flight from here: the body is whole and valid
-    work = asyncio.ensure_future(answer(gateway, request, endpoint, raw, body, grant, timer))
+    work = asyncio.ensure_future(answer(gateway, request, endpoint, raw, body, grant, timer, plan))
     gone = asyncio.ensure_future(wait_disconnect(request))
     try:
         await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -326,7 +348,7 @@ async def wait_disconnect(request: Request) -> None:
         pass
 
 
-async def answer(gateway: Gateway, request: Request, endpoint: str, raw, body, grant, timer):
+async def answer(gateway: Gateway, request: Request, endpoint: str, raw, body, grant, timer, plan):
     lease = None
     streaming = False
     try:
@@ -344,6 +366,10 @@ async def answer(gateway: Gateway, request: Request, endpoint: str, raw, body, g
             if relayed is not None:
                 timer.forwarded(peer)
                 return peer_response(relayed)
+        if plan is not None:  # best-of-N or beam search with a verifier (serve/ttc.py)
+            result = await answer_ttc(gateway, endpoint, body, plan, grant, timer)
+            timer.finish(200)
+            return AsciiJSONResponse(result)
         target, lease = await gateway.open_target(body, grant)
         timer.labels = target.labels
         body["model"] = target.engine_name if lease is None else lease.engine_name

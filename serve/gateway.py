@@ -42,10 +42,10 @@ from lorabay.hub.reference import parse_reference
 from lorabay.serve.engine import EngineSupervisor, engine_answer
 from lorabay.serve.keys import OPEN, ApiKeys, KeyGrant
 from lorabay.serve.metrics import GatewayMetrics
-from lorabay.serve.options import DEFAULT_MAX_N
+from lorabay.serve.options import DEFAULT_MAX_N, SearchLimits
 from lorabay.serve.peers import BUSY, FORWARDED, Peers, sign_forward, verify_forward
 from lorabay.serve.pool import AdapterPool, LoadedAdapter
-from lorabay.serve.resolve import ModelResolver, Target
+from lorabay.serve.resolve import POLICY, ModelResolver, Target
 
 log = logging.getLogger("lorabay.serve")
 # What a forwarded request keeps of the client's headers (the peer checks the key again).
@@ -96,6 +96,7 @@ class Gateway:
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     max_model_len: int | None = None
     max_n: int = DEFAULT_MAX_N  # --max-n: choices one request may ask for
+    search_limits: SearchLimits = field(default_factory=SearchLimits)  # best_of, search (ttc.py)
     peers: Peers | None = None  # --peers: adapter affinity across gateways (peers.py)
     peer_secret: bytes | None = None  # --peer-secret-file: proves a request came from a peer
     spill_at: int = 128  # --spill-at: in-flight requests past which forwarded ones go back
@@ -260,20 +261,25 @@ class Gateway:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def open_target(self, body: dict, grant: KeyGrant) -> tuple[Target, LoadedAdapter | None]:
+    async def open_target(
+        self, body: dict, grant: KeyGrant, role: str = POLICY
+    ) -> tuple[Target, LoadedAdapter | None]:
+        """The adapter ``body["model"]`` names, loaded, for use as ``role`` (the policy, or
+        the verifier of best-of-N and search: serve/ttc.py)."""
         target = await self.resolver.resolve(body["model"], grant)
         if not self.supervisor.ready:
             raise engine_down("it is starting or restarting")
-        if target.is_base:
+        if target.is_base and role == POLICY:
             return target, None
         # One key for the pool and the engine: the engine name (name@digest). Two names
         # with the same content are two engine adapters, and the gauge counts both.
         try:
+            self.resolver.check_role(target, role)
             lease = await self.pool.acquire(
                 target.engine_name,
                 target.engine_name,
                 target.labels,
-                lambda: self.resolver.prepare(target),
+                lambda: self.resolver.prepare(target, role),
             )
         except (IncompatibleBase, UntrustedAdapter) as error:
             reason = getattr(error, "kind", "incompatible")

@@ -107,6 +107,33 @@ class GatewayMetrics:
             ADAPTER + ("reason",),
             registry=r,
         )
+        # Test-time compute (serve/ttc.py): policy labels on candidates and search steps,
+        # the verifier's on its scorings and their time.
+        self.candidates = Counter(
+            "lorabay_ttc_candidates",
+            "Candidates sampled for best-of-N and for beam search (continuations), by policy.",
+            ADAPTER,
+            registry=r,
+        )
+        self.search_steps = Counter(
+            "lorabay_ttc_search_steps",
+            "Beam-search steps (each expands every beam once), by policy.",
+            ADAPTER,
+            registry=r,
+        )
+        self.scorings = Counter(
+            "lorabay_verifier_scorings",
+            "Candidates or partial solutions a verifier scored, by verifier.",
+            ADAPTER,
+            registry=r,
+        )
+        self.scoring_seconds = Histogram(
+            "lorabay_verifier_seconds",
+            "Time spent scoring with a verifier (one engine request each), by verifier.",
+            ADAPTER,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.cache_hits = Counter(
             "lorabay_adapter_cache_hits",
             "Requests for an adapter that was already loaded in the engine.",

@@ -21,6 +21,16 @@ GATEWAY_OWNED_ENGINE_FLAGS = ("--uds", "--host", "--port", "--api-key", "--root-
 DEFAULT_MAX_N = 16  # choices per request; OpenAI allows 128, one n=100 request held a CPU 8 s
 
 
+@dataclass(frozen=True)
+class SearchLimits:
+    """Bounds on test-time compute per request (serve/ttc.py): ``best_of`` candidates, a
+    beam search's ``width`` x ``expand`` continuations per step, and its ``max_steps``."""
+
+    max_best_of: int = 64  # the benchmark's largest N
+    max_search_samples: int = 64  # width x expand
+    max_search_steps: int = 32
+
+
 @dataclass
 class ServeOptions:
     base: str  # base model: a local folder or a Hugging Face model id
@@ -41,6 +51,9 @@ class ServeOptions:
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS  # sequences the engine batches at once
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # request bodies above this get 413
     max_n: int = DEFAULT_MAX_N  # choices (``n``) one request may ask for; more get 400
+    max_best_of: int = SearchLimits.max_best_of  # candidates one best_of request may sample
+    max_search_samples: int = SearchLimits.max_search_samples  # beam width x expand
+    max_search_steps: int = SearchLimits.max_search_steps  # steps of one beam search
     metrics_host: str = "127.0.0.1"  # address of the metrics listener
     metrics_port: int | None = None  # its port (0: any free one; None: no metrics listener)
     engine_start_timeout: float = 900.0  # seconds to wait for the engine to be ready
@@ -57,6 +70,10 @@ class ServeOptions:
             return self.served_name
         folder = Path(self.base).expanduser()
         return folder.resolve().name if folder.is_dir() else self.base.rstrip("/").split("/")[-1]
+
+    @property
+    def search_limits(self) -> SearchLimits:
+        return SearchLimits(self.max_best_of, self.max_search_samples, self.max_search_steps)
 
     @property
     def cpu_loras(self) -> int:
@@ -118,6 +135,13 @@ def check_options(options: ServeOptions) -> None:
         )
     if options.max_n < 1:
         problems.append("--max-n must be at least 1")
+    for flag, value in (
+        ("--max-best-of", options.max_best_of),
+        ("--max-search-samples", options.max_search_samples),
+        ("--max-search-steps", options.max_search_steps),
+    ):
+        if value < 1:
+            problems.append(f"{flag} must be at least 1")
     if options.trust is not None:
         from lorabay.hub.signing import TrustPolicy
 

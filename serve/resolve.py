@@ -30,11 +30,14 @@ from lorabay.hub.errors import (
     UntrustedAdapter,
 )
 from lorabay.hub.reference import parse_reference
+from lorabay.hub.verifier import KINDS as VERIFIER_KINDS
+from lorabay.hub.verifier import verifier_problems
 from lorabay.serve.keys import KeyGrant
 
 log = logging.getLogger("lorabay.serve")
 
 BASE_VERSION = "base"
+POLICY, VERIFIER = "policy", "verifier"  # what a request uses an adapter as (role_problems)
 TRUST_RECHECK_SECONDS = 5.0  # a trust refusal stands this long (a signature added counts after)
 
 
@@ -67,6 +70,13 @@ class Target:
         return (self.name, self.version)
 
     @property
+    def pinned(self) -> str:
+        """``name:version@sha256:...`` (the base: its served name): exactly what answered."""
+        if self.manifest is None:
+            return self.name
+        return f"{self.name}:{self.manifest.version}@{self.manifest.digest}"
+
+    @property
     def engine_name(self) -> str:
         return self.name if self.manifest is None else f"{self.name}@{self.manifest.digest}"
 
@@ -79,18 +89,32 @@ def read_base_config(base: str) -> tuple[Path | None, dict]:
     return folder, json.loads((folder / "config.json").read_text())
 
 
+def role_problems(manifest: Manifest, role: str) -> list[str]:
+    """Why ``manifest`` cannot serve a request as ``role``: the ``model`` that generates
+    (POLICY: kind lora) or the ``verifier`` that scores (VERIFIER: a generative reward model
+    or PRM, lorabay.hub.verifier), from the manifest alone."""
+    if role == VERIFIER:
+        return verifier_problems(manifest)
+    if manifest.kind == "lora":
+        return []
+    shown = (
+        f"kind {manifest.kind!r} judges text and generates nothing; the engine serves kind 'lora'"
+    )
+    if not verifier_problems(manifest):
+        return [f'{shown}: name it as a request\'s "verifier" (with best_of or search)']
+    return [
+        f"{shown} (a score-head judge scores in `lorabay score --prm` "
+        "and `lorabay train rlhf --reward`)"
+    ]
+
+
 def describe_mismatch(manifest: Manifest, config: dict, max_rank: int | None) -> list[str]:
-    """Why ``manifest`` cannot fit the base, from the manifest alone (no download).
+    """Why ``manifest`` cannot fit the base, from the manifest alone (no download), in the
+    role its kind gives it (a verifier's kind: as a verifier).
 
     Used to filter /v1/models; the full check (tensor shapes) runs before a load.
     """
-    reasons = []
-    if manifest.kind != "lora":
-        reasons.append(
-            f"kind {manifest.kind!r} scores text with its own head and generates nothing; "
-            "the engine serves kind 'lora' (judges score in `lorabay score --prm` "
-            "and `lorabay train rlhf --reward`)"
-        )
+    reasons = role_problems(manifest, VERIFIER if manifest.kind in VERIFIER_KINDS else POLICY)
     reasons += compare_config(manifest.base or {}, config)
     rank = (manifest.peft or {}).get("r")
     if max_rank is not None and isinstance(rank, int) and rank > max_rank:
@@ -165,17 +189,29 @@ class ModelResolver:
         self._cache[model] = (asked, manifest)
         return manifest
 
-    async def prepare(self, target: Target) -> CacheLease:
-        """Pull and verify the adapter, check it fits the base; its local folder, held in
-        the pull cache until the pool releases it (``os.fspath`` gives the path)."""
+    async def prepare(self, target: Target, role: str = POLICY) -> CacheLease:
+        """Pull and verify the adapter, check it fits the base as ``role`` (POLICY or
+        VERIFIER); its local folder, held in the pull cache until the pool releases it
+        (``os.fspath`` gives the path)."""
         manifest = target.manifest
         assert manifest is not None
+        self.check_role(target, role)  # before any download
         known = self._fit.get(manifest.digest)
-        if known is None and manifest.kind != "lora":  # refused before any download
-            known = self._fit[manifest.digest] = describe_mismatch(manifest, {}, None)
         if known:
             raise IncompatibleBase(manifest.ref, self.served_name, known)
         return await asyncio.to_thread(self._pull_and_check, manifest)
+
+    def check_role(self, target: Target, role: str) -> None:
+        """IncompatibleBase unless ``target`` can serve a request as ``role``: checked on
+        every request, since an adapter the engine holds for one role is not thereby fit
+        for the other."""
+        if target.is_base:
+            problems = ["the base generates; a verifier is an adapter"] if role == VERIFIER else []
+        else:
+            problems = role_problems(target.manifest, role)
+        if problems:
+            shown = target.name if target.is_base else target.manifest.ref
+            raise IncompatibleBase(shown, self.served_name, problems)
 
     def _pull_and_check(self, manifest: Manifest) -> CacheLease:
         # One verified pull, then the check on that folder (Registry.check would pull,

@@ -183,6 +183,7 @@ async def serve_gateway(options, supervisor, registry, keys, peer_secret, socket
         max_loaded=options.max_loaded,
         max_body_bytes=options.max_body_bytes,
         max_n=options.max_n,
+        search_limits=options.search_limits,
         peers=Peers(options.peers, api_socket.getsockname()[1]) if options.peers else None,
         peer_secret=peer_secret,
         spill_at=options.spill_at if options.spill_at is not None else options.max_num_seqs,

@@ -59,6 +59,19 @@ def dataset_digest(path: str | os.PathLike) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def records_file_problem(flag: str, path: str | os.PathLike) -> str | None:
+    """Why ``path`` (given as ``flag``) cannot be read as records, or None: checked with the
+    options, before anything loads."""
+    if not Path(path).is_file():
+        return f"{flag} {path}: no such file"
+    if Path(path).suffix not in RECORD_SUFFIXES:
+        return f"{flag} {path}: use a .jsonl or .parquet file"
+    return None
+
+
 def load_records(path: str | os.PathLike) -> list[dict]:
     """Every record of a .jsonl (or .json list) or .parquet file, as dicts."""
     path = Path(path)

@@ -19,9 +19,22 @@ import sys
 import tempfile
 from pathlib import Path
 
+from lorabay.hub.errors import LorabayError
 from lorabay.hub.ports import free_port
-from lorabay.train.config import TrainConfig, recipe_values
+from lorabay.train.config import TrainConfig
+from lorabay.train.options import recipe_values
 from lorabay.train.run import default_output, write_recipe
+
+
+class LaunchFailed(LorabayError):
+    """A process of a data-parallel run exited with an error (it printed its own above)."""
+
+    def __init__(self, exit_code: int):
+        self.exit_code = exit_code
+        super().__init__(
+            f"a process of the data-parallel run exited with code {exit_code}",
+            "its error is above; fix it and run the same command again",
+        )
 
 
 def launch_command(recipe: Path, method: str, nproc: int, as_json: bool) -> list[str]:
@@ -35,8 +48,9 @@ def launch_command(recipe: Path, method: str, nproc: int, as_json: bool) -> list
     return command + (["--json"] if as_json else [])
 
 
-def launch_data_parallel(config: TrainConfig, as_json: bool = False) -> int:
-    """Run ``config`` in ``config.nproc`` processes; returns the exit code of the launch."""
+def launch_data_parallel(config: TrainConfig, as_json: bool = False) -> None:
+    """Run ``config`` (a Trainer run: :class:`TrainerOptions`) in ``config.nproc`` processes;
+    LaunchFailed when one fails."""
     values = recipe_values(config, leave_out=("nproc",))  # each process is one of the N
     values["output"] = config.output or str(default_output(config.method))
     with tempfile.TemporaryDirectory(prefix="lorabay-launch-") as folder:
@@ -44,6 +58,8 @@ def launch_data_parallel(config: TrainConfig, as_json: bool = False) -> int:
         env = dict(os.environ)
         # One compute thread per process unless the user chose: N processes share the cores.
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // config.nproc)))
-        return subprocess.call(
+        code = subprocess.call(
             launch_command(recipe, config.method, config.nproc, as_json), env=env
         )
+    if code:
+        raise LaunchFailed(code)

@@ -25,7 +25,8 @@ from pathlib import Path
 
 from lorabay.hub.atomic import write_atomically
 from lorabay.hub.errors import ConfigError
-from lorabay.train.config import TrainConfig, hyperparameters, recipe_values
+from lorabay.train.config import TrainConfig, TrainerOptions, hyperparameters, resumes
+from lorabay.train.options import recipe_values
 
 RUN_PARTS = ("adapter", "checkpoints", "metrics.jsonl", "lineage.json", "recipe.yaml")
 
@@ -179,17 +180,18 @@ def load_policy(config: TrainConfig, parent: Parent | None, head: str | None = N
     # A new head (reward, prm) is initialised here, before any trainer seeds: same seed, same run.
     set_seed(config.seed)
 
+    # Only Trainer runs take --dropout; PPO samples and updates with dropout off
+    # (train/ppo.py), so its adapter says 0, what ran.
+    dropout = config.dropout if isinstance(config, TrainerOptions) else 0.0
     model, tokenizer = load_base(config.base, config.quantize, config.precision, head=head)
     if parent is not None:
-        model = load_adapter(
-            model, parent.folder, trainable=True, dropout=config.dropout, head=head
-        )
+        model = load_adapter(model, parent.folder, trainable=True, dropout=dropout, head=head)
         return model, tokenizer, None
     check_targets(model, config.targets)
     targets = config.targets
     if head is not None and targets == ["all-linear"]:
         targets = linear_module_names(model)  # not the new head: it is trained whole
-    lora_config = new_lora_config(config.r, config.alpha, targets, config.dropout, head)
+    lora_config = new_lora_config(config.r, config.alpha, targets, dropout, head)
     return model, tokenizer, lora_config
 
 
@@ -212,7 +214,7 @@ def set_threads(config: TrainConfig) -> None:
         torch.set_num_threads(threads)
 
 
-def trainer_arguments(config: TrainConfig, output: Path) -> dict:
+def trainer_arguments(config: TrainerOptions, output: Path) -> dict:
     """Keyword arguments shared by every TRL config (SFTConfig, DPOConfig, RewardConfig...)."""
     import torch
     from lorabay.train.model import compute_dtype
@@ -270,7 +272,7 @@ class MtimeNotice(logging.Filter):
 
 def resume_checkpoint(config: TrainConfig, output: Path) -> str | None:
     """The checkpoint ``--resume`` continues from, or None for a fresh run."""
-    if not config.resume:
+    if not resumes(config):
         return None
     last = last_complete_checkpoint(output / "checkpoints")
     if last is None:
@@ -340,12 +342,16 @@ def save_run(
     """The end of :func:`train_and_finish`, for a loop of our own (PPO): ``state`` is a transformers
     TrainerState the loop kept. ``extra_files`` are written into the adapter folder;
     ``extra_hyperparameters`` join the lineage's (PPO: the reward model's digest)."""
-    from lorabay.train.model import save_adapter
+    import torch
+    from lorabay.train.model import compute_dtype, save_adapter
 
     _, world_size = world()
     output, parent = run.output, run.parent
     metrics = final_metrics(progress, state)
     params = hyperparameters(config)
+    # --precision auto names what ran: the precision it chose for this base.
+    bf16 = compute_dtype(config.base, config.precision) == torch.bfloat16
+    params["precision"] = "bf16" if bf16 else "fp32"
     if parent is not None:  # the adapter's shape came from the parent, not from the flags
         peft_config = model.peft_config["default"]
         modules = peft_config.target_modules

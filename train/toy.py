@@ -27,6 +27,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from lorabay.train.run import write_recipe  # train/tasks.py takes it from here too
+
 # One token each in the tiny base's vocabulary, space-prefixed (checked in tests/train).
 NOUNS = (
     "cat dog cow fox fish bird sheep tree sun rain milk tea rice book box car boat city park river"
@@ -154,13 +156,6 @@ def write_toy(
         recipe = {"data": str(written[f"{method}-train"].absolute()), **RECIPES[(task, method)]}
         written[f"{method}-recipe"] = write_recipe(recipe, folder / f"{task}-{method}.yaml")
     return written
-
-
-def write_recipe(values: dict, path: Path) -> Path:
-    import yaml
-
-    path.write_text(yaml.safe_dump(values, sort_keys=False))
-    return path
 
 
 # ---------------------------------------------------------------- reward models, PPO and PRMs

@@ -70,7 +70,13 @@ VALUE_SETS: dict[str, dict] = {
             "maxNumSeqs": 256,
             "args": ["--enable-prefix-caching", "--seed=1"],
         },
-        "gateway": {"maxBodyBytes": 1048576, "maxN": 8},
+        "gateway": {
+            "maxBodyBytes": 1048576,
+            "maxN": 8,
+            "maxBestOf": 32,
+            "maxSearchSamples": 32,
+            "maxSearchSteps": 8,
+        },
         "extraArgs": ["--max-model-len", "8192"],
     },
     "s3-registry-secrets": {

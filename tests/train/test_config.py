@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 from click.testing import CliRunner
 from lorabay.cli.main import cli
 from lorabay.hub.errors import ConfigError
-from lorabay.train.config import DPOConfig, SFTConfig, build_config, config_fields
+from lorabay.train.config import (
+    DPOConfig,
+    RLHFConfig,
+    SFTConfig,
+    TrainerOptions,
+    build_config,
+    hyperparameters,
+)
+from lorabay.train.methods import METHODS
+from lorabay.train.options import config_fields
 
 
 @pytest.fixture
@@ -18,15 +25,50 @@ def data(tmp_path):
     return path
 
 
-def test_every_field_has_help_and_a_flag():
-    from lorabay.cli.train import dpo, sft
+def test_every_field_has_help_and_a_flag_and_every_flag_a_field():
+    from lorabay.cli.train import train
 
-    for cls, command in ((SFTConfig, sft), (DPOConfig, dpo)):
-        flags = {opt for param in command.params for opt in param.opts}
-        for spec in config_fields(cls):
+    for name, method in METHODS.items():
+        command = train.commands[name]
+        flags = {opt for param in command.params for opt in param.opts} - {"--config", "--json"}
+        flags -= {"-h", "--help"}
+        specs = config_fields(method.config)
+        for spec in specs:
             assert spec.help.strip(), spec.name
-            assert spec.flag in flags, spec.flag
-    assert "--beta" not in {o for p in sft.params for o in p.opts}  # DPO only
+        # A flag per option and nothing else (a bool's --no-X is its other half).
+        assert {f for f in flags if not f.startswith("--no-")} == {s.flag for s in specs}, name
+    assert "--beta" not in {o for p in train.commands["sft"].params for o in p.opts}  # DPO only
+
+
+TRAINER_ONLY = ["--save-steps", "--keep-checkpoints", "--gradient-checkpointing", "--dropout"]
+TRAINER_ONLY += ["--resume", "--nproc", "--grad-accum"]
+
+
+def test_rlhf_shows_and_records_only_what_it_uses(tiny_base, tmp_path):
+    """PPO is our own loop, not the Trainer: no Trainer option in its --help, none in its
+    lineage (each was once accepted, ignored and recorded as if it had applied)."""
+    shown = CliRunner().invoke(cli, ["train", "rlhf", "--help"]).output
+    sft_shown = CliRunner().invoke(cli, ["train", "sft", "--help"]).output
+    for flag in [*TRAINER_ONLY, "--algo"]:
+        assert flag not in shown, flag
+    for flag in TRAINER_ONLY:
+        assert flag in sft_shown, flag  # the Trainer's runs keep them
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a"}\n')
+    flags = {"base": str(tiny_base), "prompts": str(prompts), "reward": str(tmp_path)}
+    (tmp_path / "adapter_config.json").write_text("{}")
+    recorded = hyperparameters(build_config(RLHFConfig, flags=flags))
+    trainer_keys = {spec.key for spec in config_fields(TrainerOptions)}
+    assert not trainer_keys & set(recorded) and "algo" not in recorded
+    assert {"kl_coef", "ppo_epochs", "lr", "r"} <= set(recorded)
+
+    # A recipe written for a Trainer run says why each of those is refused here.
+    with pytest.raises(ConfigError) as caught:
+        build_config(RLHFConfig, {**flags, "resume": True, "grad_accum": 2, "dropout": 0.1})
+    text = str(caught.value)
+    assert "--resume: rlhf runs keep no checkpoints" in text and "use --mini-batches" in text
+    assert "--dropout: PPO samples and updates with dropout off" in text
 
 
 def test_recipe_and_flags_are_the_same_fields_and_flags_win(tmp_path, tiny_base, data):
@@ -104,12 +146,21 @@ def test_unknown_recipe_key_suggests_the_right_one(tmp_path, tiny_base, data):
     assert "unknown recipe key 'batchsize' (did you mean 'batch_size'?)" in result.output
 
 
-def test_dataclass_defaults_are_documented_in_help():
+def test_help_shows_the_default_a_run_without_the_flag_uses():
+    from lorabay.cli.train import train
+
     result = CliRunner().invoke(cli, ["train", "dpo", "--help"])
-    assert result.exit_code == 0
-    assert "--beta" in result.output and "[default: 0.1]" in result.output
-    fields = {f.name for f in dataclasses.fields(DPOConfig)}
-    assert {"beta", "loss", "from_ref", "quantize"} <= fields
+    assert result.exit_code == 0 and "--beta" in result.output
+    helps = {opt: param.help for param in train.commands["dpo"].params for opt in param.opts}
+    ran = DPOConfig()  # what a run given no flags trains with
+    for spec in config_fields(DPOConfig):
+        value = getattr(ran, spec.name)
+        shown = ",".join(value) if isinstance(value, list) else value
+        if shown in (None, ""):
+            assert "[default:" not in helps[spec.flag], spec.flag
+        else:
+            assert helps[spec.flag].endswith(f"[default: {shown!s}]"), (spec.flag, shown)
+    assert helps["--lr"].endswith("[default: 5e-05]")  # DPO's own, not every method's 2e-4
 
 
 def test_registry_names_are_checked_before_training(tiny_base, data):

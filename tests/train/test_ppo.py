@@ -196,6 +196,11 @@ def test_rlhf_from_the_base_keeps_the_base_as_reference(align):
     result = align.run(*args, "--max-new-tokens", "4")
     assert result["reference"] == "base with the adapter disabled"
     assert result["lineage"]["parent_digest"] is None
+    # The lineage records what ran: PPO's own options, none of the Trainer's it never took.
+    recorded = result["lineage"]["hyperparameters"]
+    assert {"kl_coef", "ppo_epochs", "max_new_tokens"} <= set(recorded)
+    assert not {"dropout", "grad_accum", "gradient_checkpointing", "algo"} & set(recorded)
+    assert recorded["precision"] == "fp32"  # what --precision auto chose for the fp32 base
     first = json.loads((output / "metrics.jsonl").read_text().splitlines()[0])
     assert first["kl"] == pytest.approx(0.0, abs=1e-5)  # a new LoRA starts as the base itself
 

@@ -129,6 +129,15 @@ click command lorabay.cli.serve:serve; tests/deploy parses this list with it.
 {{- if not (kindIs "invalid" $v.gateway.maxN) }}
 {{- $args = concat $args (list "--max-n" (toString (int $v.gateway.maxN))) }}
 {{- end }}
+{{- if not (kindIs "invalid" $v.gateway.maxBestOf) }}
+{{- $args = concat $args (list "--max-best-of" (toString (int $v.gateway.maxBestOf))) }}
+{{- end }}
+{{- if not (kindIs "invalid" $v.gateway.maxSearchSamples) }}
+{{- $args = concat $args (list "--max-search-samples" (toString (int $v.gateway.maxSearchSamples))) }}
+{{- end }}
+{{- if not (kindIs "invalid" $v.gateway.maxSearchSteps) }}
+{{- $args = concat $args (list "--max-search-steps" (toString (int $v.gateway.maxSearchSteps))) }}
+{{- end }}
 {{- if eq (int $v.metrics.port) (int $v.gateway.port) }}
 {{- fail "metrics.port must differ from gateway.port: metrics are served on a port of their own" }}
 {{- end }}
