@@ -17,7 +17,7 @@ Sources:
 
 The folder appears whole or not at all (built in a temporary sibling, then renamed) and
 holds ``lorabay_base.json``: the name, the source and its digest, the conversion, the
-lorabay version. The registry's base record (hub/content.py) and ``hub check`` read it.
+lorabay version. The registry's base record (hub/base_config.py) and ``hub check`` read it.
 """
 
 from __future__ import annotations
@@ -197,8 +197,9 @@ def convert_gguf(gguf: Path, out: Path, dtype: str, source: dict, say: Say) -> d
             f"{gguf.name}: transformers cannot read this GGUF file ({message})",
             "give a GGUF of an architecture transformers reads (Llama, Qwen2, Mistral, ...)",
         ) from None
-    # transformers marks a GGUF-loaded model quantized and then refuses save_pretrained;
-    # the tensors are already dequantized, so the marker is dropped (ENVIRONMENT.md).
+    # transformers marks a GGUF-loaded model quantized and then refuses save_pretrained
+    # ("quantized with QuantizationMethod.GGUF and is not serializable", transformers 5.19);
+    # the tensors are already dequantized, so the marker is dropped.
     model.hf_quantizer = None
     model.is_quantized = False
     del model.config.quantization_config

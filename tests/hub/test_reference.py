@@ -1,4 +1,4 @@
-"""Reference and name parsing (DESIGN.md "The registry" table)."""
+"""Reference and name parsing (docs/architecture.md, "The registry's data model")."""
 
 import pytest
 from lorabay.hub.errors import InvalidReference
