@@ -114,6 +114,7 @@ def run_phase(phase: str, flags: dict) -> dict:
     steps = 0
     if phase == "idle":
         import torch
+
         from lorabay.train.model import load_base
 
         model, tokenizer = load_base(flags["base"])

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import click
+
 from lorabay.cli.output import print_table
 from lorabay.hub.ports import free_port
 

@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Iterator
 
 import click
+
 from lorabay.cli.base import resolve_base_option
 from lorabay.cli.output import print_table, printable
 from lorabay.hub.manifest import KINDS

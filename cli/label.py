@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import click
+
 from lorabay.train.label.run import LabelConfig
 from lorabay.train.options import click_options, flags_from_click
 

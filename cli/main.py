@@ -17,6 +17,7 @@ import sys
 from importlib.metadata import version
 
 import click
+
 from lorabay.hub.errors import LorabayError
 from lorabay.hub.settings import debug
 

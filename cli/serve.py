@@ -7,6 +7,7 @@ them from this click command), so an option added here is an option the chart kn
 from __future__ import annotations
 
 import click
+
 from lorabay.cli.base import resolve_base_option
 from lorabay.serve.options import DEFAULT_MAX_N, SearchLimits
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 import click
+
 from lorabay.train.methods import METHODS
 from lorabay.train.options import click_options, flags_from_click
 

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock
+
 from lorabay.hub import faults, pieces
 from lorabay.hub.atomic import write_atomically
 from lorabay.hub.content import check_relative_path, sha256_file

@@ -20,11 +20,12 @@ from lorabay.train.run import RunResult
 def train_dpo(config: DPOConfig, show_progress: bool = True) -> RunResult:
     """Train ``config`` (already validated by build_config) and return the finished run."""
     import datasets
+    from trl import DPOConfig as TRLDPOConfig
+    from trl import DPOTrainer
+
     from lorabay.train.data import load_dataset
     from lorabay.train.progress import RunProgress
     from lorabay.train.run import begin_run, load_policy, train_and_finish, trainer_arguments
-    from trl import DPOConfig as TRLDPOConfig
-    from trl import DPOTrainer
 
     datasets.disable_progress_bars()
     dataset, _ = load_dataset(config.data, "preference")

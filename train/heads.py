@@ -255,6 +255,7 @@ def verifier_reads(head: Head, tokenizer, prompts: list, step_lists: list[list[s
     """A generative verifier's p(right) for each step of each solution: the label softmax
     one position before each marker (lorabay.hub.verifier), in one batched forward."""
     import torch
+
     from lorabay.hub.verifier import VerifierSpec
     from lorabay.train.verifier import verifier_input
 

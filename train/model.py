@@ -25,6 +25,7 @@ TRAINED_ADAPTER = "default"
 def compute_dtype(base: str | os.PathLike, precision: str):
     """The torch dtype training computes in: ``precision`` fp32/bf16, or auto (follow the base)."""
     import torch
+
     from lorabay.hub.base_config import read_base_config
 
     if precision == "auto":

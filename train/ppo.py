@@ -122,9 +122,10 @@ def generate_rollouts(
     ``temperature``, so the tokens follow exactly the distribution the PPO ratio is computed
     on); prompts longer than ``max_length`` tokens keep their end."""
     import torch
+    from transformers import GenerationConfig
+
     from lorabay.train.evaluate import prompt_ids
     from lorabay.train.model import quiet_transformers
-    from transformers import GenerationConfig
 
     encoded = [prompt_ids(tokenizer, prompt)[-max_length:] for prompt in prompts]
     length = max(len(ids) for ids in encoded)
@@ -238,6 +239,7 @@ def judge_rewards(judge, kind: str, tokenizer, rollouts: Rollouts):
     """((B, T) reward of each response token from the judge, {metric: value}): a reward
     model's score on the last token, or a PRM's p_k - 0.5 on the token ending step k."""
     import torch
+
     from lorabay.train.heads import reward_scores, split_steps, step_probabilities
 
     rewards = torch.zeros_like(rollouts.response_mask)
@@ -335,6 +337,7 @@ def value_objective(values, old_values, returns, mask, config):
 def ppo_step(model, critic, optimizer, scheduler, judge, kind, tokenizer, prompts, config):
     """One PPO step: sample, score, estimate advantages, optimise. Returns the step's metrics."""
     import torch
+
     from lorabay.train.model import reference_policy
 
     started = time.perf_counter()
@@ -421,13 +424,14 @@ def prompt_batches(prompts: list, batch_size: int, steps: int, seed: int):
 def train_rlhf(config: RLHFConfig, show_progress: bool = True) -> RunResult:
     """Train ``config`` (already validated by build_config) and return the finished run."""
     import torch
+    from safetensors.torch import save_file
+    from transformers import TrainerState, get_scheduler
+
     from lorabay.train.data import detect_shape, load_records
     from lorabay.train.heads import attach_head, check_head
     from lorabay.train.model import TRAINED_ADAPTER, add_reference_adapter, attach_adapter
     from lorabay.train.progress import RunProgress
     from lorabay.train.run import begin_run, load_policy, resolve_adapter, save_run
-    from safetensors.torch import save_file
-    from transformers import TrainerState, get_scheduler
 
     records = load_records(config.data)
     detect_shape(records, "prompts", config.data)

@@ -38,6 +38,7 @@ KIND = "prm"
 def step_dataset(records: list[dict], tokenizer, separator: str, max_length: int):
     """A datasets.Dataset of {input_ids, labels}: labels IGNORE except at each step's end."""
     from datasets import Dataset
+
     from lorabay.train.heads import IGNORE, step_input
 
     rows = []
@@ -58,12 +59,13 @@ def train_prm(config: PRMConfig, show_progress: bool = True) -> RunResult:
 
         return train_verifier(config, KIND, show_progress)
     import datasets
+    from peft import get_peft_model
+    from transformers import DataCollatorForTokenClassification, Trainer, TrainingArguments
+
     from lorabay.train.data import detect_shape, load_records
     from lorabay.train.heads import head_files
     from lorabay.train.progress import RunProgress
     from lorabay.train.run import begin_run, load_policy, train_and_finish, trainer_arguments
-    from peft import get_peft_model
-    from transformers import DataCollatorForTokenClassification, Trainer, TrainingArguments
 
     datasets.disable_progress_bars()
     records = load_records(config.data)

@@ -34,12 +34,13 @@ def train_reward(config: RewardConfig, show_progress: bool = True) -> RunResult:
 
         return train_verifier(config, KIND, show_progress)
     import datasets
+    from trl import RewardConfig as TRLRewardConfig
+    from trl import RewardTrainer
+
     from lorabay.train.data import load_dataset
     from lorabay.train.heads import head_files
     from lorabay.train.progress import RunProgress
     from lorabay.train.run import begin_run, load_policy, train_and_finish, trainer_arguments
-    from trl import RewardConfig as TRLRewardConfig
-    from trl import RewardTrainer
 
     datasets.disable_progress_bars()
     dataset, _ = load_dataset(config.data, "preference")

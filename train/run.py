@@ -165,6 +165,9 @@ def load_policy(config: TrainConfig, parent: Parent | None, head: str | None = N
     """(base, tokenizer, lora_config or None): the base, and either a new LoRA config or,
     with ``--from``, the base already wrapped with the parent adapter (trainable).
     ``head`` ("reward", "prm"): the base gets a new ``score`` head, trained with the adapter."""
+    from transformers import set_seed
+    from transformers.utils import logging as transformers_logging
+
     from lorabay.train.model import (
         check_targets,
         linear_module_names,
@@ -172,8 +175,6 @@ def load_policy(config: TrainConfig, parent: Parent | None, head: str | None = N
         load_base,
         new_lora_config,
     )
-    from transformers import set_seed
-    from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # "Loading weights" bars; RunProgress is the bar
     set_threads(config)
@@ -217,6 +218,7 @@ def set_threads(config: TrainConfig) -> None:
 def trainer_arguments(config: TrainerOptions, output: Path) -> dict:
     """Keyword arguments shared by every TRL config (SFTConfig, DPOConfig, RewardConfig...)."""
     import torch
+
     from lorabay.train.model import compute_dtype
 
     on_gpu = torch.cuda.is_available()
@@ -343,6 +345,7 @@ def save_run(
     TrainerState the loop kept. ``extra_files`` are written into the adapter folder;
     ``extra_hyperparameters`` join the lineage's (PPO: the reward model's digest)."""
     import torch
+
     from lorabay.train.model import compute_dtype, save_adapter
 
     _, world_size = world()

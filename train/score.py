@@ -120,10 +120,11 @@ def score_steps(
     quantize: str = "none",
 ) -> StepScores:
     """Load ``base`` with the PRM ``prm`` (registry reference or folder) and judge ``steps``."""
+    from transformers.utils import logging as transformers_logging
+
     from lorabay.train.heads import attach_head, step_probabilities
     from lorabay.train.model import load_base
     from lorabay.train.run import resolve_adapter
-    from transformers.utils import logging as transformers_logging
 
     if not (Path(base) / "config.json").is_file():
         raise ConfigError(

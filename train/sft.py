@@ -19,11 +19,12 @@ from lorabay.train.run import RunResult
 def train_sft(config: SFTConfig, show_progress: bool = True) -> RunResult:
     """Train ``config`` (already validated by build_config) and return the finished run."""
     import datasets
+    from trl import SFTConfig as TRLSFTConfig
+    from trl import SFTTrainer
+
     from lorabay.train.data import load_dataset, tokenize_conversations
     from lorabay.train.progress import RunProgress
     from lorabay.train.run import begin_run, load_policy, train_and_finish, trainer_arguments
-    from trl import SFTConfig as TRLSFTConfig
-    from trl import SFTTrainer
 
     datasets.disable_progress_bars()
     dataset, shape = load_dataset(config.data, "sft")

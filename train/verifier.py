@@ -162,6 +162,7 @@ def marker_loss(model, inputs: dict, spec: VerifierSpec):
     """(loss, accuracy) of one batch: binary cross-entropy of the label margin read one
     position before every marker."""
     import torch
+
     from lorabay.train.heads import decoder_states
 
     labels = inputs["labels"]  # (B, L): 1/0 at markers, IGNORE elsewhere
@@ -208,11 +209,12 @@ def train_verifier(config, kind: str, show_progress: bool = True):
     """Train a generative verifier of ``kind`` (reward | prm) for ``config`` (validated)."""
     import datasets
     from datasets import Dataset
+    from peft import get_peft_model
+    from transformers import DataCollatorForTokenClassification, TrainingArguments
+
     from lorabay.train.data import detect_shape, load_records
     from lorabay.train.progress import RunProgress
     from lorabay.train.run import begin_run, load_policy, train_and_finish, trainer_arguments
-    from peft import get_peft_model
-    from transformers import DataCollatorForTokenClassification, TrainingArguments
 
     datasets.disable_progress_bars()
     records = load_records(config.data)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from filelock import FileLock
+
 from lorabay.hub import faults
 from lorabay.hub.errors import InvalidAdapter, RegistryUnavailable
 from lorabay.hub.store import MARKER, ObjectInfo, PreconditionFailed, md5_etag

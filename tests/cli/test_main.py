@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 from click.testing import CliRunner
+
 from lorabay.cli.main import cli
 
 

@@ -33,9 +33,10 @@ from deploy_render import (
 )
 from helm_python import HelmError, HelmValuesError
 from helm_python import lint as helm_lint
-from lorabay.cli.serve import serve
 from yamllint import linter
 from yamllint.config import YamlLintConfig
+
+from lorabay.cli.serve import serve
 
 # The value sets the issue names, plus the defaults. Secrets appear only by name.
 VALUE_SETS: dict[str, dict] = {

@@ -20,6 +20,7 @@ import tomllib
 import pytest
 import yaml
 from deploy_render import CHART_DIR, REPO
+
 from lorabay.cli.serve import serve
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())

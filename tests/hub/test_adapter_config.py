@@ -5,10 +5,11 @@ import json
 
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
+
 from lorabay.hub import Registry
 from lorabay.hub.compat import check_manifest_against_base
 from lorabay.hub.errors import IncompatibleBase, InvalidAdapter
-from safetensors.numpy import save_file
 
 
 def edited(folder, **changes):

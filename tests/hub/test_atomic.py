@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from lorabay.hub.atomic import replacing_folder, write_atomically
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from hubtools import WORKER, run_worker
+
 from lorabay.cli.main import cli
 from lorabay.hub import Registry
 

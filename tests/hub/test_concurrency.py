@@ -4,6 +4,7 @@ from collections import Counter
 
 import pytest
 from hubtools import run_together, write_lora
+
 from lorabay.hub import Registry
 
 # 8 interpreters starting on a 2-core machine: seconds each, so not in the fast loop.

@@ -5,6 +5,7 @@ import json
 
 import pytest
 from hubtools import overwrite
+
 from lorabay.hub import AdapterNotFound, DigestMismatch, Registry, YankedWarning
 from lorabay.hub.errors import YankedVersion
 from lorabay.hub.manifest import Manifest

@@ -13,6 +13,7 @@ import time
 
 import pytest
 from hubtools import WORKER, run_worker, write_lora
+
 from lorabay.hub import AdapterNotFound, Registry
 
 KILLED = -signal.SIGKILL

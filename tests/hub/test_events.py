@@ -4,6 +4,7 @@ import time
 
 import pytest
 from hubtools import overwrite
+
 from lorabay.hub import Registry
 from lorabay.hub.errors import DamagedRecord
 

@@ -11,6 +11,7 @@ import threading
 
 import pytest
 from hubtools import write_lora
+
 from lorabay.hub import Registry
 from lorabay.hub.cache import blob_key
 

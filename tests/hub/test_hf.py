@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx2
 import pytest
+
 from lorabay.hub import AdapterNotFound, Registry
 from lorabay.hub.errors import ConfigError, HubFailed
 from lorabay.hub.hf import MANIFEST_FILE, export_to_hf, import_from_hf
@@ -233,6 +234,7 @@ def test_export_uploads_the_verified_files_and_the_manifest(registry_url, lora, 
 
 def test_export_cli(registry_url, lora, fake_hub):
     from click.testing import CliRunner
+
     from lorabay.cli.main import cli
 
     Registry.open(registry_url).push(lora(seed=7), "a")
@@ -247,6 +249,7 @@ def test_export_cli(registry_url, lora, fake_hub):
 
 def test_import_cli(registry_url, lora):
     from click.testing import CliRunner
+
     from lorabay.cli.main import cli
 
     lay_out_hf_cache(lora(seed=8), "acme/cli-lora", commit="b" * 40)
@@ -319,6 +322,7 @@ def test_import_failures_are_their_own_one_line(
 
 def test_import_cli_failure_is_one_line(registry_url, online):
     from click.testing import CliRunner
+
     from lorabay.cli.main import cli
 
     online.fail = (403, {"X-Error-Code": "GatedRepo"})

@@ -13,6 +13,7 @@ import time
 import uuid
 
 import pytest
+
 from lorabay.hub import Registry
 from lorabay.hub.errors import RegistryUnavailable, StoreAccessDenied
 from lorabay.hub.store import PreconditionFailed

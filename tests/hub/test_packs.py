@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
+
 from lorabay.cli.main import cli
 from lorabay.hub import Registry, packs
 from lorabay.hub.settings import cache_dir

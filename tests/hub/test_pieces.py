@@ -9,6 +9,7 @@ import json
 
 import pytest
 from hubtools import overwrite
+
 from lorabay.hub import DigestMismatch, Registry, pieces
 from lorabay.hub.errors import DamagedRecord
 from lorabay.hub.manifest import Manifest, digest_files

@@ -1,6 +1,7 @@
 """Reference and name parsing (docs/architecture.md, "The registry's data model")."""
 
 import pytest
+
 from lorabay.hub.errors import InvalidReference
 from lorabay.hub.reference import Reference, parse_reference, validate_alias, validate_name
 
@@ -81,6 +82,7 @@ def test_only_ascii_digits_are_versions(tag):
 
 def test_huge_version_in_the_cli_is_one_line(tmp_path):
     from click.testing import CliRunner
+
     from lorabay.cli.main import cli
 
     registry = f"file://{tmp_path / 'registry'}"

@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+
 from lorabay.hub import Registry
 from lorabay.hub.content import check_relative_path
 from lorabay.hub.errors import (

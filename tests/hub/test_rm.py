@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from lorabay.hub import AdapterNotFound, Registry
 from lorabay.hub.errors import VersionAliased
 from lorabay.hub.keys import manifest_key

@@ -2,6 +2,7 @@
 
 import pytest
 from botocore.utils import parse_timestamp
+
 from lorabay.hub.stores.s3 import fast_timestamp
 
 

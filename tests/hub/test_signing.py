@@ -8,6 +8,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
+
 from lorabay.cli.main import cli
 from lorabay.hub import Registry
 from lorabay.hub.errors import ConfigError, UntrustedAdapter

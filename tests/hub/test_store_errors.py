@@ -7,10 +7,11 @@ exactly as AWS writes them; boto3's own retries and parsing meet them.
 
 import pytest
 from click.testing import CliRunner
+from s3server import FaultProxy
+
 from lorabay.cli.main import cli
 from lorabay.hub import Registry
 from lorabay.hub.errors import StoreAccessDenied, StoreFailed, StoreThrottled
-from s3server import FaultProxy
 
 pytestmark = pytest.mark.s3
 

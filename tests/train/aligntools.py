@@ -95,6 +95,7 @@ class AlignWorld:
 def sample_texts(base: Path, adapter, prompts: list, temperature: float, seed: int = 0) -> list:
     """One sampled response per prompt from the base with ``adapter`` (as PPO samples)."""
     import torch
+
     from lorabay.train.evaluate import load_policy_for_eval
     from lorabay.train.ppo import generate_rollouts
 

@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 from click.testing import CliRunner
+
 from lorabay.cli.main import cli
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from click.testing import CliRunner
+
 from lorabay.cli.main import cli
 from lorabay.hub.errors import ConfigError
 from lorabay.train.config import (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from lorabay.hub.errors import ConfigError
 from lorabay.train.data import dataset_digest, detect_shape, load_dataset, load_records, write_jsonl
 

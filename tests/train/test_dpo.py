@@ -7,6 +7,7 @@ import math
 
 import pytest
 from click.testing import CliRunner
+
 from lorabay.cli.main import cli
 from lorabay.train.data import dataset_digest
 from lorabay.train.data import load_records as read_jsonl

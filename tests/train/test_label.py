@@ -10,6 +10,7 @@ import math
 
 import pytest
 from click.testing import CliRunner
+
 from lorabay.cli.main import cli
 from lorabay.hub.errors import ConfigError
 from lorabay.train.data import dataset_digest, write_jsonl

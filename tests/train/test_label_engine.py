@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+
 from lorabay.train.data import load_records, write_jsonl
 from lorabay.train.toy import BAD, GOOD, NOUNS
 
@@ -280,6 +281,7 @@ def test_revise_with_its_own_gateway_stops_on_ctrl_c_and_resumes(world, tmp_path
     """No --endpoint: `lorabay label` starts `lorabay serve` itself. A ctrl-C midway stops it
     (nothing left running), keeps the finished prompts, and the same command continues."""
     import psutil
+
     from lorabay.train.label.run import journal_path
 
     out = tmp_path / "revised.jsonl"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from lorabay.train.model import (
     add_reference_adapter,
     attach_adapter,

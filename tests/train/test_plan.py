@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+
 from lorabay.cli.main import cli
 from lorabay.train.plan import plan_lora
 
@@ -73,9 +74,10 @@ def test_unknown_target_and_architecture_are_refused(tmp_path):
 def test_matches_peft_on_the_tiny_base(tiny_base, tmp_path, targets):
     """Trainable parameters, base parameters and the adapter file size are exact."""
     import torch
+    from transformers import AutoModelForCausalLM
+
     from lorabay.train.base import count_parameters
     from lorabay.train.model import attach_adapter, new_lora_config
-    from transformers import AutoModelForCausalLM
 
     plan = plan_lora(tiny_base, 8, targets)
     model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)

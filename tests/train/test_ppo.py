@@ -91,6 +91,7 @@ def test_policy_adapter_pushes_and_serves(ppo_runs, align):
     import sys
 
     import openai
+
     from lorabay.hub import Registry
     from lorabay.train.data import load_records
     from lorabay.train.evaluate import greedy_answers, load_policy_for_eval
@@ -130,6 +131,7 @@ def test_policy_adapter_pushes_and_serves(ppo_runs, align):
 
 def test_ppo_pieces_match_their_formulas():
     import torch
+
     from lorabay.train.config import RLHFConfig
     from lorabay.train.ppo import gae, policy_objective, value_objective, whiten
 
@@ -209,6 +211,7 @@ def test_a_value_adapter_critic_trains_through_its_own_pass(tiny_base):
     """--value-model adapter: the critic's loss reaches its own LoRA (not the policy's), and
     the policy's loss reaches the policy's LoRA (not the critic's), in one backward."""
     import torch
+
     from lorabay.train.model import attach_adapter, load_base, new_lora_config
     from lorabay.train.ppo import VALUE_ADAPTER, Critic, Rollouts, policy_forward
 

@@ -8,6 +8,7 @@ import math
 import pytest
 from aligntools import sample_texts
 from click.testing import CliRunner
+
 from lorabay.cli.main import cli
 from lorabay.train.data import load_records
 
@@ -67,10 +68,11 @@ def test_the_head_reads_what_the_token_classifier_trained(align):
     """PPO and `lorabay score` read the PRM over the causal LM; training used a token
     classifier: the same probabilities."""
     import torch
-    from lorabay.train.heads import step_input, step_probabilities
-    from lorabay.train.run import resolve_adapter
     from peft import PeftModel
     from transformers import AutoModelForTokenClassification
+
+    from lorabay.train.heads import step_input, step_probabilities
+    from lorabay.train.run import resolve_adapter
 
     head, tokenizer = load_prm(align)
     record = load_records(align.data["steps-prm-heldout"])[0]

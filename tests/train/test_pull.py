@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+
 from lorabay.cli.main import cli
 from lorabay.hub.bases import PROVENANCE_FILE, read_provenance, resolve_base
 from lorabay.hub.errors import ConfigError, DigestMismatch

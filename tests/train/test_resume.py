@@ -11,6 +11,7 @@ import time
 
 import pytest
 from click.testing import CliRunner
+
 from lorabay.cli.main import cli
 from lorabay.train.progress import read_metrics
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from lorabay.hub import Registry
 from lorabay.train.data import load_records
 

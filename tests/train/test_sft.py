@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from click.testing import CliRunner
+
 from lorabay.cli.main import cli
 from lorabay.train.data import load_records as read_jsonl
 from lorabay.train.evaluate import greedy_answers, load_policy_for_eval, record_prompt

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
+
 from lorabay.hub.errors import ConfigError, InvalidAdapter
 from lorabay.hub.verifier import VERIFIER_FILE, VerifierSpec, verifier_problems
 from lorabay.train.data import load_records
@@ -85,12 +86,13 @@ def test_the_verdict_is_the_label_softmax_of_the_causal_lm(align, gprm):
     the adapter (transformers + PEFT), one position before each marker: what vLLM returns
     for the same ids."""
     import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
     from lorabay.hub.verifier import read_verifier_spec
     from lorabay.train.heads import step_probabilities
     from lorabay.train.run import resolve_adapter
     from lorabay.train.verifier import verifier_input
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     head, tokenizer = load_verifier(align, "toy/gprm:1", "prm")
     record = load_records(align.data["steps-prm-heldout"])[0]
@@ -208,8 +210,9 @@ def test_center_rewards_belongs_to_the_head_format(tmp_path, tiny_base):
 
 
 def test_label_tokens_are_single_tokens_of_the_base(tiny_base):
-    from lorabay.train.verifier import make_spec
     from transformers import AutoTokenizer
+
+    from lorabay.train.verifier import make_spec
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_base)
     spec = make_spec(tokenizer, "prm", "\n")
