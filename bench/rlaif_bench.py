@@ -111,9 +111,9 @@ def sample(url: str, model: str, prompts: list[str], args, n: int) -> list[list[
                 *(
                     endpoint.chat(
                         model, [{"role": "user", "content": p}], n=n,
-                        temperature=args.temperature, max_tokens=args.max_tokens, seed=i,
-                    )
-                    for i, p in enumerate(prompts)
+                        temperature=args.temperature, max_tokens=args.max_tokens,
+                    )  # no seed: vLLM 0.32's CPU engine dies on seeded chunked prefills
+                    for p in prompts
                 )
             )  # fmt: skip
         return [[c["message"]["content"] or "" for c in a["choices"]] for a in answers]

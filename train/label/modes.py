@@ -55,13 +55,17 @@ class Job:
     threshold: float
     principles: tuple[str, ...]
     seed: int
+    seeded_sampling: bool = False
 
     def rng(self, *parts) -> random.Random:
         """A generator for one decision of one prompt: same seed, same draws, resumed or not."""
         return random.Random("-".join(map(str, (self.seed, *parts))))
 
-    def request_seed(self, *parts) -> int:
-        return self.rng("request", *parts).randrange(2**31)
+    def request_seed(self, *parts) -> dict:
+        """``{"seed": N}`` for one request with --seeded-sampling, else nothing."""
+        if not self.seeded_sampling:
+            return {}
+        return {"seed": self.rng("request", *parts).randrange(2**31)}
 
 
 @dataclass
@@ -81,7 +85,7 @@ async def sample_responses(job: Job, index: int, messages: list[dict]) -> list[s
             temperature=job.temperature,
             top_p=job.top_p,
             max_tokens=job.max_tokens,
-            seed=job.request_seed("sample", index, attempt),
+            **job.request_seed("sample", index, attempt),
         )
         texts += [message_text(choice) for choice in answer["choices"]]
         if len(texts) >= job.samples:
@@ -178,12 +182,12 @@ async def revise_response(job: Job, index: int, number: int, prompt, response: s
     params = {"max_tokens": job.judge_max_tokens, "temperature": job.judge_temperature}
     critique_asked = critique_messages(job.constitution, principle, prompt, response)
     answer = await job.endpoint.chat(
-        job.judge.served, critique_asked, seed=job.request_seed("critique", index, number), **params
+        job.judge.served, critique_asked, **job.request_seed("critique", index, number), **params
     )
     critique = message_text(answer["choices"][0]).strip() if answer["choices"] else ""
     revision_asked = revision_messages(job.constitution, principle, prompt, response, critique)
     answer = await job.endpoint.chat(
-        job.judge.served, revision_asked, seed=job.request_seed("revise", index, number), **params
+        job.judge.served, revision_asked, **job.request_seed("revise", index, number), **params
     )
     revision = message_text(answer["choices"][0]).strip() if answer["choices"] else ""
     return principle, critique, revision

@@ -10,7 +10,8 @@ first line holds the run's settings and the pinned models), and a stopped run gi
 same options again continues with the prompts it had not finished. When every prompt is
 done the records are written to ``OUT`` in prompt order (whole, by a rename), then
 ``OUT``'s provenance, then the journal is removed. At most ``--concurrency`` requests are
-in flight; the same seed gives the same draws (principles, sampling seeds), resumed or not.
+in flight; the same seed gives the same principles drawn (and, with ``--seeded-sampling``,
+the same sampling seeds), resumed or not.
 """
 
 from __future__ import annotations
@@ -111,7 +112,13 @@ class LabelConfig:
         [], "Draw only these principles (comma-separated names). Default: all, by weight."
     )
     concurrency: int = option(8, "Requests in flight at once.", minimum=1, maximum=1024)
-    seed: int = option(0, "Seed of the principles drawn and of the sampling.", minimum=0)
+    seed: int = option(0, "Seed of the principles drawn (and of --seeded-sampling).", minimum=0)
+    seeded_sampling: bool = option(
+        False,
+        "Send each sampling request a seed drawn from --seed (reproducible responses where the "
+        "server honours it). Off by default: vLLM 0.32's CPU engine dies on a seeded request "
+        "whose prompt it prefills in chunks.",
+    )
     timeout: float = option(300.0, "Seconds one request may take.", above=0)
     overwrite: bool = option(
         False, "Start over: drop an earlier --out, its journal and provenance."
@@ -348,6 +355,7 @@ def run_settings(config: LabelConfig, prompts_digest: str, constitution_digest: 
         "threshold": config.threshold,
         "principles": sorted(config.principles),
         "seed": config.seed,
+        "seeded_sampling": config.seeded_sampling,
     }
 
 
@@ -381,6 +389,7 @@ async def label_prompts(config, prompts, constitution, journal: Journal, url, sh
             threshold=config.threshold,
             principles=tuple(config.principles),
             seed=config.seed,
+            seeded_sampling=config.seeded_sampling,
         )
         run_mode = MODES[config.mode]
         todo = [i for i in range(len(prompts)) if i not in journal.done]
@@ -483,7 +492,7 @@ def finish(config, prompts, constitution, journal: Journal, resumed: int) -> Lab
         "principles": sorted(config.principles) or "all, by weight",
         "sampling": {
             key: journal.header["settings"][key]
-            for key in ("samples", "temperature", "top_p", "max_tokens", "seed")
+            for key in ("samples", "temperature", "top_p", "max_tokens", "seed", "seeded_sampling")
         },
         "judging": judging_settings(config),
         "counts": summarise(counts, config.mode),
