@@ -11,11 +11,22 @@ holds an adapter, base requests batched with adapter requests get the last
 adapter's delta.
 
 This path groups tokens by adapter slot once per step (:class:`StepPlan`) and then,
-per LoRA layer, gathers the activations of the small groups into one padded block
-and runs two ``bmm`` calls over *views* of the stacked weights (no weight copies,
-no per-token gather), plus one plain matmul pair per large group (long prefills).
-Tokens without an adapter are never touched. The number of PyTorch calls per layer
-does not grow with the number of adapters.
+per LoRA layer, gathers the activations of the groups into one padded block and runs
+two ``bmm`` calls for all of them, plus one plain matmul pair per group too large to
+pad (a long prefill beside decodes). Tokens without an adapter get no delta. The
+number of PyTorch calls per layer does not grow with the number of adapters.
+
+Served, most steps are decodes: one or two tokens per adapter, so each ``bmm`` is a
+batch of matrix-vector products whose cost is reading every slot's weights. Two
+things made that slow: vLLM's slots are ``--max-lora-rank`` wide (16 by default)
+whatever the adapters' rank, zero-padded; and PyTorch's bfloat16 ``bmm`` at these
+shapes runs at a fraction of float32's speed. So blocks up to
+:data:`COMPACT_MAX_WIDTH` cells per slot run on :class:`SliceWeights`' float32 copy
+of each live slice, cut to the highest rank any slot uses (a rank-8 adapter in a
+rank-16 slot reads half), rebuilt only when vLLM writes the stack; wider blocks
+(prefills) run in the weights' dtype on the stacks themselves, where bfloat16 is
+the faster. Results go back with one gather into batch order and a dense add:
+``index_add_`` into a column slice of the output was slower than the matmuls.
 
 Turned on by vLLM's plugin entry point (``vllm.general_plugins`` ->
 :func:`register`) in every vLLM process, only on the CPU platform and only on the
@@ -38,9 +49,21 @@ WRAPPER_QUALNAME = "lorabay.serve.cpu_lora.GroupedPunicaWrapperCPU"
 ENV_SWITCH = "LORABAY_CPU_LORA"
 
 # Groups with more tokens than this (a long prefill) get their own matmuls instead
-# of being padded into the shared block: padding every slot to a 512-token prefill
-# would cost more than the matmuls it saves.
+# of being padded into the shared block, unless every group pads cheaply
+# (BLOCK_SLACK): padding every slot to a 512-token prefill beside decodes would cost
+# more than the matmuls it saves; 32 prefills of 64 tokens pad to nothing.
 SMALL_GROUP_MAX_TOKENS = 16
+# Every group goes into the block when its cells are at most 2 x rows + this.
+BLOCK_SLACK = 64
+# Blocks up to this many cells per slot (decode) use the float32 compact weights;
+# wider ones (prefill) bfloat16 on the stacks, where its matmuls are the faster. A
+# group outside the block alone: float32 up to COMPACT_MAX_GROUP rows (2x faster at
+# 64 rows, 2.6x slower at 1,024 on this VM's AVX-512/AMX cores).
+COMPACT_MAX_WIDTH = 16
+COMPACT_MAX_GROUP = 128
+# A large group whose rows are not contiguous (a prefill and decodes of one adapter)
+# is added back as up to this many contiguous runs; index_add_ is the slow way.
+MAX_RUNS = 8
 
 
 def enabled() -> bool:
@@ -74,7 +97,11 @@ class StepPlan:
     ``gather``: ``[span * width]`` for each cell of the padded block (slot-major),
     the batch row it takes its activations from (row 0 for empty cells, whose
     results are dropped). ``cells``: ``[n_small]`` the cell holding each of ``rows``.
-    ``big``: ``(slot, rows)`` per large group; ``rows`` is a slice when contiguous.
+    ``row_cells``: ``[tokens]`` for every batch row, its cell, or ``span * width`` (a
+    zero row after the block) when the block does not hold it: the block's results
+    in batch order are one gather. ``big``: ``(slot, rows)`` per large group; ``rows``
+    is a slice when contiguous. ``runs``: per large group whose rows are not, its
+    contiguous runs as ``(batch rows, result rows)`` slices (None: too many).
     """
 
     first_slot: int = 0
@@ -84,6 +111,8 @@ class StepPlan:
     gather: torch.Tensor | None = None
     cells: torch.Tensor | None = None
     big: tuple[tuple[int, torch.Tensor | slice], ...] = ()
+    row_cells: torch.Tensor | None = None
+    runs: tuple[tuple[tuple[slice, slice], ...] | None, ...] = ()
 
     @property
     def empty(self) -> bool:
@@ -101,18 +130,25 @@ def plan_step(indices: torch.Tensor) -> StepPlan:
     present, counts = torch.unique_consecutive(slots, return_counts=True)
     present_list, counts_list = present.tolist(), counts.tolist()
 
-    small = counts <= SMALL_GROUP_MAX_TOKENS
+    span_all = present_list[-1] - present_list[0] + 1
+    if span_all * max(counts_list) <= 2 * rows.numel() + BLOCK_SLACK:
+        small = torch.ones_like(counts, dtype=torch.bool)  # every group pads cheaply
+    else:
+        small = counts <= SMALL_GROUP_MAX_TOKENS
+    small_list = small.tolist()
     big: list[tuple[int, torch.Tensor | slice]] = []
+    runs: list[tuple[tuple[slice, slice], ...] | None] = []
     start = 0
-    for slot, count in zip(present_list, counts_list, strict=True):
-        if count > SMALL_GROUP_MAX_TOKENS:
+    for slot, count, in_block in zip(present_list, counts_list, small_list, strict=True):
+        if not in_block:
             group = rows[start : start + count]
             first, last = int(group[0]), int(group[-1])
             contiguous = last - first + 1 == count
             big.append((slot, slice(first, last + 1) if contiguous else group))
+            runs.append(None if contiguous else contiguous_runs(group.tolist()))
         start += count
     if not bool(small.any()):
-        return StepPlan(big=tuple(big))
+        return StepPlan(big=tuple(big), runs=tuple(runs))
 
     # Position of every row inside its slot's group: 0, 1, 2, ... per group.
     group_start = torch.cumsum(counts, 0) - counts  # [groups]
@@ -126,7 +162,24 @@ def plan_step(indices: torch.Tensor) -> StepPlan:
     cells = (slots[keep] - first_slot) * width + rank[keep]  # [n_small], increasing
     gather = torch.zeros(span * width, dtype=torch.long)
     gather[cells] = rows[keep]
-    return StepPlan(first_slot, span, width, rows[keep], gather, cells, tuple(big))
+    row_cells = torch.full((indices.numel(),), span * width, dtype=torch.long)
+    row_cells[rows[keep]] = cells
+    return StepPlan(
+        first_slot, span, width, rows[keep], gather, cells, tuple(big), row_cells, tuple(runs)
+    )
+
+
+def contiguous_runs(rows: list[int]) -> tuple[tuple[slice, slice], ...] | None:
+    """Increasing batch rows as ``(batch rows, positions in rows)`` slices per contiguous
+    run; None past MAX_RUNS."""
+    found, begin = [], 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or rows[i] != rows[i - 1] + 1:
+            if len(found) == MAX_RUNS:
+                return None
+            found.append((slice(rows[begin], rows[i - 1] + 1), slice(begin, i)))
+            begin = i
+    return tuple(found)
 
 
 def _stacked(weights: torch.Tensor) -> torch.Tensor:
@@ -181,17 +234,22 @@ def add_rows(
             y.index_add_(0, plan.rows, small)
         else:
             y.index_copy_(0, plan.rows, small)
-    for (_, rows), out in zip(plan.big, big, strict=True):
+    runs = plan.runs or (None,) * len(plan.big)
+    for (_, rows), out, pieces in zip(plan.big, big, runs, strict=True):
         out = out.to(y.dtype)
         if isinstance(rows, slice):
+            pieces = ((rows, slice(None)),)
+        if pieces is None:
             if add_inputs:
-                y[rows] += out
+                y.index_add_(0, rows, out)
             else:
-                y[rows] = out
-        elif add_inputs:
-            y.index_add_(0, rows, out)
-        else:
-            y.index_copy_(0, rows, out)
+                y.index_copy_(0, rows, out)
+            continue
+        for target, source in pieces:  # contiguous runs: dense adds
+            if add_inputs:
+                y[target] += out[source]
+            else:
+                y[target] = out[source]
 
 
 def _all_zero(weights: torch.Tensor, cache: dict) -> bool:
@@ -204,6 +262,45 @@ def _all_zero(weights: torch.Tensor, cache: dict) -> bool:
     zero = not bool(weights.any())
     cache[id(weights)] = (key, zero)
     return zero
+
+
+@dataclass
+class SliceWeights:
+    """What one stacked LoRA slice (A ``[slots, 1, R, in]``, B ``[slots, 1, out, R]``)
+    holds, worked out once per write: whether any slot is non-zero, the highest rank in
+    use, and (made on first use) float32 copies cut to that rank, A as ``[slots, rank,
+    in]`` and B transposed to ``[slots, rank, out]``, for the decode-sized blocks."""
+
+    key: tuple  # the stacks' storage and write counters when this was made
+    rank: int  # ranks 0 .. rank-1 are used by some slot; 0: the slice is all zero
+    a: torch.Tensor | None = None
+    b: torch.Tensor | None = None
+
+    @property
+    def live(self) -> bool:
+        return self.rank > 0
+
+    def compact(self, a_stack: torch.Tensor, b_stack: torch.Tensor):
+        if self.a is None:
+            a3, b3 = _stacked(a_stack), _stacked(b_stack)
+            self.a = a3[:, : self.rank].float().contiguous()
+            self.b = b3[:, :, : self.rank].transpose(1, 2).float().contiguous()
+        return self.a, self.b
+
+
+def slice_weights(a: torch.Tensor, b: torch.Tensor, cache: dict) -> SliceWeights:
+    """The :class:`SliceWeights` of stacks ``a``/``b``, from ``cache`` until vLLM writes to
+    either (``_version`` moves: loading an adapter into a slot, or clearing one)."""
+    key = (a.data_ptr(), a._version, b.data_ptr(), b._version)
+    hit = cache.get(id(a))
+    if hit is not None and hit.key == key:
+        return hit
+    a3, b3 = _stacked(a), _stacked(b)
+    used = a3.ne(0).any(dim=2).any(dim=0) | b3.ne(0).any(dim=1).any(dim=0)  # [R]
+    rank = int(used.nonzero().max()) + 1 if bool(used.any()) else 0
+    hit = SliceWeights(key, rank)
+    cache[id(a)] = hit
+    return hit
 
 
 def _import_base():
@@ -220,6 +317,7 @@ class GroupedPunicaWrapperCPU(_import_base()):
         self._token_plan = StepPlan()
         self._sampler_plan = StepPlan()
         self._zero_cache: dict = {}
+        self._slice_cache: dict = {}
 
     def update_metadata(self, *args: Any, **kwargs: Any) -> None:
         super().update_metadata(*args, **kwargs)
@@ -280,14 +378,68 @@ class GroupedPunicaWrapperCPU(_import_base()):
             return
         add_inputs = kwargs.get("add_inputs", True)
         x = x.view(-1, x.shape[-1])
+        blocks: dict = {}  # the gathered activations, made once for every slice
         offset = 0
         for a, b, size in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
-            if self._live(a) and self._live(b):
-                small, big = self._shrink_expand(plan, x, a, b, scale)
-                add_rows(plan, y[:, offset : offset + size], small, big, add_inputs=add_inputs)
-            elif not add_inputs:
-                y[:, offset : offset + size] = 0
+            weights = slice_weights(a, b, self._slice_cache)
+            target = y[:, offset : offset + size]
             offset += size
+            if not weights.live:
+                if not add_inputs:
+                    target.zero_()
+                continue
+            block = self._block(plan, x, a, b, weights, scale, blocks) if plan.span else None
+            big = self._big_groups(plan, x, a, b, weights, scale)
+            if add_inputs:
+                if block is not None:  # every row's result in batch order: one dense add
+                    target.add_(block.index_select(0, plan.row_cells))  # cast as it adds
+                add_rows(plan, target, None, big)
+            else:
+                small = None if block is None else block.index_select(0, plan.cells)
+                add_rows(plan, target, small, big, add_inputs=False)
+
+    @staticmethod
+    def _block(plan: StepPlan, x, a, b, weights: SliceWeights, scale: float, blocks: dict):
+        """The padded block's results, ``[span * width + 1, out]``: one row per cell, then
+        a zero row (what ``row_cells`` gives rows outside the block)."""
+        first, last = plan.first_slot, plan.first_slot + plan.span
+        if plan.width <= COMPACT_MAX_WIDTH:
+            a_compact, b_compact = weights.compact(a, b)
+            a_block = a_compact[first:last].transpose(1, 2)  # [span, in, rank]
+            b_block = b_compact[first:last]  # [span, rank, out]
+        else:  # prefill-sized: the stacks themselves, in their dtype
+            a_block = _stacked(a)[first:last].transpose(1, 2)  # [span, in, R]
+            b_block = _stacked(b)[first:last].transpose(1, 2)  # [span, R, out]
+        dtype = a_block.dtype
+        x_block = blocks.get(dtype)
+        if x_block is None:
+            x_block = x.index_select(0, plan.gather).to(dtype)
+            x_block = blocks[dtype] = x_block.view(plan.span, plan.width, x.shape[-1])
+        hidden = torch.bmm(x_block, a_block)  # [span, width, rank]
+        if scale != 1.0:
+            hidden.mul_(scale)
+        cells = plan.span * plan.width
+        out = torch.empty((cells + 1, b_block.shape[-1]), dtype=dtype)
+        torch.bmm(hidden, b_block, out=out[:cells].view(plan.span, plan.width, -1))
+        out[cells].zero_()
+        return out
+
+    @staticmethod
+    def _big_groups(plan: StepPlan, x, a, b, weights: SliceWeights, scale: float):
+        """One matmul pair per group outside the block: ``[rows_g, out]`` each."""
+        big = []
+        for slot, rows in plan.big:
+            x_group = x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
+            if x_group.shape[0] <= COMPACT_MAX_GROUP:
+                a_compact, b_compact = weights.compact(a, b)
+                a_slot, b_slot = a_compact[slot].T, b_compact[slot]  # [in, rank], [rank, out]
+            else:
+                a_slot, b_slot = _stacked(a)[slot].T, _stacked(b)[slot].T  # [in, R], [R, out]
+            hidden = x_group.to(a_slot.dtype) @ a_slot
+            if scale != 1.0:
+                hidden.mul_(scale)
+            big.append(hidden @ b_slot)
+        return big
 
     @staticmethod
     def _shrink_expand(plan: StepPlan, x, a, b, scale: float):

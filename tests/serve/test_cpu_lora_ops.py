@@ -51,13 +51,17 @@ CASES = {
     "one long prefill plus decodes": torch.tensor([2] * 40 + [0, -1, 5, 1]),
     "interleaved long group": torch.tensor([3, 1] * 30 + [-1]),
     "gap in the slots": torch.tensor([0, 5, 5, -1, 0]),
+    "a prefill and decodes of one adapter": torch.tensor([2] * 40 + [0, 2, 5, -1, 2]),
+    "prefills of one length": torch.tensor([1] * 40 + [4] * 40 + [2] * 40 + [-1] * 3),
 }
 
 
 @pytest.mark.parametrize("name", CASES)
 @pytest.mark.parametrize("small_max", [16, 1_000])
-def test_add_lora_linear_matches_reference(name, small_max, monkeypatch):
+@pytest.mark.parametrize("compact_max", [16, 0, 1_000])  # decode-sized, always stacks, always
+def test_add_lora_linear_matches_reference(name, small_max, compact_max, monkeypatch):
     monkeypatch.setattr(cpu_lora, "SMALL_GROUP_MAX_TOKENS", small_max)
+    monkeypatch.setattr(cpu_lora, "COMPACT_MAX_WIDTH", compact_max)
     indices = CASES[name]
     a, b = stacks([48, 16, 16], zero_slices=(1,))  # q, k (no adapter touches it), v
     x = torch.randn(len(indices), HIDDEN)
@@ -93,6 +97,35 @@ def test_bfloat16_stays_close_to_float32():
     b16 = tuple(t.bfloat16() for t in b)
     make_wrapper(indices).add_lora_linear(y, x.bfloat16(), a16, b16, 1.0, (32,))
     torch.testing.assert_close(y.float(), want, atol=0.5, rtol=0.05)
+
+
+def test_slots_wider_than_the_adapters_are_cut_to_the_rank_in_use():
+    """vLLM's slots are --max-lora-rank wide; adapters of a lower rank leave the rest
+    zero. The decode path reads only the ranks some slot uses, and follows a write that
+    uses more."""
+    indices = torch.tensor([0, 3, -1, 5, 3])
+    a, b = stacks([24])
+    a[0][:, :, 3:].zero_()
+    b[0][:, :, :, 3:].zero_()  # every slot holds a rank-3 adapter
+    x, y = torch.randn(len(indices), HIDDEN), torch.zeros(len(indices), 24)
+    wrapper = make_wrapper(indices)
+    wrapper.add_lora_linear(y, x, a, b, 1.0, (24,))
+    torch.testing.assert_close(y, reference_lora(torch.zeros_like(y), x, indices, a, b))
+    (weights,) = wrapper._slice_cache.values()
+    assert weights.rank == 3 and weights.a.shape == (SLOTS, 3, HIDDEN)
+    a[0][5, 0, 6].normal_()
+    b[0][5, 0, :, 6].normal_()  # a rank-7 adapter lands in slot 5
+    y = torch.zeros_like(y)
+    wrapper.add_lora_linear(y, x, a, b, 1.0, (24,))
+    torch.testing.assert_close(y, reference_lora(torch.zeros_like(y), x, indices, a, b))
+    assert next(iter(wrapper._slice_cache.values())).rank == 7
+
+
+def test_equal_prefills_share_one_block_and_mixed_ones_do_not():
+    prefills = plan_step(torch.tensor([1] * 64 + [4] * 64 + [2] * 64))
+    assert not prefills.big and prefills.width == 64 and prefills.span == 4
+    mixed = plan_step(torch.tensor([1] * 64 + [0, 2, 3, 4, 5, 0]))
+    assert [slot for slot, _ in mixed.big] == [1] and mixed.width == 2
 
 
 def test_zero_check_follows_writes():
