@@ -102,10 +102,13 @@ dpo = training_command(
 
 reward = training_command(
     "reward",
-    """Train a Bradley-Terry reward model (TRL RewardTrainer): LoRA plus a scalar head.
+    """Train an outcome reward model on preference pairs; the registry records kind `reward`.
 
-    Loss -log sigmoid(r(chosen) - r(rejected)). The head is saved inside the adapter
-    (modules_to_save) and the registry records the kind `reward`.
+    --format generative (the default): a plain LoRA whose score is the probability of a
+    "right" label token after the response (chosen right, rejected wrong), which the
+    serving engine runs: `lorabay serve` uses it as a best-of-N "verifier". --format head:
+    a Bradley-Terry LoRA plus a scalar head (TRL RewardTrainer, loss -log sigmoid(r(chosen)
+    - r(rejected))), read in-process only (`lorabay train rlhf --reward`).
 
     \b
     Data (JSONL or Parquet), one record per line:
@@ -142,10 +145,12 @@ rlhf = training_command(
 
 prm = training_command(
     "prm",
-    """Train a process reward model: LoRA plus a head that judges each solution step.
+    """Train a process reward model that judges each solution step (kind `prm`).
 
-    The label of each step sits on the step separator's token; every other token is
-    ignored in the loss. The registry records the kind `prm`; `lorabay score` uses it.
+    --format generative (the default): a plain LoRA read through two label tokens ("+"/"-")
+    after each step's separator, which the serving engine runs (best-of-N and beam search
+    in `lorabay serve`). --format head: a LoRA plus a two-class head read at the
+    separator's token, in-process only. `lorabay score` reads either.
 
     \b
     Data (JSONL or Parquet), one record per line:
