@@ -92,6 +92,7 @@ VALUE_SETS: dict[str, dict] = {
         "apiKeys": {"secretName": "gateway-keys", "key": "keys.yaml"},
         "base": {"hfToken": {"secretName": "hf-token"}},
         "cache": {"persistence": {"enabled": True, "storageClass": "fast", "size": "200Gi"}},
+        "trust": {"configMap": "adapter-signers"},
     },
     "autoscaling-monitoring-ingress": {
         "registry": {"url": "s3://adapters/prod"},
@@ -175,13 +176,17 @@ def flags_in(container: dict) -> set[str]:
 def parse_serve_args(container: dict, tmp_path) -> click.Context:
     """Run the container's arguments through `lorabay serve`'s own parser (not its callback).
 
-    --api-keys and --peer-secret-file must name existing files; each path inside the pod
+    --api-keys, --peer-secret-file and --trust must name existing files; each path inside the pod
     is checked to lie in its Secret's mount, then swapped for a real file here.
     """
     assert container["command"] == ["lorabay", "serve"]
     args = list(container["args"])
     mounts = {m["name"]: m for m in container["volumeMounts"]}
-    for flag, volume in (("--api-keys", "api-keys"), ("--peer-secret-file", "peer-secret")):
+    for flag, volume in (
+        ("--api-keys", "api-keys"),
+        ("--peer-secret-file", "peer-secret"),
+        ("--trust", "trust"),
+    ):
         if flag in args:
             at = args.index(flag) + 1
             assert args[at].startswith(mounts[volume]["mountPath"] + "/")

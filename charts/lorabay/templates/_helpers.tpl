@@ -76,6 +76,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- .Values.peers.secret.name | default (printf "%s-peers" (include "lorabay.fullname" .)) }}
 {{- end }}
 
+{{/* Where the trust policy's ConfigMap is mounted; --trust names the policy inside. */}}
+{{- define "lorabay.trustDir" -}}
+/etc/lorabay/trust
+{{- end }}
+
 {{/* Where the peers' Secret is mounted; the file passed to --peer-secret-file lies inside. */}}
 {{- define "lorabay.peerSecretDir" -}}
 /etc/lorabay/peers
@@ -151,6 +156,9 @@ click command lorabay.cli.serve:serve; tests/deploy parses this list with it.
 {{- $args = concat $args (list "--spill-at" (toString (int $v.peers.spillAt))) }}
 {{- end }}
 {{- $args = concat $args (list "--peer-secret-file" (printf "%s/%s" (include "lorabay.peerSecretDir" .) $v.peers.secret.key)) }}
+{{- end }}
+{{- if $v.trust.configMap }}
+{{- $args = concat $args (list "--trust" (printf "%s/%s" (include "lorabay.trustDir" .) $v.trust.key)) }}
 {{- end }}
 {{- if $v.gateway.jsonLogs }}
 {{- $args = concat $args (list "--json-logs") }}
