@@ -166,7 +166,10 @@ class LocalStore:
                 if entry.is_dir(follow_symlinks=False):
                     walk(Path(entry.path), key)
                 elif entry.is_file(follow_symlinks=False):
-                    info = entry.stat(follow_symlinks=False)
+                    try:
+                        info = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:  # renamed or removed since the scan: gone
+                        continue
                     found.append(ObjectInfo(key, info.st_size, info.st_mtime))
 
         walk(start, prefix.rstrip("/"))

@@ -117,3 +117,28 @@ def test_gc_racing_pushes_and_removals_loses_nothing(
     assert len(runs) >= 2, "gc never ran alongside the pushes"
     manifests = check_every_version_pulls(store_url, lorabay_home, monkeypatch, tmp_path)
     assert [m.ref for m in manifests if m.name == "team/churn"] == [f"team/churn:{ROUNDS + 1}"]
+
+
+def test_a_file_renamed_while_the_local_store_lists_is_left_out(tmp_path, monkeypatch):
+    """A push renames its temporaries into place while gc lists the store: a file that
+    scandir saw and that is gone by its stat is not there any more, not an error (CI saw
+    gc fail with FileNotFoundError in the race above)."""
+    import os
+
+    from lorabay.hub.stores import local
+
+    reg = Registry.open(f"file://{tmp_path / 'registry'}")
+    reg.push(write_lora(tmp_path / "a", seed=1), "a")
+    blobs = {info.key for info in reg.store.list("blobs/sha256/")}
+    gone = sorted(blobs)[0]
+    real_scandir = os.scandir
+
+    def scandir_then_rename(folder):
+        entries = list(real_scandir(folder))
+        for entry in entries:
+            if entry.path.endswith(gone):
+                os.rename(entry.path, tmp_path / "moved")  # after the scan, before the stat
+        return iter(entries)
+
+    monkeypatch.setattr(local.os, "scandir", scandir_then_rename)
+    assert {info.key for info in reg.store.list("blobs/sha256/")} == blobs - {gone}
