@@ -140,7 +140,29 @@ class Stopper:
         self.task.cancel()
 
 
+def ignore_cancelled_socket_waits(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """The loop's exception handler, but for one harmless race in anyio (4.16) under
+    httpx's Unix-socket transport to the engine: a socket wait is a Future whose
+    ``set_result`` is the socket's reader; when a client hangs up and its request is
+    cancelled in the same loop turn as the engine's answer arrives, the reader calls
+    ``set_result`` on the cancelled Future and asyncio logs InvalidStateError with a
+    traceback. Nothing is lost (the request is gone); every other error is logged as before."""
+    error = context.get("exception")
+    callback = getattr(context.get("handle"), "_callback", None)
+    future = getattr(callback, "__self__", None)
+    if (
+        isinstance(error, asyncio.InvalidStateError)
+        and isinstance(future, asyncio.Future)
+        and future.cancelled()
+        and getattr(callback, "__name__", "") == "set_result"
+    ):
+        log.debug("a cancelled request's socket wait was woken after its cancel")
+        return
+    loop.default_exception_handler(context)
+
+
 async def serve_async(options: ServeOptions, registry, keys, peer_secret=None) -> None:
+    asyncio.get_running_loop().set_exception_handler(ignore_cancelled_socket_waits)
     supervisor = EngineSupervisor(EngineConfig.from_options(options))
     sockets = [bind_socket(options.host, options.port)]
     if options.metrics_port is not None:
