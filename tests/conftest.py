@@ -97,6 +97,14 @@ def build_lora(
 
 
 @pytest.fixture(scope="session")
+def lora_builder():
+    """``build_lora`` for tests on another base than the tiny one. A fixture, since
+    ``from conftest import`` finds whichever conftest.py came first (tests/train/'s in a
+    full run)."""
+    return build_lora
+
+
+@pytest.fixture(scope="session")
 def make_lora(tiny_base):
     """Factory: ``make_lora(r=8, targets=("q_proj", "v_proj"), seed=0)`` -> adapter folder.
 

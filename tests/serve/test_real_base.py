@@ -35,11 +35,9 @@ ADAPTERS = {
 
 
 @pytest.fixture(scope="module")
-def adapters(real_base, tmp_path_factory):
-    from conftest import build_lora
-
+def adapters(real_base, lora_builder, tmp_path_factory):
     root = tmp_path_factory.mktemp("real-adapters")
-    return {name: build_lora(real_base, root / name, **p) for name, p in ADAPTERS.items()}
+    return {name: lora_builder(real_base, root / name, **p) for name, p in ADAPTERS.items()}
 
 
 @pytest.fixture(scope="module")
