@@ -1,9 +1,13 @@
-"""The bases the benchmarks run on: ``small`` (a 155M-parameter random init built here,
-bf16) and ``smollm2-135m-instruct`` (the real pretrained base, pulled from its PyPI
-package: 30 layers, GQA 9/3, a 49k vocabulary). Both are made once under ``out/``."""
+"""What the benchmarks share: the bases they run on, ``small`` (a 155M-parameter random
+init built here, bf16) and ``smollm2-135m-instruct`` (the real pretrained base, pulled from
+its PyPI package: 30 layers, GQA 9/3, a 49k vocabulary), both made once under ``out/``; and
+:func:`lorabay`, one CLI command run as a user runs it."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 BASES = ("small", "smollm2-135m-instruct")
@@ -30,3 +34,13 @@ def describe(name: str) -> str:
         "small": "small base (155M, bf16)",
         "smollm2-135m-instruct": "SmolLM2-135M-Instruct (real, 30 layers, GQA, bf16)",
     }[name]
+
+
+def lorabay(*args: str) -> dict:
+    """One `lorabay ... --json` command, as a user runs it; its JSON answer."""
+    command = [sys.executable, "-m", "lorabay.cli.main", *args, "--json"]
+    print("$ lorabay " + " ".join(args), file=sys.stderr, flush=True)
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"`lorabay {' '.join(args[:2])}` failed (exit {done.returncode})")
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -36,11 +36,13 @@ import json
 import os
 import platform
 import random
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchbase import lorabay  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PRINCIPLE = "concise"
@@ -89,16 +91,6 @@ def prompt_splits(args) -> dict[str, list[str]]:
         splits[name] = prompts[start : start + size]
         start += size
     return splits
-
-
-def lorabay(*args: str) -> dict:
-    """One `lorabay ... --json` command, as a user runs it; its JSON answer."""
-    command = [sys.executable, "-m", "lorabay.cli.main", *args, "--json"]
-    print("$ lorabay " + " ".join(args), file=sys.stderr, flush=True)
-    done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"`lorabay {' '.join(args[:2])}` failed (exit {done.returncode})")
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def sample(url: str, model: str, prompts: list[str], args, n: int) -> list[list[str]]:

@@ -40,12 +40,14 @@ import json
 import os
 import random
 import re
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchbase import lorabay  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("majority", "orm", "prm", "prm_vote", "beam")
@@ -192,16 +194,6 @@ def arithmetic_task(args) -> Task:
 
 
 # -- the commands and the API ------------------------------------------------------------
-
-
-def lorabay(*args: str) -> dict:
-    """One `lorabay ... --json` command, as a user runs it; its JSON answer."""
-    command = [sys.executable, "-m", "lorabay.cli.main", *args, "--json"]
-    print("$ lorabay " + " ".join(args), file=sys.stderr, flush=True)
-    done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"`lorabay {' '.join(args[:2])}` failed (exit {done.returncode})")
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def train(method: str, name: str, data: Path, recipe: list[str], work: Path, args) -> dict:
