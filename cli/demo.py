@@ -283,17 +283,24 @@ def demo(base_name: str, workdir: str) -> None:
         lorabay("hub", "alias", "set", "demo/assistant", "prod", "2")
         moved = time.monotonic()
         # The gateway re-reads an alias at most every 0.5 s: new requests see the move
-        # within a second, with no restart.
+        # within a second, with no restart. Measured to the request that saw it being sent
+        # (its answer then takes the time a generation takes).
+        sent = moved
         after = ask(url, "demo/assistant:prod", question, plan.max_tokens)
-        while after == before and time.monotonic() - moved < 2:
+        while after == before and time.monotonic() - moved < 5:
             time.sleep(0.1)
+            sent = time.monotonic()
             after = ask(url, "demo/assistant:prod", question, plan.max_tokens)
+        answered = time.monotonic()
         print_table(
             ["prompt", "prod -> 1", "prod -> 2"], [[question, before, after]], width=CELL_WIDTH
         )
         if before == after:
-            raise click.ClickException("the answer did not change within 2 s of the alias move")
-        click.echo(f"new requests got version 2 within {time.monotonic() - moved:.1f} s")
+            raise click.ClickException("the answer did not change within 5 s of the alias move")
+        click.echo(
+            f"new requests got version 2 within {sent - moved:.1f} s of the move "
+            f"(that request answered in {answered - sent:.1f} s)"
+        )
     finally:
         say("7. stop the server")
         stop(server)
