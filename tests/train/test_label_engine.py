@@ -310,16 +310,17 @@ def test_revise_with_its_own_gateway_stops_on_ctrl_c_and_resumes(world, tmp_path
     command = [sys.executable, "-m", "lorabay.cli.main", "label", *args, "--concurrency", "1"]
     command += ["--base", str(world.base), "--registry", world.registry]
     command += ["--serve-args", "--served-name tiny --dtype float32"]
-    label = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        # As from a terminal: a suite started in the background (`make test &`, CI's shell)
-        # ignores SIGINT, its children inherit that, and Python then never raises
-        # KeyboardInterrupt (the label run finished, exit 0, in two such runs).
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    # As from a terminal: a suite started in the background (`make test &`, CI's shell)
+    # ignores SIGINT, a child inherits that, and Python then never raises
+    # KeyboardInterrupt (the label run finished, exit 0, in two such runs). A handled
+    # signal is reset to its default at exec: handle it here while the child starts.
+    ignored = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        label = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+    finally:
+        signal.signal(signal.SIGINT, ignored)
     seen: dict[int, psutil.Process] = {}
     commands: list[str] = []
     journal = journal_path(out)
