@@ -6,6 +6,7 @@ its PyPI package: 30 layers, GQA 9/3, a 49k vocabulary), both made once under ``
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -44,3 +45,13 @@ def lorabay(*args: str) -> dict:
     if done.returncode != 0:
         raise SystemExit(f"`lorabay {' '.join(args[:2])}` failed (exit {done.returncode})")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def load_average(before: tuple[float, ...], after: tuple[float, ...] | None = None) -> str:
+    """``load average (1, 5, 15 min) ... before, ... after`` (after: now, unless given):
+    how quiet the run was."""
+
+    def shown(values) -> str:
+        return ", ".join(f"{v:.1f}" for v in values)
+
+    return f"load average (1, 5, 15 min) {shown(before)} before, {shown(after or os.getloadavg())} after"

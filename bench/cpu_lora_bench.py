@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchbase import BASES, bench_base, describe
+from benchbase import BASES, bench_base, describe, load_average
 
 OUT = Path(__file__).resolve().parent / "out"
 REQUESTS = 128
@@ -195,6 +195,7 @@ def main() -> None:
         return
 
     rows = []
+    load_before = os.getloadavg()
     base_only = spawn(
         {"base": str(base), "paths": [], "adapters": 0, "repeats": args.repeats, "label": "base"},
         common,
@@ -214,7 +215,8 @@ def main() -> None:
     ref = base_only["tok_s"]
     print(
         f"\n{describe(args.base)}, {REQUESTS} requests x {NEW_TOKENS} new tokens, rank-{RANK} q/v adapters,"
-        f" {os.cpu_count()} cores, {platform.processor() or platform.machine()}\n"
+        f" {os.cpu_count()} cores, {platform.processor() or platform.machine()};"
+        f" {load_average(load_before)}\n"
     )
     print("| path | adapters | tok/s | vs base only | lorabay vs stock |")
     print("|---|---|---|---|---|")

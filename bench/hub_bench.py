@@ -42,6 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from benchbase import load_average
 from safetensors.numpy import save_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -422,6 +423,7 @@ def main() -> None:
     os.environ.pop("LORABAY_REGISTRY", None)
     rows: list[list[str]] = []
     servers = []
+    load_before = os.getloadavg()
     try:
         for kind in args.stores.split(","):
             work = work_root / kind
@@ -455,7 +457,7 @@ def main() -> None:
     headers = ["store", "operation", "lorabay", "baseline (same run)", "ratio", "goal"]
     print(
         f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"{time.strftime('%Y-%m-%d')}\n"
+        f"{time.strftime('%Y-%m-%d')}; {load_average(load_before)}\n"
     )
     print("| " + " | ".join(headers) + " |")
     print("|" + "---|" * len(headers))

@@ -57,7 +57,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchbase import BASES, bench_base, describe  # noqa: E402
+from benchbase import BASES, bench_base, describe, load_average  # noqa: E402
 from cpu_lora_bench import write_random_adapter  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -515,8 +515,7 @@ def report(result: dict, args, command: str) -> str:
         f"### {describe(result['base'])}",
         "",
         f"Command: `{command}`  ",
-        f"Machine: {machine()}; load average (1, 5, 15 min) "
-        f"{fmt_load(result['load_before'])} before, {fmt_load(result['load_after'])} after  ",
+        f"Machine: {machine()}; {load_average(result['load_before'], result['load_after'])}  ",
         f"Engine as lorabay chose it: `{' '.join(result['engine_flags'])}`, "
         + ", ".join(f"{k}={v}" for k, v in result["engine_env"].items() if v is not None)
         + f"; (c) gets the same. {args.requests} requests, {args.concurrency} concurrent, "
@@ -570,10 +569,6 @@ def report(result: dict, args, command: str) -> str:
     if failures:
         lines += ["", "First failures:", *(f"- {f}" for f in failures[:9])]
     return "\n".join(lines)
-
-
-def fmt_load(values) -> str:
-    return ", ".join(f"{v:.1f}" for v in values)
 
 
 def machine() -> str:
