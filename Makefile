@@ -30,8 +30,13 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -c "import vllm, transformers, peft, trl, bitsandbytes, vllm_bnb_plugin; from transformers import LlamaConfig"
 	@touch $(STAMP)
 
+# Two workers, each file on one (its module fixtures, an engine among them, start once).
+# Most of an engine test is one core importing vLLM in three processes one after another,
+# so two workers on a 2-core machine keep both busy. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not vllm and not s3 and not oci and not browser and not slow"

@@ -257,9 +257,9 @@ class PlainVllm(Child):
     """vLLM's own OpenAI server with its stock CPU LoRA path, every adapter static."""
 
     def __init__(self, base: Path, served: str, adapters: dict, flags, env, log: Path):
-        from lorabay.serve.engine import find_free_port
+        from lorabay.hub.ports import free_port
 
-        self.port = find_free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [PYTHON, "-m", ENGINE_MODULE, "--model", str(base)]
         command += ["--served-model-name", served, "--host", "127.0.0.1", "--port", str(self.port)]

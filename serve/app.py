@@ -29,6 +29,9 @@ from datetime import datetime
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from lorabay.hub.errors import LorabayError
 from lorabay.serve.engine import engine_answer
 from lorabay.serve.gateway import (
@@ -44,8 +47,6 @@ from lorabay.serve.resolve import model_not_found
 from lorabay.serve.ttc import answer_ttc, read_plan, read_verify_request
 from lorabay.serve.ttc import verify as verify_solutions
 from lorabay.serve.validate import CHAT, COMPLETIONS, parse_request
-from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("lorabay.serve")
 

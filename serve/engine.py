@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
 from lorabay.hub.errors import EngineStartFailed
 from lorabay.hub.settings import lorabay_home
 
@@ -109,15 +110,6 @@ class EngineConfig:
             extra_args=tuple(options.engine_args),
             start_timeout=options.engine_start_timeout,
         )
-
-
-def find_free_port() -> int:
-    """A free TCP port on 127.0.0.1 (for a test or benchmark server; the engine has none)."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def make_runtime_dir() -> Path:

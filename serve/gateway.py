@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import httpx
+
 from lorabay.hub.errors import (
     AdapterLoadFailed,
     EngineUnavailable,

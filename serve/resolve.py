@@ -14,13 +14,13 @@ missing, or names an adapter the caller's key may not use: names do not leak.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from lorabay.hub import Manifest, Registry
+from lorabay.hub.base_config import local_base_config
 from lorabay.hub.cache import CacheLease
 from lorabay.hub.compat import check_manifest_against_base, compare_config, read_base_shapes
 from lorabay.hub.errors import (
@@ -81,14 +81,6 @@ class Target:
         return self.name if self.manifest is None else f"{self.name}@{self.manifest.digest}"
 
 
-def read_base_config(base: str) -> tuple[Path | None, dict]:
-    """The base's local folder and config.json, if the base is a folder (else None, {})."""
-    folder = Path(base).expanduser()
-    if not (folder / "config.json").is_file():
-        return None, {}
-    return folder, json.loads((folder / "config.json").read_text())
-
-
 def role_problems(manifest: Manifest, role: str) -> list[str]:
     """Why ``manifest`` cannot serve a request as ``role``: the ``model`` that generates
     (POLICY: kind lora) or the ``verifier`` that scores (VERIFIER: a generative reward model
@@ -137,7 +129,9 @@ class ModelResolver:
         # (name, digest) -> a recent refusal; the name too: rules are by name, not content
         self._untrusted: dict[tuple[str, str], tuple[float, UntrustedAdapter]] = {}
         self.served_name = served_name
-        self.base_folder, self.base_config = read_base_config(base)
+        found = local_base_config(base)  # None: a Hugging Face id, checked by the engine
+        self.base_folder = None if found is None else found.folder
+        self.base_config = {} if found is None else found.values
         self.max_rank = max_rank
         self.ttl = ttl
         self._cache: dict[str, tuple[float, Manifest]] = {}

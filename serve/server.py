@@ -184,6 +184,7 @@ async def serve_async(options: ServeOptions, registry, keys, peer_secret=None) -
 
 async def serve_gateway(options, supervisor, registry, keys, peer_secret, sockets, stopper):
     import uvicorn
+
     from lorabay.hub.signing import TrustPolicy
     from lorabay.serve.app import create_app, create_metrics_app
     from lorabay.serve.gateway import Gateway

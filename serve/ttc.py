@@ -49,6 +49,7 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
+
 from lorabay.hub.errors import InvalidAdapter, InvalidRequest
 from lorabay.hub.verifier import VerifierSpec, read_verifier_spec
 from lorabay.serve.engine import engine_answer

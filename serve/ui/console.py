@@ -17,12 +17,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from lorabay.hub.errors import AdapterNotFound, ConfigError, InvalidReference
+from lorabay.hub.base_config import read_base_config
+from lorabay.hub.errors import AdapterNotFound, InvalidReference
 from lorabay.hub.listing import list_rows
 from lorabay.hub.manifest import Manifest
 from lorabay.hub.reference import parse_reference
 from lorabay.serve.keys import OPEN, ApiKeys, KeyGrant
-from lorabay.serve.resolve import describe_mismatch, model_not_found, read_base_config
+from lorabay.serve.resolve import describe_mismatch, model_not_found
 from lorabay.serve.ui.lineage import hider, lineage_graph, read_curve
 from lorabay.serve.ui.traffic import traffic
 
@@ -166,10 +167,8 @@ def registry_console(
 
     served = None
     if base is not None:
-        folder, config = read_base_config(base)
-        if folder is None:
-            raise ConfigError(f"--base {base}: no config.json there", "pass a base folder")
+        found = read_base_config(base)  # ConfigError naming --base and the fix
         served = ServedBase(
-            folder.name, lambda manifest: describe_mismatch(manifest, config, max_rank)
+            found.folder.name, lambda manifest: describe_mismatch(manifest, found.values, max_rank)
         )
     return Console(registry=registry, authenticate=authenticate, base=served)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+
 from lorabay.hub.errors import LorabayError
 from lorabay.serve.app import AsciiJSONResponse, lorabay_error_response
 from lorabay.serve.ui.console import Console

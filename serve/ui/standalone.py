@@ -19,9 +19,10 @@ from lorabay.hub.errors import ConfigError
 
 def create_console_app(console, loopback_only: bool):
     from fastapi import FastAPI
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
     from lorabay.serve.app import LoopbackOnly, error_response
     from lorabay.serve.ui.routes import add_console
-    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     app = FastAPI(title="lorabay console", docs_url=None, redoc_url=None, openapi_url=None)
     if loopback_only:
@@ -48,6 +49,7 @@ def run_console(
     """Serve the console until SIGINT/SIGTERM; ``on_ready`` gets its URL once it listens."""
     try:
         import uvicorn
+
         from lorabay.serve.options import is_loopback
         from lorabay.serve.server import bind_socket, bounded_protocol, socket_url
     except ImportError as error:

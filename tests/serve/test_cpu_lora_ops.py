@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from lorabay.serve import cpu_lora
 from lorabay.serve.cpu_lora import GroupedPunicaWrapperCPU, plan_step
 

@@ -29,7 +29,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from lorabay.hub import Registry
 from servetools import (
     GatewayProcess,
     greedy_reference,
@@ -37,6 +36,8 @@ from servetools import (
     tiny_serve_args,
     wait_gone,
 )
+
+from lorabay.hub import Registry
 
 pytestmark = pytest.mark.vllm
 

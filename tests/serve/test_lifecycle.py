@@ -15,8 +15,9 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from lorabay.hub import Registry
 from servetools import GatewayProcess, wait_gone
+
+from lorabay.hub import Registry
 
 pytestmark = pytest.mark.vllm
 

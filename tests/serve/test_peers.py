@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from lorabay.hub.errors import ConfigError
 from lorabay.serve.peers import DOWN_SECONDS, Peers, home_of, parse_peers
 
@@ -90,9 +91,10 @@ def logged(gateway, text: str, seconds: float = 5.0) -> bool:
 
 @pytest.mark.vllm
 def test_two_gateways_send_each_adapter_to_its_home(tiny_base, make_lora, tmp_path):
+    from servetools import GatewayProcess, tiny_serve_args
+
     from lorabay.hub import Registry
     from lorabay.serve.peers import FORWARDED
-    from servetools import GatewayProcess, tiny_serve_args
 
     registry_url = f"file://{tmp_path / 'registry'}"
     registry = Registry.open(registry_url)
@@ -170,9 +172,10 @@ def test_a_busy_home_sends_requests_back_and_a_hot_adapter_spreads(tiny_base, ma
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+    from servetools import GatewayProcess, tiny_serve_args
+
     from lorabay.hub import Registry
     from lorabay.serve.peers import BUSY, FORWARDED, sign_forward
-    from servetools import GatewayProcess, tiny_serve_args
 
     class AlwaysBusy(BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802 - http.server's naming

@@ -10,6 +10,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
+
 from lorabay.serve.metrics import GatewayMetrics
 from lorabay.serve.pool import AdapterPool
 

@@ -14,8 +14,9 @@ import signal
 
 import openai
 import pytest
-from lorabay.hub import Registry
 from servetools import GatewayProcess, greedy_reference
+
+from lorabay.hub import Registry
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

@@ -14,8 +14,9 @@ import uuid
 
 import openai
 import pytest
-from lorabay.hub import Registry
 from servetools import GatewayProcess, tiny_serve_args
+
+from lorabay.hub import Registry
 
 pytestmark = [pytest.mark.vllm, pytest.mark.s3]
 

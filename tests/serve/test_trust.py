@@ -14,10 +14,11 @@ import uuid
 
 import openai
 import pytest
+from servetools import GatewayProcess, metric, tiny_serve_args
+
 from lorabay.hub import Registry
 from lorabay.hub.keys import signature_key
 from lorabay.hub.signing import sign_version
-from servetools import GatewayProcess, metric, tiny_serve_args
 
 pytestmark = [pytest.mark.vllm, pytest.mark.oci]
 

@@ -5,6 +5,7 @@ test_trust.py)."""
 from __future__ import annotations
 
 import pytest
+
 from lorabay.hub.errors import ConfigError
 from lorabay.serve.options import ServeOptions, check_options
 
@@ -24,6 +25,7 @@ def test_a_bad_trust_policy_fails_the_options_with_every_problem(tiny_base, tmp_
 
 def test_serve_help_names_the_trust_policy():
     from click.testing import CliRunner
+
     from lorabay.cli.main import cli
 
     text = CliRunner().invoke(cli, ["serve", "--help"]).output

@@ -22,11 +22,12 @@ import openai
 import psutil
 import pytest
 from click.testing import CliRunner
+from servetools import GatewayProcess, metric, tiny_serve_args
+
 from lorabay.cli.main import cli
 from lorabay.hub import Registry
 from lorabay.train import ttc_toy
 from lorabay.train.data import write_jsonl
-from servetools import GatewayProcess, metric, tiny_serve_args
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
+
 from lorabay.hub.errors import InvalidRequest
 from lorabay.hub.verifier import VerifierSpec
 from lorabay.serve import ttc

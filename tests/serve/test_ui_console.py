@@ -17,8 +17,6 @@ import time
 import httpx
 import pytest
 from click.testing import CliRunner
-from lorabay.cli.main import cli
-from lorabay.hub import Registry
 from uitools import (
     ADMIN_KEY,
     HOSTILE,
@@ -31,6 +29,9 @@ from uitools import (
     shown_rows,
     write_keys,
 )
+
+from lorabay.cli.main import cli
+from lorabay.hub import Registry
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]  # a browser and a server: seconds each
 

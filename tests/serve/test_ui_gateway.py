@@ -15,7 +15,6 @@ import time
 
 import httpx
 import pytest
-from lorabay.hub import Registry
 from servetools import GatewayProcess, metric, tiny_serve_args
 from uitools import (
     ADMIN_KEY,
@@ -29,6 +28,8 @@ from uitools import (
     shown_rows,
     write_keys,
 )
+
+from lorabay.hub import Registry
 
 pytestmark = [pytest.mark.vllm, pytest.mark.browser]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from lorabay.hub.errors import ConfigError, InvalidRequest, Unauthorized
 from lorabay.serve.engine import (
     EngineConfig,
@@ -237,6 +238,7 @@ def test_stream_relay_passes_bytes_and_drops_only_the_added_usage_event():
 
 def test_serve_refuses_a_public_bind_without_keys(tiny_base):
     from click.testing import CliRunner
+
     from lorabay.cli.main import cli
 
     result = CliRunner().invoke(cli, ["serve", "--base", str(tiny_base), "--host", "0.0.0.0"])
@@ -248,6 +250,7 @@ def test_serve_refuses_a_taken_port_at_once(tiny_base):
     import socket
 
     from click.testing import CliRunner
+
     from lorabay.cli.main import cli
 
     with socket.socket() as taken:

@@ -7,6 +7,7 @@ vLLM release fixes it, the second test says so and the plugin can go.
 from __future__ import annotations
 
 import torch
+
 from lorabay.serve import vllm_plugin
 
 

@@ -88,6 +88,7 @@ def page_opener(browser, url: str):
 def hub_list(registry_url: str, key: str, *extra: str) -> list[dict]:
     """What `lorabay hub list --json` prints, cut to the names ``key`` may use."""
     from click.testing import CliRunner
+
     from lorabay.cli.main import cli
 
     result = CliRunner().invoke(cli, ["hub", "list", "--json", "--registry", registry_url, *extra])
