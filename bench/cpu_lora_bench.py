@@ -4,7 +4,7 @@ Offline ``LLM.generate`` on the ``small`` base (155M parameters, bf16; ``--base
 smollm2-135m-instruct``: the real base, 30 layers with GQA): the same
 workload (REQUESTS prompts of 16 tokens, NEW_TOKENS greedy tokens each) with no
 LoRA at all, then spread round-robin over 1, 8, 32 and 128 rank-8 q/v adapters
-with the stock path (``LORABAY_CPU_LORA=0``) and with the grouped path
+with the stock path (``LORABAY_VLLM_PLUGIN=0``) and with the grouped path
 (serve/cpu_lora.py). Each configuration runs in its own process (its own engine);
 the table reports tok/s and the ratio to the base-only run of the same invocation.
 
@@ -174,8 +174,8 @@ def main() -> None:
     common = {"VLLM_CPU_KVCACHE_SPACE": "2", "TOKENIZERS_PARALLELISM": "false"}
     if (os.cpu_count() or 0) <= 4:  # as `lorabay serve` runs it (serve/engine.py)
         common["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
-    stock = {"LORABAY_CPU_LORA": "0", "LORABAY_VLLM_PLUGIN": "0"}
-    grouped = {"LORABAY_CPU_LORA": "1"}
+    stock = {"LORABAY_VLLM_PLUGIN": "0"}
+    grouped = {"LORABAY_VLLM_PLUGIN": "1"}
 
     if args.profile:
         env = {

@@ -17,8 +17,8 @@ Rank-8 q/v adapters, pushed to a file:// registry. Each row is one server:
   (b) the engine (a) supervises, reached as its own user reaches it: its Unix socket
       and its token (as tests/serve/servetools.py's EngineDoor), adapters by the engine
       names (a) loaded; the client speaks HTTP over the socket itself, no forwarder;
-  (c) a plain vLLM OpenAI server with vLLM's stock CPU LoRA (``LORABAY_CPU_LORA=0
-      LORABAY_VLLM_PLUGIN=0``), the adapters as ``--lora-modules``, started with the
+  (c) a plain vLLM OpenAI server with vLLM's stock CPU LoRA (``LORABAY_VLLM_PLUGIN=0``:
+      lorabay's one vLLM plugin off), the adapters as ``--lora-modules``, started with the
       engine flags and environment (a) chose (``--max-loras``, ``--max-cpu-loras``,
       ``--max-num-seqs``, KV cache, reserved CPUs), so what differs is lorabay's LoRA
       path and its gateway.
@@ -425,7 +425,7 @@ def bench_one_base(base_name: str, args) -> dict:
         flags = lorabay.engine_flags()
         print(f"  its engine: {' '.join(flags)}", flush=True)
         if "vllm" in args.servers:
-            plain_env = {**env, "LORABAY_CPU_LORA": "0", "LORABAY_VLLM_PLUGIN": "0"}
+            plain_env = {**env, "LORABAY_VLLM_PLUGIN": "0"}
             plain_env.update(
                 {k: lorabay.engine_env[k] for k in COPIED_ENV if k in lorabay.engine_env}
             )

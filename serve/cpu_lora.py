@@ -28,25 +28,18 @@ rank-16 slot reads half), rebuilt only when vLLM writes the stack; wider blocks
 the faster. Results go back with one gather into batch order and a dense add:
 ``index_add_`` into a column slice of the output was slower than the matmuls.
 
-Turned on by vLLM's plugin entry point (``vllm.general_plugins`` ->
-:func:`register`) in every vLLM process, only on the CPU platform and only on the
-vLLM versions in :data:`TESTED_VLLM_VERSIONS`. ``LORABAY_CPU_LORA=0`` turns it off.
+Turned on by lorabay's vLLM plugin (serve/vllm_plugin.py), which names
+:class:`GroupedPunicaWrapperCPU` to vLLM on the CPU platform and tested vLLM versions;
+vLLM imports this module only then, in the worker. ``LORABAY_VLLM_PLUGIN=0`` turns the
+plugin, and so this path, off.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-
-logger = logging.getLogger(__name__)
-
-TESTED_VLLM_VERSIONS = ("0.32.0",)
-WRAPPER_QUALNAME = "lorabay.serve.cpu_lora.GroupedPunicaWrapperCPU"
-ENV_SWITCH = "LORABAY_CPU_LORA"
 
 # Groups with more tokens than this (a long prefill) get their own matmuls instead
 # of being padded into the shared block, unless every group pads cheaply
@@ -64,29 +57,6 @@ COMPACT_MAX_GROUP = 128
 # A large group whose rows are not contiguous (a prefill and decodes of one adapter)
 # is added back as up to this many contiguous runs; index_add_ is the slow way.
 MAX_RUNS = 8
-
-
-def enabled() -> bool:
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
-
-
-def register() -> None:
-    """vLLM general-plugin entry point: route the CPU platform to the grouped wrapper."""
-    if not enabled():
-        return
-    import vllm
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu():
-        return
-    if vllm.__version__ not in TESTED_VLLM_VERSIONS:
-        logger.warning(
-            "lorabay CPU LoRA path is off: tested with vLLM %s, found %s",
-            ", ".join(TESTED_VLLM_VERSIONS),
-            vllm.__version__,
-        )
-        return
-    type(current_platform).get_punica_wrapper = classmethod(lambda cls: WRAPPER_QUALNAME)
 
 
 @dataclass

@@ -443,9 +443,9 @@ class EngineSupervisor:
             self._log_file = open(self.log_path, "a", buffering=1)  # noqa: SIM115 (closed in stop)
 
     def _check_plugin(self) -> None:
-        from lorabay.serve.vllm_plugin import ACTIVE_MESSAGE, DISABLED
+        from lorabay.serve.vllm_plugin import ACTIVE_MESSAGE, enabled
 
-        if os.environ.get("LORABAY_VLLM_PLUGIN", "1").strip().lower() in DISABLED:
+        if not enabled({**os.environ, **self.config.env}):  # the environment the engine got
             return
         if not any(ACTIVE_MESSAGE in line for line in self._tail):
             log.warning(

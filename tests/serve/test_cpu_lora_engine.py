@@ -106,7 +106,7 @@ def test_grouped_path_equals_peft(engine, tiny_base, adapters, tmp_path, monkeyp
         "engine": engine,
         "new_tokens": NEW_TOKENS,
     }
-    monkeypatch.setenv("LORABAY_CPU_LORA", "1")
+    monkeypatch.setenv("LORABAY_VLLM_PLUGIN", "1")
     done = subprocess.run(
         [sys.executable, str(script), json.dumps(job)], capture_output=True, text=True, timeout=600
     )

@@ -158,13 +158,3 @@ def test_plan_groups_rows_by_slot():
     assert (plan.first_slot, plan.span, plan.width) == (1, 3, 2)
     assert plan.cells.tolist() == [0, 1, 4, 5]
     assert plan_step(torch.tensor([-1, -1])).empty
-
-
-def test_switch_and_version_gate(monkeypatch):
-    monkeypatch.setenv("LORABAY_CPU_LORA", "0")
-    assert not cpu_lora.enabled()
-    monkeypatch.setenv("LORABAY_CPU_LORA", "1")
-    assert cpu_lora.enabled()
-    import vllm
-
-    assert vllm.__version__ in cpu_lora.TESTED_VLLM_VERSIONS

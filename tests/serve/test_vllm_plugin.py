@@ -6,6 +6,7 @@ vLLM release fixes it, the second test says so and the plugin can go.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lorabay.serve import vllm_plugin
@@ -55,7 +56,7 @@ def test_vllms_own_cpu_ops_give_base_tokens_the_last_slot():
     from vllm.lora.ops.torch_ops import lora_ops
 
     if getattr(lora_ops, "_lorabay_patched", False):
-        return  # patched in this process already (the plugin ran): nothing to compare
+        pytest.skip("vLLM's ops are patched in this process: the stock ones cannot be run")
     a, b, x = weights()
     indices = torch.tensor([-1, -1, -1, -1])
     y = shrink_then_expand(lora_ops, a, b, x, indices)
@@ -64,29 +65,59 @@ def test_vllms_own_cpu_ops_give_base_tokens_the_last_slot():
     torch.testing.assert_close(y, last)
 
 
-def test_register_patches_every_binding_and_can_be_disabled(monkeypatch):
+@pytest.fixture
+def stock_vllm(monkeypatch):
+    """vLLM's CPU platform and LoRA ops as they ship, put back after the test."""
     from vllm.lora.ops import torch_ops
     from vllm.lora.ops.torch_ops import lora_ops
     from vllm.lora.punica_wrapper import punica_cpu
+    from vllm.platforms import current_platform
 
-    saved = {
-        (module, name): getattr(module, name)
-        for module in (lora_ops, torch_ops, punica_cpu)
-        for name in vllm_plugin.FIXED
-        if hasattr(module, name)
-    }
-    try:
-        monkeypatch.setattr(lora_ops, "_lorabay_patched", False, raising=False)
-        monkeypatch.setenv("LORABAY_VLLM_PLUGIN", "0")
-        vllm_plugin.register()
-        assert punica_cpu.bgmv_shrink is saved[(punica_cpu, "bgmv_shrink")]
-        monkeypatch.setenv("LORABAY_VLLM_PLUGIN", "1")
-        vllm_plugin.register()
-        assert punica_cpu.bgmv_shrink is vllm_plugin.bgmv_shrink
-        assert lora_ops.bgmv_expand is vllm_plugin.bgmv_expand
-    finally:
-        for (module, name), function in saved.items():
-            setattr(module, name, function)
+    platform = type(current_platform)
+    monkeypatch.setattr(platform, "get_punica_wrapper", platform.get_punica_wrapper)
+    for module in (lora_ops, torch_ops, punica_cpu):
+        for name in vllm_plugin.FIXED:
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, getattr(module, name))
+    monkeypatch.setattr(lora_ops, "_lorabay_patched", False, raising=False)
+    return current_platform, lora_ops, punica_cpu
+
+
+def test_register_routes_the_cpu_to_the_grouped_path_and_one_switch_turns_it_off(
+    stock_vllm, monkeypatch
+):
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+
+    platform, lora_ops, punica_cpu = stock_vllm
+    stock_wrapper, stock_shrink = platform.get_punica_wrapper(), punica_cpu.bgmv_shrink
+    monkeypatch.setenv("LORABAY_VLLM_PLUGIN", "0")
+    vllm_plugin.register()
+    assert platform.get_punica_wrapper() == stock_wrapper
+    monkeypatch.setenv("LORABAY_VLLM_PLUGIN", "1")
+    vllm_plugin.register()
+    assert platform.get_punica_wrapper() == vllm_plugin.WRAPPER_QUALNAME != stock_wrapper
+    wrapper = resolve_obj_by_qualname(platform.get_punica_wrapper())
+    assert issubclass(wrapper, PunicaWrapperCPU) and wrapper is not PunicaWrapperCPU
+    # The grouped path replaces the ops it would have patched: they stay as they ship.
+    assert punica_cpu.bgmv_shrink is stock_shrink
+
+
+def test_on_an_untested_vllm_register_patches_every_binding_of_the_stock_ops(
+    stock_vllm, monkeypatch
+):
+    from vllm.lora.ops import torch_ops
+
+    platform, lora_ops, punica_cpu = stock_vllm
+    stock_wrapper = platform.get_punica_wrapper()
+    monkeypatch.setattr(vllm_plugin, "TESTED_VLLM_VERSIONS", ("0.0.0",))
+    monkeypatch.setenv("LORABAY_VLLM_PLUGIN", "1")
+    vllm_plugin.register()
+    assert platform.get_punica_wrapper() == stock_wrapper
+    for module in (lora_ops, torch_ops, punica_cpu):
+        for name, function in vllm_plugin.FIXED.items():
+            if hasattr(module, name):
+                assert getattr(module, name) is function, (module.__name__, name)
 
 
 def test_the_plugin_asks_for_amx_where_the_cpu_has_it():
