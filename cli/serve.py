@@ -9,7 +9,10 @@ from __future__ import annotations
 import click
 
 from lorabay.cli.base import resolve_base_option
-from lorabay.serve.options import DEFAULT_MAX_N, SearchLimits
+from lorabay.serve.options import ServeOptions
+
+# Every default is ServeOptions' own: the dataclass is the one place they are written.
+DEFAULTS = ServeOptions(base="")
 
 
 @click.command()
@@ -27,14 +30,14 @@ from lorabay.serve.options import DEFAULT_MAX_N, SearchLimits
 @click.option(
     "--quantization",
     type=click.Choice(["nf4", "awq", "gptq", "none"]),
-    default="none",
+    default=DEFAULTS.quantization,
     show_default=True,
     help="nf4: bitsandbytes 4-bit, quantized while loading; awq/gptq: a pre-quantized base.",
 )
 @click.option(
     "--dtype",
     type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
-    default="auto",
+    default=DEFAULTS.dtype,
     show_default=True,
     help="Activations: auto is vLLM's choice (bfloat16 on a CPU that has it; nf4 needs 16 bits).",
 )
@@ -45,14 +48,14 @@ from lorabay.serve.options import DEFAULT_MAX_N, SearchLimits
 )
 @click.option(
     "--host",
-    default="127.0.0.1",
+    default=DEFAULTS.host,
     show_default=True,
     help="Gateway address. Anything but loopback needs --api-keys or --insecure.",
 )
 @click.option(
     "--port",
     type=click.IntRange(0, 65535),
-    default=8000,
+    default=DEFAULTS.port,
     show_default=True,
     help="Gateway port (0: any free port).",
 )
@@ -69,7 +72,7 @@ from lorabay.serve.options import DEFAULT_MAX_N, SearchLimits
 @click.option(
     "--max-loras",
     type=click.IntRange(1),
-    default=8,
+    default=DEFAULTS.max_loras,
     show_default=True,
     help="Adapters in one engine batch.",
 )
@@ -82,14 +85,14 @@ from lorabay.serve.options import DEFAULT_MAX_N, SearchLimits
 @click.option(
     "--max-lora-rank",
     type=click.Choice(["8", "16", "32", "64", "128", "256"]),
-    default="16",
+    default=str(DEFAULTS.max_lora_rank),
     show_default=True,
     help="Highest adapter rank the engine accepts.",
 )
 @click.option(
     "--max-loaded",
     type=click.IntRange(1),
-    default=32,
+    default=DEFAULTS.max_loaded,
     show_default=True,
     help="Adapters loaded in the engine at once; the least recently used is unloaded past it.",
 )
@@ -102,42 +105,42 @@ from lorabay.serve.options import DEFAULT_MAX_N, SearchLimits
 @click.option(
     "--max-num-seqs",
     type=click.IntRange(1),
-    default=128,
+    default=DEFAULTS.max_num_seqs,
     show_default=True,
     help="Sequences the engine batches at once.",
 )
 @click.option(
     "--max-body-bytes",
     type=click.IntRange(1024),
-    default=4 * 1024 * 1024,
+    default=DEFAULTS.max_body_bytes,
     show_default=True,
     help="Request bodies larger than this get 413.",
 )
 @click.option(
     "--max-n",
     type=click.IntRange(1),
-    default=DEFAULT_MAX_N,
+    default=DEFAULTS.max_n,
     show_default=True,
     help="Choices (`n`) one request may ask for; more get 400 saying so.",
 )
 @click.option(
     "--max-best-of",
     type=click.IntRange(1),
-    default=SearchLimits.max_best_of,
+    default=DEFAULTS.max_best_of,
     show_default=True,
     help="Candidates one request's `best_of` may sample (best-of-N with a verifier); more get 400.",
 )
 @click.option(
     "--max-search-samples",
     type=click.IntRange(1),
-    default=SearchLimits.max_search_samples,
+    default=DEFAULTS.max_search_samples,
     show_default=True,
     help="Continuations per step of a beam `search` (width x expand); more get 400.",
 )
 @click.option(
     "--max-search-steps",
     type=click.IntRange(1),
-    default=SearchLimits.max_search_steps,
+    default=DEFAULTS.max_search_steps,
     show_default=True,
     help="Steps one beam `search` may take (`max_steps`); more get 400.",
 )
@@ -150,14 +153,14 @@ from lorabay.serve.options import DEFAULT_MAX_N, SearchLimits
 )
 @click.option(
     "--metrics-host",
-    default="127.0.0.1",
+    default=DEFAULTS.metrics_host,
     show_default=True,
     help="Address of the --metrics-port listener.",
 )
 @click.option(
     "--engine-start-timeout",
     type=click.FloatRange(1),
-    default=900.0,
+    default=DEFAULTS.engine_start_timeout,
     show_default=True,
     help="Seconds to wait for the engine to be ready.",
 )
@@ -215,7 +218,7 @@ def serve(**options) -> None:
       curl localhost:8000/v1/chat/completions -H 'content-type: application/json' \\
         -d '{"model": "team/summarize:prod", "messages": [{"role": "user", "content": "hi"}]}'
     """
-    from lorabay.serve.server import ServeOptions, run_server
+    from lorabay.serve.server import run_server
 
     options["max_lora_rank"] = int(options["max_lora_rank"])
     options["engine_args"] = tuple(options["engine_args"])

@@ -74,17 +74,20 @@ STARTING, READY, UNRESPONSIVE, DOWN, STOPPED = (
 
 @dataclass
 class EngineConfig:
+    """The engine's share of :class:`~lorabay.serve.options.ServeOptions`, whose defaults
+    are the only ones (:meth:`from_options`); the rest is how the supervisor watches it."""
+
     model: str
     served_name: str
-    dtype: str = "auto"
-    quantization: str = "none"
-    max_loras: int = 8
-    max_cpu_loras: int = 8
-    max_lora_rank: int = 16
-    max_model_len: int | None = None
-    max_num_seqs: int = 128
-    extra_args: tuple[str, ...] = ()
-    start_timeout: float = 900.0
+    dtype: str
+    quantization: str
+    max_loras: int
+    max_cpu_loras: int
+    max_lora_rank: int
+    max_model_len: int | None
+    max_num_seqs: int
+    extra_args: tuple[str, ...]
+    start_timeout: float
     log_path: Path | None = None  # engine output goes here (default: $LORABAY_HOME/logs/)
     env: dict[str, str] = field(default_factory=dict)  # added to the inherited environment
     health_interval: float = 2.0  # seconds between /health probes
@@ -339,7 +342,6 @@ class EngineSupervisor:
         self.generation = 0  # one more at every start
         self.state = STOPPED
         self.ready_at = 0.0
-        self.restarts = 0
         self.backoff = RestartBackoff()
         self.on_restart = on_restart  # called with the new generation once it is ready
         self.on_down = on_down  # called with the reason when a ready engine went down
@@ -557,7 +559,6 @@ class EngineSupervisor:
             while not self._stopping:
                 try:
                     await self.start()
-                    self.restarts += 1
                     if self.on_restart:
                         self.on_restart(self.generation)
                     break

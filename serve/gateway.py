@@ -94,13 +94,13 @@ class Gateway:
     keys: ApiKeys | None
     max_loaded: int
     max_body_bytes: int
+    spill_at: int  # --spill-at: in-flight requests past which forwarded ones go back
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
     max_model_len: int | None = None
     max_n: int = DEFAULT_MAX_N  # --max-n: choices one request may ask for
     search_limits: SearchLimits = field(default_factory=SearchLimits)  # best_of, search (ttc.py)
     peers: Peers | None = None  # --peers: adapter affinity across gateways (peers.py)
     peer_secret: bytes | None = None  # --peer-secret-file: proves a request came from a peer
-    spill_at: int = 128  # --spill-at: in-flight requests past which forwarded ones go back
     engine: httpx.AsyncClient | None = None
     peer_client: httpx.AsyncClient | None = None
     pool: AdapterPool | None = None

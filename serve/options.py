@@ -76,6 +76,10 @@ class ServeOptions:
         return SearchLimits(self.max_best_of, self.max_search_samples, self.max_search_steps)
 
     @property
+    def spill_limit(self) -> int:
+        return self.max_num_seqs if self.spill_at is None else self.spill_at  # --spill-at's help
+
+    @property
     def cpu_loras(self) -> int:
         # vLLM keeps adapters beyond max_cpu_loras only by re-reading them from disk on use;
         # sizing its host cache to the gateway's own cap keeps every loaded adapter resident.

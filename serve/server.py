@@ -209,7 +209,7 @@ async def serve_gateway(options, supervisor, registry, keys, peer_secret, socket
         search_limits=options.search_limits,
         peers=Peers(options.peers, api_socket.getsockname()[1]) if options.peers else None,
         peer_secret=peer_secret,
-        spill_at=options.spill_at if options.spill_at is not None else options.max_num_seqs,
+        spill_at=options.spill_limit,
     )
     await gateway.connect()
     await asyncio.to_thread(resolver.warm_up)
