@@ -47,8 +47,8 @@ from pathlib import Path
 
 import httpx
 
-from lorabay.hub.errors import EngineStartFailed
 from lorabay.hub.settings import lorabay_home
+from lorabay.serve.errors import EngineStartFailed
 
 log = logging.getLogger("lorabay.serve")
 

@@ -31,16 +31,10 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from lorabay.hub.errors import (
-    AdapterLoadFailed,
-    EngineUnavailable,
-    IncompatibleBase,
-    InvalidRequest,
-    LorabayError,
-    UntrustedAdapter,
-)
+from lorabay.hub.errors import IncompatibleBase, LorabayError, UntrustedAdapter
 from lorabay.hub.reference import parse_reference
 from lorabay.serve.engine import EngineSupervisor, engine_answer
+from lorabay.serve.errors import AdapterLoadFailed, EngineUnavailable, InvalidRequest
 from lorabay.serve.keys import OPEN, ApiKeys, KeyGrant
 from lorabay.serve.metrics import GatewayMetrics
 from lorabay.serve.options import DEFAULT_MAX_N, SearchLimits

@@ -23,7 +23,8 @@ import hmac
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorabay.hub.errors import ConfigError, Unauthorized
+from lorabay.hub.errors import ConfigError
+from lorabay.serve.errors import Unauthorized
 
 
 @dataclass(frozen=True)

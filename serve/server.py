@@ -7,7 +7,7 @@ One log line per stage (engine starting, engine ready in N s, gateway listening 
 URL, stopping). SIGINT or SIGTERM at any point, from the first line to the last,
 stops the gateway and the engine's whole process group (the engine runs in its own
 session, so nothing else would reach it); an engine that fails to start ends the
-command with its own error (:class:`~lorabay.hub.errors.EngineStartFailed`) and
+command with its own error (:class:`~lorabay.serve.errors.EngineStartFailed`) and
 nothing left running.
 
 Connections are bounded (:func:`bounded_protocol`): a client has

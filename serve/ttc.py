@@ -50,9 +50,10 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from lorabay.hub.errors import InvalidAdapter, InvalidRequest
+from lorabay.hub.errors import InvalidAdapter
 from lorabay.hub.verifier import VerifierSpec, read_verifier_spec
 from lorabay.serve.engine import engine_answer
+from lorabay.serve.errors import InvalidRequest
 from lorabay.serve.gateway import engine_down
 from lorabay.serve.options import SearchLimits
 from lorabay.serve.resolve import VERIFIER

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from lorabay.hub.errors import InvalidRequest
+from lorabay.serve.errors import InvalidRequest
 from lorabay.serve.options import DEFAULT_MAX_N
 
 CHAT = "chat/completions"

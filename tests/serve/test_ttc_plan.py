@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from lorabay.hub.errors import InvalidRequest
 from lorabay.hub.verifier import VerifierSpec
 from lorabay.serve import ttc
+from lorabay.serve.errors import InvalidRequest
 from lorabay.serve.options import SearchLimits
 from lorabay.serve.validate import CHAT, COMPLETIONS
 

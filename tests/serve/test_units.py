@@ -6,13 +6,14 @@ import json
 
 import pytest
 
-from lorabay.hub.errors import ConfigError, InvalidRequest, Unauthorized
+from lorabay.hub.errors import ConfigError
 from lorabay.serve.engine import (
     EngineConfig,
     build_engine_command,
     build_engine_env,
     summarize_engine_failure,
 )
+from lorabay.serve.errors import InvalidRequest, Unauthorized
 from lorabay.serve.gateway import relay_events
 from lorabay.serve.keys import load_api_keys, parse_api_keys
 from lorabay.serve.options import ServeOptions, check_options, is_loopback
