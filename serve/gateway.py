@@ -2,10 +2,7 @@
 
 One ``httpx.AsyncClient`` talks to the engine over its private Unix socket (with the
 token the engine's guard wants); another, only with ``--peers``, to the other gateways.
-Streams are passed through as the engine's bytes, whole SSE events at a time; only
-events that carry usage are parsed (the gateway asks for the final one, for its token
-metrics, and drops it again when the client did not ask). Nothing is re-encoded per
-token.
+What one request does with these parts, in order, is serve/generate.py.
 
 The gateway trusts only engine state it made (STYLE 14): an adapter is loaded from
 the folder the registry verified, under a name carrying its digest; an adapter the
@@ -26,7 +23,6 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -46,8 +42,6 @@ log = logging.getLogger("lorabay.serve")
 # What a forwarded request keeps of the client's headers (the peer checks the key again).
 FORWARDED_HEADERS = ("authorization", "content-type", "accept")
 
-USAGE_MARK = b'"usage":{'
-EVENT_END = b"\n\n"
 BODY_IDLE_SECONDS = 10.0  # a body that sends nothing for this long gets 408
 BODY_SECONDS = 60.0  # and one that is not all there after this long
 ALREADY_LOADED = "has already been loaded"  # vLLM's answer to a load under a taken name
@@ -346,112 +340,3 @@ class Gateway:
         except httpx.TransportError as error:
             self.supervisor.mark_down()
             raise engine_down(type(error).__name__) from None
-
-
-def read_usage(event: bytes) -> dict | None:
-    """The usage object of one SSE event (``data: {...}``), if it has one."""
-    try:
-        payload = json.loads(event.partition(b"data:")[2])
-    except ValueError:
-        return None
-    usage = payload.get("usage") if isinstance(payload, dict) else None
-    return usage if isinstance(usage, dict) else None
-
-
-async def relay_events(
-    response: httpx.Response,
-    client_wants_usage: bool,
-    on_first: Callable[[], None],
-    on_usage: Callable[[dict], None],
-) -> AsyncIterator[bytes]:
-    """The engine's SSE bytes, whole events at a time, minus a usage event we added.
-
-    Usage is recorded once, at the end, from the last event that carried it: with
-    ``continuous_usage_stats`` every event carries the running total.
-    """
-    pending = b""
-    first = True
-    usage = None
-    try:
-        async for chunk in response.aiter_raw():
-            pending += chunk
-            end = pending.rfind(EVENT_END)
-            if end < 0:
-                continue
-            ready, pending = pending[: end + 2], pending[end + 2 :]
-            if USAGE_MARK in ready:
-                kept = []
-                for event in ready.split(EVENT_END)[:-1]:
-                    seen = read_usage(event) if USAGE_MARK in event else None
-                    if seen is not None:
-                        usage = seen
-                        if not client_wants_usage and b'"choices":[]' in event:
-                            continue  # the final usage event we asked for ourselves
-                    kept.append(event + EVENT_END)
-                ready = b"".join(kept)
-                if not ready:
-                    continue
-            if first:
-                on_first()
-                first = False
-            yield ready
-        if pending:
-            yield pending
-    finally:
-        if usage is not None:
-            on_usage(usage)
-
-
-def error_event(error: LorabayError) -> bytes:
-    body = {"error": {"message": str(error), "type": "server_error", "code": error.code}}
-    return b"data: " + json.dumps(body).encode() + EVENT_END
-
-
-class RequestTimer:
-    """Latency, TTFT and tokens of one request, recorded once at its end.
-
-    A request counts as in flight (``lorabay_requests_in_flight``, the autoscaling
-    signal) from :meth:`begin`, once its body is whole and valid, until it ends: a
-    client that stalls its upload holds a connection, not a slot.
-    """
-
-    def __init__(self, metrics: GatewayMetrics, endpoint: str):
-        self.metrics = metrics
-        self.endpoint = endpoint
-        self.started = time.perf_counter()
-        self.labels = ("", "")
-        self.counted = False
-        self.done = False
-
-    def begin(self) -> None:
-        if not self.counted and not self.done:
-            self.counted = True
-            self.metrics.active += 1
-
-    def _end(self) -> None:
-        self.done = True
-        if self.counted:
-            self.metrics.active -= 1
-
-    def first_token(self) -> None:
-        self.metrics.ttft.labels(*self.labels).observe(time.perf_counter() - self.started)
-
-    def usage(self, usage: dict) -> None:
-        self.metrics.prompt_tokens.labels(*self.labels).inc(usage.get("prompt_tokens") or 0)
-        self.metrics.generated_tokens.labels(*self.labels).inc(usage.get("completion_tokens") or 0)
-
-    def forwarded(self, peer: str) -> None:
-        """Sent on to ``peer``, which records the request itself."""
-        if not self.done:
-            self._end()
-            self.metrics.forwarded.labels(peer).inc()
-
-    def finish(self, status: int, code: str | None = None) -> None:
-        if self.done:
-            return
-        self._end()
-        self.metrics.requests.labels(*self.labels, self.endpoint, str(status)).inc()
-        if status >= 400:
-            self.metrics.errors.labels(*self.labels, code or str(status)).inc()
-        else:
-            self.metrics.latency.labels(*self.labels).observe(time.perf_counter() - self.started)

@@ -24,7 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from lorabay.hub.errors import LorabayError
-from lorabay.serve.app import AsciiJSONResponse, lorabay_error_response
+from lorabay.serve.responses import AsciiJSONResponse, lorabay_error_response
 from lorabay.serve.ui.console import Console
 
 STATIC = Path(__file__).parent / "static"

@@ -21,7 +21,8 @@ def create_console_app(console, loopback_only: bool):
     from fastapi import FastAPI
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from lorabay.serve.app import LoopbackOnly, error_response
+    from lorabay.serve.app import LoopbackOnly
+    from lorabay.serve.responses import error_response
     from lorabay.serve.ui.routes import add_console
 
     app = FastAPI(title="lorabay console", docs_url=None, redoc_url=None, openapi_url=None)

@@ -14,7 +14,7 @@ from lorabay.serve.engine import (
     summarize_engine_failure,
 )
 from lorabay.serve.errors import InvalidRequest, Unauthorized
-from lorabay.serve.gateway import relay_events
+from lorabay.serve.generate import relay_events
 from lorabay.serve.keys import load_api_keys, parse_api_keys
 from lorabay.serve.options import ServeOptions, check_options, is_loopback
 from lorabay.serve.validate import CHAT, COMPLETIONS, parse_request
@@ -283,8 +283,7 @@ def stream_through_asgi(messages_in):
     import asyncio
     from types import SimpleNamespace
 
-    from lorabay.serve.app import StreamRelay, relay_response
-    from lorabay.serve.gateway import RequestTimer
+    from lorabay.serve.generate import RequestTimer, StreamRelay, relay_response
     from lorabay.serve.metrics import GatewayMetrics
 
     metrics = GatewayMetrics()
