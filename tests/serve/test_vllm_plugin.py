@@ -124,3 +124,28 @@ def test_the_plugin_asks_for_amx_where_the_cpu_has_it():
     # Without the permission, vLLM's bfloat16 CPU attention (its AMX kernel) dies of
     # SIGILL; the real engine case is test_lifecycle's default-dtype test.
     assert vllm_plugin.allow_amx() == bool(torch.cpu._is_amx_tile_supported())
+
+
+def test_idle_readers_nap_inside_vllms_busy_window_and_leave_the_rest_to_it(monkeypatch):
+    import time
+    from types import SimpleNamespace
+
+    from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
+
+    calls = []
+    monkeypatch.setattr(SpinCondition, "wait", lambda self, timeout_ms=None: calls.append(self))
+    monkeypatch.setenv("LORABAY_VLLM_NAP_US", "2000")
+    assert vllm_plugin.patch_spin_wait() == 0.002
+    now = time.monotonic()
+    just_read = SimpleNamespace(last_read=now, busy_loop_s=1.0)
+    waiting = SimpleNamespace(last_read=now - 0.01, busy_loop_s=1.0)
+    idle = SimpleNamespace(last_read=now - 5.0, busy_loop_s=1.0)
+    SpinCondition.wait(just_read)  # right after a read: vLLM's spin
+    started = time.monotonic()
+    SpinCondition.wait(waiting)  # waiting a while: a nap, and back to look at the ring
+    napped = time.monotonic() - started
+    SpinCondition.wait(idle)  # past the busy window: vLLM's own ZMQ wait
+    assert calls == [just_read, idle]
+    assert napped >= 0.002
+    monkeypatch.setenv("LORABAY_VLLM_NAP_US", "0")
+    assert vllm_plugin.patch_spin_wait() == 0.0
