@@ -4,6 +4,8 @@ and the time the verifier adds over sampling (issue 16).
 
     .venv/bin/python bench/ttc_bench.py                                  # tiny base, praise
     .venv/bin/python bench/ttc_bench.py --base smollm2-135m-instruct     # real base, arithmetic
+    .venv/bin/python bench/ttc_bench.py --base smollm2-135m-instruct --train-prompts 128 \
+        --heldout 16 --verifier-samples 4 --verifier-steps 60              # shorter (~45 min)
     .venv/bin/python bench/ttc_bench.py --heldout 8 --ns 1,4 --verifier-samples 2   # a smoke run
 
 Everything runs through the commands and the API a user has, against one `lorabay serve`
@@ -28,8 +30,8 @@ Tasks (``--task``, default by the base's vocabulary):
 - ``arithmetic`` (a real base): "Compute 23 + 45 - 12.", one step a line
   ("23 + 45 = 68", "68 - 12 = 56") then "Answer: 56", right when the answer is.
 
-Prints a markdown table (bench/README.md keeps the latest), writes --plot and
-results.json into --work.
+Prints a markdown table (bench/README.md keeps the latest), writes --plot (default
+bench/ttc_bench-TASK.png) and results.json into --work.
 """
 
 from __future__ import annotations
@@ -191,6 +193,14 @@ def arithmetic_task(args) -> Task:
         for prompt in task.train
     ]
     return task
+
+
+def with_steps(recipe: list[str], steps: int | None) -> list[str]:
+    """``recipe`` with its ``--max-steps`` set to ``steps`` (None: as it is)."""
+    if steps is None:
+        return recipe
+    at = recipe.index("--max-steps")
+    return [*recipe[:at], "--max-steps", str(steps), *recipe[at + 2 :]]
 
 
 # -- the commands and the API ------------------------------------------------------------
@@ -410,7 +420,15 @@ def main() -> None:
     )
     parser.add_argument("--aggregate", choices=("min", "prod", "last"), default="min")
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--plot", type=Path, default=ROOT / "bench" / "ttc_bench.png")
+    parser.add_argument(
+        "--policy-steps", type=int, default=None, help="SFT steps of the policy (task's default)"
+    )
+    parser.add_argument(
+        "--verifier-steps", type=int, default=None, help="steps of the PRM and the ORM each"
+    )
+    parser.add_argument(
+        "--plot", type=Path, default=None, help="PNG (default: bench/ttc_bench-TASK.png)"
+    )
     args = parser.parse_args()
 
     from lorabay.hub.bases import resolve_base
@@ -428,6 +446,9 @@ def main() -> None:
     vocab = json.loads((Path(args.base) / "config.json").read_text()).get("vocab_size", 0)
     name = args.task if args.task != "auto" else ("praise" if vocab <= 4096 else "arithmetic")
     task = praise_task(args) if name == "praise" else arithmetic_task(args)
+    task.policy_recipe = with_steps(task.policy_recipe, args.policy_steps)
+    task.verifier_recipe = with_steps(task.verifier_recipe, args.verifier_steps)
+    args.plot = args.plot or ROOT / "bench" / f"ttc_bench-{task.name}.png"
     ns = [int(n) for n in args.ns.split(",")]
     unknown = [n for n in ns if n not in BEAMS]
     if unknown:
