@@ -42,6 +42,7 @@ import json
 import os
 import random
 import re
+import shlex
 import sys
 import tempfile
 import time
@@ -355,7 +356,7 @@ def markdown(task: Task, results: dict, ns: list[int], args, loads, verifiers) -
         f"temperature {task.temperature}, PRM aggregate {args.aggregate}; verifiers trained on "
         f"{verifiers['samples']} policy samples of {len(task.train)} other prompts "
         f"({verifiers['right_share']:.0%} of them right); load average "
-        f"{loads[0]:.1f} -> {loads[1]:.1f}.",
+        f"{loads[0]:.1f} -> {loads[1]:.1f}; `lorabay serve {args.serve_flags}`.",
         "",
         "| method | " + " | ".join(f"N={n}" for n in ns) + " | tokens/prompt at N="
         f"{ns[-1]} | scoring / sampling time at N={ns[-1]} |",
@@ -429,6 +430,12 @@ def main() -> None:
     parser.add_argument(
         "--plot", type=Path, default=None, help="PNG (default: bench/ttc_bench-TASK.png)"
     )
+    parser.add_argument(
+        "--serve-arg",
+        action="append",
+        default=[],
+        help="an extra `lorabay serve` flag (repeatable), e.g. --serve-arg=--engine-arg=--seed=1",
+    )
     args = parser.parse_args()
 
     from lorabay.hub.bases import resolve_base
@@ -468,6 +475,8 @@ def main() -> None:
     largest = max(ns)
     serve_args = f"--max-best-of {largest} --max-search-samples {largest} --max-search-steps 8"
     serve_args += f" --max-n {largest}"
+    serve_args += "".join(f" {shlex.quote(arg)}" for arg in args.serve_arg)
+    args.serve_flags = serve_args
     results: dict = {}
     with started_gateway(args.base, args.registry, serve_args=serve_args, notify=print) as gateway:
         url = gateway.url
