@@ -447,8 +447,11 @@ class EngineSupervisor:
     def _check_plugin(self) -> None:
         from lorabay.serve.vllm_plugin import ACTIVE_MESSAGE, enabled
 
-        if not enabled({**os.environ, **self.config.env}):  # the environment the engine got
+        environ = {**os.environ, **self.config.env}  # the environment the engine got
+        if not enabled(environ):
             return
+        if environ.get("VLLM_LOGGING_LEVEL", "INFO").upper() not in ("DEBUG", "INFO"):
+            return  # the plugin's INFO line is not logged (TRL sets ERROR when imported)
         if not any(ACTIVE_MESSAGE in line for line in self._tail):
             log.warning(
                 "the lorabay vLLM plugin is not active in the engine: base requests batched "

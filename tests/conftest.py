@@ -31,6 +31,10 @@ os.environ.update(
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        # TRL sets VLLM_LOGGING_LEVEL=ERROR when imported unless it is set: a test that trains
+        # in-process would leave every later vLLM subprocess of its pytest worker without
+        # the INFO lines other tests read (the plugin's, the engine's arguments).
+        "VLLM_LOGGING_LEVEL": "INFO",
     }
 )
 os.environ.pop("LORABAY_REGISTRY", None)
