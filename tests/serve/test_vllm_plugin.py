@@ -149,3 +149,43 @@ def test_idle_readers_nap_inside_vllms_busy_window_and_leave_the_rest_to_it(monk
     assert napped >= 0.002
     monkeypatch.setenv("LORABAY_VLLM_NAP_US", "0")
     assert vllm_plugin.patch_spin_wait() == 0.0
+
+
+SEEDED_SCRIPT = """
+import json, sys
+from vllm import LLM, SamplingParams
+
+if __name__ == "__main__":  # vLLM spawns its engine: the guard is required
+    llm = LLM(sys.argv[1], dtype="float32", max_model_len=256, enable_chunked_prefill=True,
+              max_num_batched_tokens=32)
+    prompts = [{"prompt_token_ids": [(7 * i + 13 * j) % 1900 + 3 for j in range(70)]}
+               for i in range(4)]
+    params = SamplingParams(temperature=1.0, seed=7, max_tokens=4)
+    runs = [[list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+            for _ in range(2)]
+    print("RESULT " + json.dumps(runs))
+"""
+
+
+@pytest.mark.vllm
+def test_a_seeded_request_prefilled_in_chunks_neither_kills_the_engine_nor_loses_its_seed(
+    tiny_base, tmp_path
+):
+    # 70-token prompts under a 32-token step budget: every prompt is prefilled in chunks,
+    # and vLLM rewinds each seeded request's generator after a partial prefill, which a CPU
+    # generator cannot do (without the plugin: "CPU Generator does not use offset", the
+    # engine dead).
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "seeded.py"
+    script.write_text(SEEDED_SCRIPT)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tiny_base)], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
+    first, second = json.loads(line.removeprefix("RESULT "))
+    assert first == second  # the same seed, the same schedule: the same tokens
+    assert all(len(tokens) == 4 for tokens in first)
