@@ -61,6 +61,7 @@ SOCKET_NAME = "engine.sock"
 # sun_path holds 108 bytes; vLLM's ZMQ sockets in the same folder are named by a uuid4.
 MAX_SOCKET_PATH = 100
 SELF_TEST_PROMPT = "hello"
+ENGINE_KEEPALIVE_SECONDS = 60  # vLLM's uvicorn keeps an idle gateway connection this long
 
 # States of the engine; only READY takes requests.
 STARTING, READY, UNRESPONSIVE, DOWN, STOPPED = (
@@ -201,6 +202,10 @@ def build_engine_env(
         # Unsized, vLLM-CPU claims --gpu-memory-utilization (0.92) of the machine's memory
         # and refuses to start when that much is not free, which on a desktop it never is.
         env["VLLM_CPU_KVCACHE_SPACE"] = str(default_cpu_kv_cache_gib())
+    # The engine keeps an idle connection open this long; the gateway drops its own idle
+    # connections sooner (a third of it: gateway.py), so it never sends a request on
+    # one the engine is closing (with both at vLLM's 5 s, that race failed a request).
+    env.setdefault("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", str(ENGINE_KEEPALIVE_SECONDS))
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     env.setdefault("DO_NOT_TRACK", "1")
     # vLLM's progress bars crash with TQDM_DISABLE=1 (ENVIRONMENT.md).

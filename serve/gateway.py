@@ -29,7 +29,7 @@ import httpx
 
 from lorabay.hub.errors import IncompatibleBase, LorabayError, UntrustedAdapter
 from lorabay.hub.reference import parse_reference
-from lorabay.serve.engine import EngineSupervisor, engine_answer
+from lorabay.serve.engine import ENGINE_KEEPALIVE_SECONDS, EngineSupervisor, engine_answer
 from lorabay.serve.errors import AdapterLoadFailed, EngineUnavailable, InvalidRequest
 from lorabay.serve.keys import OPEN, ApiKeys, KeyGrant
 from lorabay.serve.metrics import GatewayMetrics
@@ -96,7 +96,11 @@ class Gateway:
     def __post_init__(self) -> None:
         # Enough connections for every request in flight; no overall timeout, since a
         # generation may take minutes (a dead engine surfaces as a transport error).
-        limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
+        limits = httpx.Limits(
+            max_connections=1024,
+            max_keepalive_connections=256,
+            keepalive_expiry=ENGINE_KEEPALIVE_SECONDS / 3,  # well before the engine closes them
+        )
         timeout = httpx.Timeout(None, connect=10.0)
         self.engine = self.supervisor.client(limits=limits, timeout=timeout)
         if self.peers is not None:
@@ -335,6 +339,19 @@ class Gateway:
             content=json.dumps(body, separators=(",", ":")).encode(),
             headers={"content-type": "application/json"},
         )
+        try:
+            return await self.engine.send(request, stream=True)
+        except httpx.RemoteProtocolError as error:
+            # The engine closed the connection without an answer: a kept-alive connection
+            # it was closing as the request went out, or the engine dying. Alive: once
+            # more, on a new connection.
+            if not await self.engine_answers():
+                self.supervisor.mark_down()
+                raise engine_down(type(error).__name__) from None
+            log.warning("the engine closed a connection unanswered (%s): sending again", error)
+        except httpx.TransportError as error:
+            self.supervisor.mark_down()
+            raise engine_down(type(error).__name__) from None
         try:
             return await self.engine.send(request, stream=True)
         except httpx.TransportError as error:

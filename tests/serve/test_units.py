@@ -519,3 +519,68 @@ def test_a_cancelled_socket_wait_woken_late_logs_nothing_other_errors_still_do(c
     messages = [r.getMessage() + str(r.exc_info) for r in caplog.records]
     assert not [m for m in messages if "InvalidStateError" in m], messages
     assert [m for m in messages if "ZeroDivisionError" in m], messages
+
+
+def engine_gateway(handler, answers_health: bool = True):
+    """A Gateway whose engine is ``handler`` (an httpx MockTransport), no vLLM."""
+    import httpx
+
+    from lorabay.serve.gateway import Gateway
+
+    class Supervisor:
+        ready = True
+        downs = 0
+
+        def client(self, limits, timeout):
+            self.limits = limits
+
+            def route(request):
+                if request.url.path == "/health":
+                    return httpx.Response(200 if answers_health else 500)
+                return handler(request)
+
+            return httpx.AsyncClient(transport=httpx.MockTransport(route), base_url="http://e")
+
+        def mark_down(self):
+            self.downs += 1
+
+    return Gateway(
+        supervisor=Supervisor(), resolver=None, keys=None, max_loaded=4,
+        max_body_bytes=1 << 20, spill_at=8,
+    )  # fmt: skip
+
+
+def test_a_connection_the_engine_closed_unanswered_is_sent_again_while_the_engine_answers():
+    import asyncio
+
+    import httpx
+
+    sent = []
+
+    def closing_first(request):
+        sent.append(request.url.path)
+        if len(sent) == 1:  # a kept-alive connection the engine was closing
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response")
+        return httpx.Response(200, json={"ok": True})
+
+    async def run(gateway):
+        response = await gateway.send("completions", {"model": "m", "prompt": "hi"})
+        return response.status_code
+
+    gateway = engine_gateway(closing_first)
+    assert asyncio.run(run(gateway)) == 200
+    assert sent == ["/v1/completions", "/v1/completions"] and gateway.supervisor.downs == 0
+
+    sent.clear()  # an engine that does not answer /health either is down: no second try
+    gateway = engine_gateway(closing_first, answers_health=False)
+    with pytest.raises(Exception, match="the engine is not available"):
+        asyncio.run(run(gateway))
+    assert sent == ["/v1/completions"] and gateway.supervisor.downs == 1
+
+
+def test_the_gateway_drops_idle_engine_connections_before_the_engine_does(tiny_base):
+    from lorabay.serve.engine import EngineConfig, build_engine_env
+
+    env = build_engine_env(EngineConfig.from_options(ServeOptions(base=str(tiny_base))), "t")
+    limits = engine_gateway(lambda request: None).supervisor.limits
+    assert limits.keepalive_expiry < float(env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"]) / 2
