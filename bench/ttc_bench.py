@@ -444,6 +444,8 @@ def main() -> None:
 
     work = Path(args.work or tempfile.mkdtemp(prefix="ttc-bench-")).absolute()
     work.mkdir(parents=True, exist_ok=True)
+    if args.base is not None:  # a pulled base's name is found in the user's own home
+        args.base = str(resolve_base(args.base))
     os.environ.setdefault("LORABAY_HOME", str(work / "home"))
     if args.base is None:
         from lorabay.train.base import create_base
