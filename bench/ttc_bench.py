@@ -255,6 +255,11 @@ def sample(url: str, task: Task, prompts: list, n: int, args) -> list[list[str]]
     ]
 
 
+def reply(prompt, text: str):
+    """A response in the prompt's shape: an assistant message for a conversation."""
+    return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+
+
 def make_verifiers(url: str, task: Task, work: Path, args) -> dict:
     """Sample the policy on the training prompts, label every step by the rule, train the
     PRM and the outcome RM; their data sizes and training metrics."""
@@ -276,7 +281,11 @@ def make_verifiers(url: str, task: Task, work: Path, args) -> dict:
                     {"prompt": prompt, "completions": steps, "labels": task.labels(prompt, steps)}
                 )
         pairs += [
-            {"prompt": prompt, "chosen": g, "rejected": bad[i % len(bad)]}
+            {
+                "prompt": prompt,
+                "chosen": reply(prompt, g),
+                "rejected": reply(prompt, bad[i % len(bad)]),
+            }
             for i, g in enumerate(good)
             if bad
         ]
