@@ -339,21 +339,18 @@ class Gateway:
             content=json.dumps(body, separators=(",", ":")).encode(),
             headers={"content-type": "application/json"},
         )
-        try:
-            return await self.engine.send(request, stream=True)
-        except httpx.RemoteProtocolError as error:
-            # The engine closed the connection without an answer: a kept-alive connection
-            # it was closing as the request went out, or the engine dying. Alive: once
-            # more, on a new connection.
-            if not await self.engine_answers():
-                self.supervisor.mark_down()
-                raise engine_down(type(error).__name__) from None
-            log.warning("the engine closed a connection unanswered (%s): sending again", error)
-        except httpx.TransportError as error:
+        for attempt in (1, 2):
+            try:
+                return await self.engine.send(request, stream=True)
+            except httpx.RemoteProtocolError as error:
+                # The engine closed the connection without an answer: a kept-alive one it
+                # was closing as the request went out, or the engine dying. Alive: once
+                # more, on a new connection.
+                failure = error
+                if attempt == 1 and await self.engine_answers():
+                    log.warning("the engine closed a connection unanswered (%s): again", error)
+                    continue
+            except httpx.TransportError as error:
+                failure = error
             self.supervisor.mark_down()
-            raise engine_down(type(error).__name__) from None
-        try:
-            return await self.engine.send(request, stream=True)
-        except httpx.TransportError as error:
-            self.supervisor.mark_down()
-            raise engine_down(type(error).__name__) from None
+            raise engine_down(type(failure).__name__) from None
