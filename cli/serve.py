@@ -72,9 +72,9 @@ DEFAULTS = ServeOptions(base="")
 @click.option(
     "--max-loras",
     type=click.IntRange(1),
-    default=DEFAULTS.max_loras,
-    show_default=True,
-    help="Adapters in one engine batch.",
+    default=None,
+    help="Distinct adapters in one engine batch; requests for more wait for a slot "
+    "(default: what 5% of the machine's memory holds at --max-lora-rank, at most 32).",
 )
 @click.option(
     "--max-cpu-loras",
@@ -92,9 +92,9 @@ DEFAULTS = ServeOptions(base="")
 @click.option(
     "--max-loaded",
     type=click.IntRange(1),
-    default=DEFAULTS.max_loaded,
-    show_default=True,
-    help="Adapters loaded in the engine at once; the least recently used is unloaded past it.",
+    default=None,
+    help="Adapters loaded in the engine at once; the least recently used is unloaded past it "
+    "(default: what 10% of the machine's memory holds at --max-lora-rank, at most 1024).",
 )
 @click.option(
     "--max-model-len",

@@ -22,6 +22,14 @@ from lorabay.hub.errors import ConfigError
 from lorabay.hub.manifest import empty_base
 
 CONFIG_JSON = "config.json"
+# What a Llama-style dense decoder's config gives for its linear shapes (llama_shapes).
+REQUIRED_KEYS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "vocab_size",
+)
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,33 @@ def read_base_config(base: str | os.PathLike, flag: str | None = "--base") -> Ba
     if not isinstance(values, dict):
         raise ConfigError(f"{shown}: {path} is not a JSON object")
     return BaseConfig(path, raw, values)
+
+
+def llama_shapes(config: dict) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each linear module of one decoder layer."""
+    missing = [key for key in REQUIRED_KEYS if key not in config]
+    if missing or any(
+        k in config for k in ("num_local_experts", "num_experts", "n_routed_experts")
+    ):
+        what = f"lacks {', '.join(missing)}" if missing else "is a mixture of experts"
+        raise ConfigError(
+            f"this config ({config.get('model_type', '?')}) {what}",
+            "sizes follow for Llama-style dense decoders (llama, mistral, qwen2, ...)",
+        )
+    hidden = config["hidden_size"]
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or hidden // heads
+    inner = config["intermediate_size"]
+    return {
+        "q_proj": (hidden, heads * head_dim),
+        "k_proj": (hidden, kv_heads * head_dim),
+        "v_proj": (hidden, kv_heads * head_dim),
+        "o_proj": (heads * head_dim, hidden),
+        "gate_proj": (hidden, inner),
+        "up_proj": (hidden, inner),
+        "down_proj": (inner, hidden),
+    }
 
 
 def local_base_config(base: str | os.PathLike) -> BaseConfig | None:

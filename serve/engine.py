@@ -106,7 +106,7 @@ class EngineConfig:
             served_name=options.served_model_name,
             dtype=options.engine_dtype,
             quantization=options.quantization,
-            max_loras=options.max_loras,
+            max_loras=options.batch_loras,
             max_cpu_loras=options.cpu_loras,
             max_lora_rank=options.max_lora_rank,
             max_model_len=options.max_model_len,

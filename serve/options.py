@@ -9,8 +9,10 @@ from __future__ import annotations
 import ipaddress
 import socket
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
+from lorabay.hub.base_config import llama_shapes, local_base_config
 from lorabay.hub.errors import ConfigError
 
 # vLLM's CPU KV cache and scheduler cap; 64 concurrent requests must batch together.
@@ -19,6 +21,18 @@ DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 # vLLM flags that would move the engine off its private socket or change its token.
 GATEWAY_OWNED_ENGINE_FLAGS = ("--uds", "--host", "--port", "--api-key", "--root-path")
 DEFAULT_MAX_N = 16  # choices per request; OpenAI allows 128, one n=100 request held a CPU 8 s
+# Adapter counts when --max-loras / --max-loaded are not given, sized from the machine's
+# memory and the largest adapter the engine accepts (every linear module at
+# --max-lora-rank): the engine's batch slots may take SLOT_MEMORY_SHARE of it, the adapters
+# it keeps loaded ADAPTER_MEMORY_SHARE. Past MAX_BATCH_LORAS distinct adapters in one batch
+# the grouped CPU path gains nothing (bench/README.md, serving); past MAX_LOADED the
+# gateway's bookkeeping, not memory, is the cost. A base whose config cannot size them (a
+# Hugging Face id, a non-Llama layout) gets UNSIZED_LOADED.
+SLOT_MEMORY_SHARE = 0.05
+ADAPTER_MEMORY_SHARE = 0.10
+MAX_BATCH_LORAS = 32
+MAX_LOADED = 1024
+UNSIZED_LOADED = 128
 
 
 @dataclass(frozen=True)
@@ -42,10 +56,12 @@ class ServeOptions:
     port: int = 8000  # gateway port (0: any free port)
     api_keys: str | None = None  # file mapping API keys to adapter name patterns
     insecure: bool = False  # allow a non-loopback bind without --api-keys
-    max_loras: int = 8  # adapters in one engine batch
+    max_loras: int | None = None  # adapters in one engine batch (None: sized, batch_loras)
     max_cpu_loras: int | None = None  # adapters the engine keeps in host memory
     max_lora_rank: int = 16  # highest adapter rank the engine accepts
-    max_loaded: int = 32  # adapters loaded in the engine at once (LRU past it)
+    max_loaded: int | None = (
+        None  # adapters loaded in the engine at once, LRU past it (None: sized)
+    )
     max_model_len: int | None = None  # context length (None: the base's)
     json_logs: bool = False  # one JSON object per log line
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS  # sequences the engine batches at once
@@ -80,10 +96,71 @@ class ServeOptions:
         return self.max_num_seqs if self.spill_at is None else self.spill_at  # --spill-at's help
 
     @property
+    def batch_loras(self) -> int:
+        """--max-loras, or as many batch slots as SLOT_MEMORY_SHARE holds, at most
+        MAX_BATCH_LORAS, --max-num-seqs and --max-cpu-loras."""
+        if self.max_loras is not None:
+            return self.max_loras
+        most = min(MAX_BATCH_LORAS, self.max_num_seqs, self.max_cpu_loras or MAX_BATCH_LORAS)
+        size = self.adapter_bytes
+        if size is None:
+            return most
+        return max(1, min(most, int(self.memory * SLOT_MEMORY_SHARE // size)))
+
+    @property
+    def loaded_limit(self) -> int:
+        """--max-loaded, or as many adapters as ADAPTER_MEMORY_SHARE holds (at least one
+        batch's worth, at most MAX_LOADED)."""
+        if self.max_loaded is not None:
+            return self.max_loaded
+        size = self.adapter_bytes
+        fits = UNSIZED_LOADED if size is None else int(self.memory * ADAPTER_MEMORY_SHARE // size)
+        return max(self.batch_loras, min(MAX_LOADED, fits))
+
+    @cached_property
+    def adapter_bytes(self) -> int | None:
+        """Bytes of the largest adapter the engine accepts: rank --max-lora-rank on every
+        linear module of the base, in the engine's dtype. None when the base's config is
+        not a local Llama-style one."""
+        found = local_base_config(self.base)
+        try:
+            shapes = llama_shapes(found.text) if found else None
+        except ConfigError:
+            shapes = None
+        if shapes is None:
+            return None
+        rank = int(self.max_lora_rank)
+        per_layer = sum(rank * (fan_in + fan_out) for fan_in, fan_out in shapes.values())
+        dtype = self.engine_dtype if self.engine_dtype != "auto" else found.dtype
+        element = 4 if dtype == "float32" else 2
+        return per_layer * found.text["num_hidden_layers"] * element
+
+    def describe_adapter_sizes(self) -> str:
+        """One line for the log: the adapter counts in force and where they came from."""
+
+        def source(given: int | None, flag: str) -> str:
+            return flag if given is not None else f"sized, {flag} to set"
+
+        memory = f"{self.memory / 2**30:.0f} GiB memory"
+        size = self.adapter_bytes
+        each = (
+            f"{size / 1e6:.1f} MB per rank-{self.max_lora_rank} adapter" if size else "size unknown"
+        )
+        return (
+            f"{self.batch_loras} per batch ({source(self.max_loras, '--max-loras')}), "
+            f"{self.loaded_limit} loaded ({source(self.max_loaded, '--max-loaded')}); "
+            f"{memory}, {each}"
+        )
+
+    @property
+    def memory(self) -> int:
+        return machine_memory()
+
+    @property
     def cpu_loras(self) -> int:
         # vLLM keeps adapters beyond max_cpu_loras only by re-reading them from disk on use;
         # sizing its host cache to the gateway's own cap keeps every loaded adapter resident.
-        return self.max_cpu_loras or max(self.max_loras, self.max_loaded)
+        return self.max_cpu_loras or max(self.batch_loras, self.loaded_limit)
 
     @property
     def engine_dtype(self) -> str:
@@ -92,6 +169,25 @@ class ServeOptions:
         if self.quantization == "nf4" and self.dtype == "auto":
             return "bfloat16"
         return self.dtype
+
+
+CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def machine_memory() -> int:
+    """Bytes of memory this process may use: the machine's, or its container's limit when
+    lower (a Kubernetes pod sees the node's total in /proc/meminfo)."""
+    import psutil
+
+    total = psutil.virtual_memory().total
+    for path in CGROUP_LIMITS:
+        try:
+            limit = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if limit.isdigit():
+            total = min(total, int(limit))
+    return total
 
 
 def is_loopback(host: str) -> bool:
@@ -125,9 +221,9 @@ def check_options(options: ServeOptions) -> None:
             f"--host {options.host} is not loopback: pass --api-keys FILE "
             "(or --insecure to serve without keys)"
         )
-    if options.max_cpu_loras is not None and options.max_cpu_loras < options.max_loras:
+    if options.max_cpu_loras is not None and options.max_cpu_loras < options.batch_loras:
         problems.append(
-            f"--max-cpu-loras {options.max_cpu_loras} is below --max-loras {options.max_loras}"
+            f"--max-cpu-loras {options.max_cpu_loras} is below --max-loras {options.batch_loras}"
         )
     if options.max_body_bytes < 1024:
         problems.append("--max-body-bytes must be at least 1024")

@@ -203,7 +203,7 @@ async def serve_gateway(options, supervisor, registry, keys, peer_secret, socket
         supervisor=supervisor,
         resolver=resolver,
         keys=keys,
-        max_loaded=options.max_loaded,
+        max_loaded=options.loaded_limit,
         max_body_bytes=options.max_body_bytes,
         max_n=options.max_n,
         search_limits=options.search_limits,
@@ -315,3 +315,4 @@ async def announce(server, urls: list[str], options: ServeOptions) -> None:
     log.info("gateway listening on %s (base %s, %s)", urls[0], options.served_model_name, keys)
     if len(urls) > 1:
         log.info("metrics on %s/metrics", urls[1])
+    log.info("adapters: %s", options.describe_adapter_sizes())

@@ -20,18 +20,11 @@ import math
 import os
 from dataclasses import asdict, dataclass
 
-from lorabay.hub.base_config import read_base_config
+from lorabay.hub.base_config import llama_shapes, read_base_config
 from lorabay.hub.errors import ConfigError
 
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-REQUIRED_KEYS = (
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "intermediate_size",
-    "vocab_size",
-)
 NF4_BLOCK = 64  # weights per absmax constant (bitsandbytes' 4-bit blocksize)
 NESTED_BLOCK = 256  # absmax constants per second-level constant (double quantization)
 NF4_TENSOR_CONSTANTS = 16 * 4 + 256 * 4 + 4  # NF4 code, 8-bit nested code (fp32), offset
@@ -41,33 +34,6 @@ ADAM_BYTES = 8  # two fp32 moments per trainable parameter
 def read_model_config(base: str | os.PathLike) -> dict:
     """The language model's config in a base folder's config.json (or the file itself)."""
     return read_base_config(base).text
-
-
-def llama_shapes(config: dict) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of each linear module of one decoder layer."""
-    missing = [key for key in REQUIRED_KEYS if key not in config]
-    if missing or any(
-        k in config for k in ("num_local_experts", "num_experts", "n_routed_experts")
-    ):
-        what = f"lacks {', '.join(missing)}" if missing else "is a mixture of experts"
-        raise ConfigError(
-            f"this config ({config.get('model_type', '?')}) {what}",
-            "plan sizes Llama-style dense decoders (llama, mistral, qwen2, ...)",
-        )
-    hidden = config["hidden_size"]
-    heads = config["num_attention_heads"]
-    kv_heads = config.get("num_key_value_heads") or heads
-    head_dim = config.get("head_dim") or hidden // heads
-    inner = config["intermediate_size"]
-    return {
-        "q_proj": (hidden, heads * head_dim),
-        "k_proj": (hidden, kv_heads * head_dim),
-        "v_proj": (hidden, kv_heads * head_dim),
-        "o_proj": (heads * head_dim, hidden),
-        "gate_proj": (hidden, inner),
-        "up_proj": (hidden, inner),
-        "down_proj": (inner, hidden),
-    }
 
 
 def parameter_groups(config: dict) -> tuple[int, int]:

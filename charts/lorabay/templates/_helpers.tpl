@@ -114,11 +114,16 @@ click command lorabay.cli.serve:serve; tests/deploy parses this list with it.
 {{- else }}
 {{- fail "apiKeys.enabled=false needs insecure=true: without API keys anyone who reaches the Service may use every adapter (or keep apiKeys.enabled and create the Secret)" }}
 {{- end }}
+{{- if not (kindIs "invalid" $v.engine.maxLoras) }}
 {{- $args = concat $args (list "--max-loras" (toString (int $v.engine.maxLoras))) }}
+{{- end }}
 {{- if not (kindIs "invalid" $v.engine.maxCpuLoras) }}
 {{- $args = concat $args (list "--max-cpu-loras" (toString (int $v.engine.maxCpuLoras))) }}
 {{- end }}
-{{- $args = concat $args (list "--max-lora-rank" (toString (int $v.engine.maxLoraRank)) "--max-loaded" (toString (int $v.engine.maxLoaded))) }}
+{{- $args = concat $args (list "--max-lora-rank" (toString (int $v.engine.maxLoraRank))) }}
+{{- if not (kindIs "invalid" $v.engine.maxLoaded) }}
+{{- $args = concat $args (list "--max-loaded" (toString (int $v.engine.maxLoaded))) }}
+{{- end }}
 {{- if not (kindIs "invalid" $v.maxModelLen) }}
 {{- $args = concat $args (list "--max-model-len" (toString (int $v.maxModelLen))) }}
 {{- end }}
