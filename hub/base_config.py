@@ -109,6 +109,14 @@ def llama_shapes(config: dict) -> dict[str, tuple[int, int]]:
     }
 
 
+def lora_parameters(config: dict, r: int, modules: list[str] | None = None) -> int:
+    """Parameters of a rank-``r`` LoRA on ``modules`` (None: every linear module) of each
+    decoder layer: r * (in + out) per module."""
+    shapes = llama_shapes(config)
+    per_layer = sum(r * sum(shapes[m]) for m in (shapes if modules is None else modules))
+    return config["num_hidden_layers"] * per_layer
+
+
 def local_base_config(base: str | os.PathLike) -> BaseConfig | None:
     """The config of ``base`` when it is a folder holding a config.json; None when it names
     something else (a Hugging Face id, a served name)."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from lorabay.hub.base_config import llama_shapes, local_base_config
+from lorabay.hub.base_config import local_base_config, lora_parameters
 from lorabay.hub.errors import ConfigError
 
 # vLLM's CPU KV cache and scheduler cap; 64 concurrent requests must batch together.
@@ -59,9 +59,7 @@ class ServeOptions:
     max_loras: int | None = None  # adapters in one engine batch (None: sized, batch_loras)
     max_cpu_loras: int | None = None  # adapters the engine keeps in host memory
     max_lora_rank: int = 16  # highest adapter rank the engine accepts
-    max_loaded: int | None = (
-        None  # adapters loaded in the engine at once, LRU past it (None: sized)
-    )
+    max_loaded: int | None = None  # adapters kept loaded, LRU past it (None: sized)
     max_model_len: int | None = None  # context length (None: the base's)
     json_logs: bool = False  # one JSON object per log line
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS  # sequences the engine batches at once
@@ -123,17 +121,14 @@ class ServeOptions:
         linear module of the base, in the engine's dtype. None when the base's config is
         not a local Llama-style one."""
         found = local_base_config(self.base)
-        try:
-            shapes = llama_shapes(found.text) if found else None
-        except ConfigError:
-            shapes = None
-        if shapes is None:
+        if found is None:
             return None
-        rank = int(self.max_lora_rank)
-        per_layer = sum(rank * (fan_in + fan_out) for fan_in, fan_out in shapes.values())
+        try:
+            parameters = lora_parameters(found.text, int(self.max_lora_rank))
+        except ConfigError:
+            return None
         dtype = self.engine_dtype if self.engine_dtype != "auto" else found.dtype
-        element = 4 if dtype == "float32" else 2
-        return per_layer * found.text["num_hidden_layers"] * element
+        return parameters * (4 if dtype == "float32" else 2)
 
     def describe_adapter_sizes(self) -> str:
         """One line for the log: the adapter counts in force and where they came from."""
@@ -152,9 +147,9 @@ class ServeOptions:
             f"{memory}, {each}"
         )
 
-    @property
+    @cached_property
     def memory(self) -> int:
-        return machine_memory()
+        return machine_memory()  # read once: every count above derives from it
 
     @property
     def cpu_loras(self) -> int:

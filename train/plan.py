@@ -20,7 +20,7 @@ import math
 import os
 from dataclasses import asdict, dataclass
 
-from lorabay.hub.base_config import llama_shapes, read_base_config
+from lorabay.hub.base_config import llama_shapes, lora_parameters, read_base_config
 from lorabay.hub.errors import ConfigError
 
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -153,11 +153,10 @@ def plan_lora(base: str | os.PathLike, r: int, targets: list[str], quantize: str
         raise ConfigError(f"--quantize must be none or nf4, got {quantize!r}")
     config = read_model_config(base)
     modules = resolve_targets(targets)
-    shapes = llama_shapes(config)
     layers = config["num_hidden_layers"]
     linear, other = parameter_groups(config)
     total = linear + other
-    trainable = layers * sum(r * (shapes[m][0] + shapes[m][1]) for m in modules)
+    trainable = lora_parameters(config, r, modules)
     bf16 = safetensors_size(adapter_tensors(config, r, modules, 2), "BF16")
     fp32 = safetensors_size(adapter_tensors(config, r, modules, 4), "F32")
     nf4 = nf4_bytes(config)

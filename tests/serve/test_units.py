@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from lorabay.hub.compat import read_base_shapes
 from lorabay.hub.errors import ConfigError
 from lorabay.serve.engine import (
     EngineConfig,
@@ -157,6 +158,10 @@ def test_adapter_counts_are_sized_from_memory_unless_given(tiny_base, monkeypatc
         config[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers")
     )
     assert size and size % (16 * 4) == 0 and size > 16 * 4 * layers * (hidden + inner)
+    # Counted from the base's own weights: rank 16 on every decoder linear layer, float32.
+    weights = read_base_shapes(tiny_base)
+    linear = [shape for name, shape in weights.items() if name.endswith("_proj.weight")]
+    assert len(linear) == 7 * layers and size == sum(16 * (o + i) * 4 for o, i in linear)
     monkeypatch.setattr(ServeOptions, "memory", property(lambda self: 200 * size))
     assert (options.batch_loras, options.loaded_limit, options.cpu_loras) == (10, 20, 20)
     monkeypatch.setattr(ServeOptions, "memory", property(lambda self: 10**6 * size))
