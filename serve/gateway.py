@@ -108,7 +108,11 @@ class Gateway:
         # Each key's prefix-cache salt: another key's prompts never warm its cache.
         self._salt_key = secrets.token_bytes(32)
         self.pool = AdapterPool(
-            self.max_loaded, self.load_adapter, self.unload_adapter, self.metrics
+            self.max_loaded,
+            self.load_adapter,
+            self.unload_adapter,
+            self.metrics,
+            generation=lambda: self.supervisor.generation,
         )
         self.supervisor.on_restart = self.engine_restarted
         self.supervisor.on_down = self.engine_went_down

@@ -9,8 +9,9 @@ two engine adapters, counted as two. Concurrent first requests for one adapter w
 ``max_loaded`` the pool unloads idle ones, least recently used first, and stays
 over the cap only while every loaded adapter is busy.
 
-The engine side is two coroutines, ``load(name, path)`` and ``unload(name)``, so
-this bookkeeping is tested without vLLM (tests/serve/test_pool.py).
+The engine side is two coroutines, ``load(name, path)`` and ``unload(name)``, and the
+engine's generation (which engine process is running: the supervisor's count of starts),
+so this bookkeeping is tested without vLLM (tests/serve/test_pool.py).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class AdapterPool:
         load: Callable[[str, Path], Awaitable[None]],
         unload: Callable[[str], Awaitable[None]],
         metrics=None,
+        generation: Callable[[], int] = lambda: 0,
     ):
         self.max_loaded = max_loaded
         self._load = load
@@ -59,7 +61,9 @@ class AdapterPool:
         self._loading: dict[str, asyncio.Task] = {}
         self._unloading: dict[str, asyncio.Future] = {}
         self._background: set[asyncio.Task] = set()
-        self._epoch = 0  # one more whenever the engine restarts and forgets every adapter
+        # The engine process a load went to (EngineSupervisor.generation): a load that
+        # finishes after a restart loaded into the dead engine and is not recorded.
+        self._generation = generation
 
     @property
     def loaded(self) -> list[str]:
@@ -111,7 +115,7 @@ class AdapterPool:
             task.exception()  # retrieved here: a load whose waiters all left must not warn
 
     async def _load_entry(self, key, engine_name, labels, prepare) -> None:
-        epoch = self._epoch
+        generation = self._generation()
         started = time.perf_counter()
         path = await prepare()
         if key in self._unloading:  # the engine is still dropping an earlier copy
@@ -119,7 +123,7 @@ class AdapterPool:
         prepared = time.perf_counter()
         await self._load(engine_name, path)
         seconds = time.perf_counter() - started
-        if epoch != self._epoch:
+        if generation != self._generation():
             return
         self._loaded[key] = LoadedAdapter(key, engine_name, labels, folder=path)
         if self.metrics:
@@ -178,8 +182,8 @@ class AdapterPool:
         release_folder(getattr(self._loaded.pop(key, None), "folder", None))
 
     def reset(self) -> None:
-        """The engine restarted: nothing is loaded; loads in flight belong to the dead one."""
-        self._epoch += 1
+        """The engine went down or restarted: nothing is loaded (loads in flight went to the
+        dead engine: a new generation, so they are not recorded)."""
         for entry in self._loaded.values():
             release_folder(entry.folder)
         self._loaded.clear()

@@ -155,3 +155,25 @@ def test_reset_forgets_everything_and_reloads_on_demand():
     engine, pool = asyncio.run(main())
     assert engine.loads == ["engine-a", "engine-a"]
     assert pool.loaded == ["engine-a"]
+
+
+def test_a_load_that_ends_after_an_engine_restart_is_not_recorded_and_is_done_again():
+    engine = RecordingEngine()
+    generation = [1]
+
+    async def load_across_a_restart(name: str, path: Path) -> None:
+        await engine.load(name, path)
+        if generation[0] == 1:  # engine 1 died as it loaded; engine 2 knows nothing
+            generation[0] = 2
+            engine.loaded.clear()
+
+    async def main():
+        pool = AdapterPool(
+            4, load_across_a_restart, engine.unload, GatewayMetrics(), lambda: generation[0]
+        )
+        await use(pool, "a")
+        return pool
+
+    pool = asyncio.run(main())
+    assert engine.loads == ["engine-a", "engine-a"]  # into engine 1, then again into engine 2
+    assert pool.loaded == engine.loaded == ["engine-a"]
