@@ -14,6 +14,7 @@ from pathlib import Path
 
 from lorabay.hub.base_config import local_base_config, lora_parameters
 from lorabay.hub.errors import ConfigError
+from lorabay.hub.machine import bf16_is_emulated, cpu_engine
 
 # vLLM's CPU KV cache and scheduler cap; 64 concurrent requests must batch together.
 DEFAULT_MAX_NUM_SEQS = 128
@@ -159,11 +160,40 @@ class ServeOptions:
 
     @property
     def engine_dtype(self) -> str:
+        """``--dtype`` as given; auto: vLLM's (the base's own), except where it would be slow
+        or fail (:meth:`describe_dtype` says why)."""
+        if self.dtype != "auto":
+            return self.dtype
         # bitsandbytes NF4 in vLLM packs two 4-bit values per byte only for 16-bit
         # activations (its quant ratio is bits(dtype)/8): float32 fails while loading.
-        if self.quantization == "nf4" and self.dtype == "auto":
+        if self.quantization == "nf4":
             return "bfloat16"
-        return self.dtype
+        if self.bf16_base_on_emulating_cpu:
+            return "float32"
+        return "auto"
+
+    @cached_property
+    def bf16_base_on_emulating_cpu(self) -> bool:
+        """A bfloat16 base the CPU engine would compute in emulated bfloat16 (hub/machine.py:
+        5-11x slower than float32 on an AVX2-only CPU)."""
+        found = local_base_config(self.base)
+        return (
+            found is not None and found.dtype == "bfloat16" and cpu_engine() and bf16_is_emulated()
+        )
+
+    def describe_dtype(self) -> str:
+        """One line for the log: the engine's dtype and why."""
+        dtype = self.engine_dtype
+        if self.dtype != "auto":
+            return f"{dtype} (--dtype)"
+        if self.quantization == "nf4":
+            return f"{dtype} (NF4 needs 16-bit activations)"
+        if dtype == "float32":
+            return (
+                "float32 (auto: this CPU has no bfloat16 arithmetic, so the bfloat16 base "
+                "computes in float32; --dtype bfloat16 to force)"
+            )
+        return "auto (the base's own)"
 
 
 CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")

@@ -316,3 +316,4 @@ async def announce(server, urls: list[str], options: ServeOptions) -> None:
     if len(urls) > 1:
         log.info("metrics on %s/metrics", urls[1])
     log.info("adapters: %s", options.describe_adapter_sizes())
+    log.info("dtype: %s", options.describe_dtype())

@@ -79,7 +79,7 @@ class TrainConfig:
     )
     precision: str = option(
         "auto",
-        "Compute precision: auto (bf16 for a bf16 base, else fp32), fp32 or bf16.",
+        "Compute precision: auto (bf16 for a bf16 base where the hardware has bf16, else fp32), fp32 or bf16.",
         choices=("auto", "fp32", "bf16"),
     )
     epochs: float = option(3.0, "Passes over the data.", above=0)

@@ -150,6 +150,51 @@ def test_engine_command_is_a_private_socket_with_runtime_lora(tiny_base):
     assert "--max-lora-rank 16" in joined
 
 
+def test_auto_dtype_computes_a_bf16_base_in_float32_where_the_cpu_emulates_bf16(
+    tiny_base, tmp_path, monkeypatch
+):
+    bf16 = tmp_path / "bf16-base"
+    bf16.mkdir()
+    config = json.loads((tiny_base / "config.json").read_text())
+    (bf16 / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    monkeypatch.setattr("lorabay.serve.options.cpu_engine", lambda: True)
+    emulated = [True]
+    monkeypatch.setattr("lorabay.serve.options.bf16_is_emulated", lambda: emulated[0])
+
+    options = ServeOptions(base=str(bf16))  # an AVX2-only CPU
+    assert options.engine_dtype == "float32"
+    assert "no bfloat16 arithmetic" in options.describe_dtype()
+    command = build_engine_command(EngineConfig.from_options(options), "/run/x/engine.sock")
+    assert "--dtype float32" in " ".join(command)
+    assert ServeOptions(base=str(bf16), dtype="bfloat16").engine_dtype == "bfloat16"  # given
+    assert ServeOptions(base=str(bf16), quantization="nf4").engine_dtype == "bfloat16"
+    assert ServeOptions(base=str(tiny_base)).engine_dtype == "auto"  # a float32 base
+    emulated[0] = False  # AVX512-BF16 or AMX
+    assert ServeOptions(base=str(bf16)).engine_dtype == "auto"
+
+
+def test_cpu_flags_tell_native_bf16_from_emulated(tmp_path, monkeypatch):
+    from lorabay.hub import machine
+
+    def flags_of(text: str):
+        cpuinfo = tmp_path / "cpuinfo"
+        cpuinfo.write_text(text)
+        monkeypatch.setattr(machine, "CPUINFO", cpuinfo)
+        machine.cpu_flags.cache_clear()
+        return machine.bf16_is_emulated()
+
+    try:
+        assert flags_of("processor\t: 0\nflags\t\t: fpu sse avx avx2 fma\n")  # AVX2 EPYC
+        assert not flags_of("flags\t\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n")
+        assert not flags_of("Features\t: fp asimd bf16 i8mm\n")  # arm64 with BF16
+        assert not flags_of("model name\t: unknown\n")  # no flags line: unknown, as before
+        monkeypatch.setattr(machine, "CPUINFO", tmp_path / "absent")
+        machine.cpu_flags.cache_clear()
+        assert not machine.bf16_is_emulated()
+    finally:
+        machine.cpu_flags.cache_clear()
+
+
 def test_adapter_counts_are_sized_from_memory_unless_given(tiny_base, monkeypatch):
     options = ServeOptions(base=str(tiny_base))
     size = options.adapter_bytes  # rank 16 on every linear module of the tiny base
