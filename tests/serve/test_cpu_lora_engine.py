@@ -3,8 +3,9 @@
 One batch mixes the base and as many adapters as the engine has slots
 (``max_loras``), of ranks 8 and 16, on q/v and on every linear layer, with prompts
 long enough to be prefilled in chunks; greedy token ids must equal PEFT's for every
-request, with chunked prefill on and off. Slots all full is the case where vLLM's
-own CPU ops gave base requests the last slot's adapter.
+request, with chunked prefill on and off, and with two slots for the four adapters
+(swapped in and out). Slots all full is the case where vLLM's own CPU ops gave base
+requests the last slot's adapter.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ ENGINE_SCRIPT = textwrap.dedent(
 
     if __name__ == "__main__":  # vLLM spawns its engine: the guard is required
         job = json.loads(sys.argv[1])
-        llm = LLM(job["base"], dtype="float32", enable_lora=True, max_loras=len(job["adapters"]),
-                  max_lora_rank=16, max_model_len=256, seed=0, **job["engine"])
+        engine = {"max_loras": len(job["adapters"]), **job["engine"]}
+        llm = LLM(job["base"], dtype="float32", enable_lora=True, max_lora_rank=16,
+                  max_model_len=256, seed=0, **engine)
         loras = [LoRARequest(f"a{i}", i + 1, path) for i, path in enumerate(job["adapters"])]
         prompts = [{"prompt_token_ids": ids} for ids, _ in job["requests"]]
         which = [None if k < 0 else loras[k] for _, k in job["requests"]]
@@ -90,8 +92,11 @@ def adapters(make_lora):
     [
         {"enable_chunked_prefill": True, "max_num_batched_tokens": 64},
         {"enable_chunked_prefill": False, "max_num_batched_tokens": 256},
+        # Two slots for four adapters: each activation replaces another adapter (of
+        # another rank, on other modules) in a slot, the case cpu_lora.SlotWrites follows.
+        {"enable_chunked_prefill": True, "max_num_batched_tokens": 64, "max_loras": 2},
     ],
-    ids=["chunked-prefill", "whole-prefill"],
+    ids=["chunked-prefill", "whole-prefill", "two-slots-swapping"],
 )
 def test_grouped_path_equals_peft(engine, tiny_base, adapters, tmp_path, monkeypatch):
     requests = requests_for(len(adapters))

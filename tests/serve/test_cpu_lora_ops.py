@@ -158,3 +158,86 @@ def test_plan_groups_rows_by_slot():
     assert (plan.first_slot, plan.span, plan.width) == (1, 3, 2)
     assert plan.cells.tolist() == [0, 1, 4, 5]
     assert plan_step(torch.tensor([-1, -1])).empty
+
+
+def logged_activation(a: torch.Tensor, b: torch.Tensor, slot: int, rank: int) -> None:
+    """What vLLM's activate_adapter does to one slice, logged as lorabay's hook logs it:
+    the slot zeroed, then an adapter of ``rank`` written (rank 0: none)."""
+    before = (a._version, b._version)
+    a[slot] = 0
+    b[slot] = 0
+    a[slot, 0, :rank].normal_()
+    b[slot, 0, :, :rank].normal_()
+    cpu_lora.SLOT_WRITES.note(a, before[0], slot)
+    cpu_lora.SLOT_WRITES.note(b, before[1], slot)
+
+
+def test_logged_activations_are_worked_out_for_their_slots_only():
+    """After activations the hook logged, the kept SliceWeights is the same object, brought
+    up to date slot by slot, and equals what a fresh look at the stacks finds; a write the
+    log does not explain makes it look at everything again."""
+    (a,), (b,) = stacks([24])
+    a[:, :, 5:].zero_()
+    b[:, :, :, 5:].zero_()  # every slot: rank 5
+    cache: dict = {}
+    kept = cpu_lora.slice_weights(a, b, cache)
+    kept.compact(a, b)
+    for slot, rank in ((1, 3), (4, 5), (2, 0), (1, 2)):
+        logged_activation(a, b, slot, rank)
+    assert cpu_lora.slice_weights(a, b, cache) is kept
+    fresh = cpu_lora.slice_weights(a, b, {})
+    fresh.compact(a, b)
+    assert kept.ranks.tolist() == fresh.ranks.tolist() == [5, 2, 0, 5, 5, 5]
+    assert kept.rank == fresh.rank == 5
+    torch.testing.assert_close(kept.a, fresh.a, rtol=0, atol=0)
+    torch.testing.assert_close(kept.b, fresh.b, rtol=0, atol=0)
+
+    logged_activation(a, b, 3, 8)  # wider than the copies: they are made again
+    assert cpu_lora.slice_weights(a, b, cache) is kept and kept.a is None and kept.rank == 8
+    a[0, 0, 0, 0] += 1.0  # a write no activation logged
+    assert cpu_lora.slice_weights(a, b, cache) is not kept
+    kept = cpu_lora.slice_weights(a, b, cache)
+    a[5, 0, 0, 0] += 1.0  # unlogged again, then a logged activation of another slot
+    logged_activation(a, b, 2, 1)
+    assert cpu_lora.slice_weights(a, b, cache) is not kept
+
+
+def test_the_zero_check_follows_logged_activations():
+    (a,), (b,) = stacks([16], zero_slices=(0,))
+    cache: dict = {}
+    assert cpu_lora._all_zero(a, cache)
+    logged_activation(a, b, 2, 4)
+    assert not cpu_lora._all_zero(a, cache)
+    logged_activation(a, b, 2, 0)  # the only adapter is replaced by one without this slice
+    assert cpu_lora._all_zero(a, cache)
+
+
+def test_the_hook_logs_the_slot_each_activation_writes():
+    (a,), (b,) = stacks([16])
+
+    class Module:
+        lora_a_stacked, lora_b_stacked = (a,), (b,)
+
+    class Manager:  # vLLM's LoRAModelManager, reduced to what the hook reads
+        def __init__(self):
+            self.modules = {"layer": Module()}
+            self.lora_index_to_id = [None] * SLOTS
+
+        def activate_adapter(self, lora_id: int) -> bool:
+            if lora_id in self.lora_index_to_id:
+                return False
+            slot = self.lora_index_to_id.index(None)
+            self.lora_index_to_id[slot] = lora_id
+            a[slot] = 1.0
+            b[slot] = 1.0
+            return True
+
+    import types
+
+    cpu_lora.track_slot_writes(types.SimpleNamespace(LoRAModelManager=Manager))
+    manager = Manager()
+    versions = (a._version, b._version)
+    assert manager.activate_adapter(7) and manager.activate_adapter(9)
+    assert not manager.activate_adapter(9)  # already active: nothing written
+    assert cpu_lora.SLOT_WRITES.since(a, versions[0]) == {0, 1}
+    assert cpu_lora.SLOT_WRITES.since(b, versions[1]) == {0, 1}
