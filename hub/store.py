@@ -46,6 +46,7 @@ from urllib.parse import urlparse
 from lorabay.hub.errors import ConfigError
 
 MARKER = "lorabay-registry.json"
+MARKER_CONTENT = b'{"format": "lorabay-registry", "layout": 1}\n'  # what initialize writes
 
 
 def md5_etag(data: bytes) -> str:

@@ -26,7 +26,7 @@ from filelock import FileLock
 
 from lorabay.hub import faults
 from lorabay.hub.errors import InvalidAdapter, RegistryUnavailable
-from lorabay.hub.store import MARKER, ObjectInfo, PreconditionFailed, md5_etag
+from lorabay.hub.store import MARKER, MARKER_CONTENT, ObjectInfo, PreconditionFailed, md5_etag
 
 CHUNK = 1 << 20
 _TMP = ".tmp"
@@ -65,7 +65,7 @@ class LocalStore:
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise RegistryUnavailable(self.url, f"cannot create {self.root}: {error}") from None
-        self.create(MARKER, b'{"format": "lorabay-registry", "layout": 1}\n')
+        self.create(MARKER, MARKER_CONTENT)
         self._exists = True
 
     # -- small objects ---------------------------------------------------------------

@@ -95,7 +95,7 @@ from lorabay.hub.errors import (
     StoreFailed,
     StoreThrottled,
 )
-from lorabay.hub.store import MARKER, ObjectInfo, PreconditionFailed
+from lorabay.hub.store import MARKER, MARKER_CONTENT, ObjectInfo, PreconditionFailed
 
 log = logging.getLogger("lorabay.hub")
 
@@ -592,7 +592,7 @@ class OCIStore:
 
     def initialize(self) -> None:
         if not self.exists():
-            self.create(MARKER, b'{"format": "lorabay-registry", "layout": 1}\n')
+            self.create(MARKER, MARKER_CONTENT)
             self._exists = True
 
     # -- records ---------------------------------------------------------------------

@@ -29,7 +29,7 @@ from lorabay.hub.errors import (
     StoreFailed,
     StoreThrottled,
 )
-from lorabay.hub.store import MARKER, ObjectInfo, PreconditionFailed
+from lorabay.hub.store import MARKER, MARKER_CONTENT, ObjectInfo, PreconditionFailed
 
 CHUNK = 1 << 20
 MULTIPART_THRESHOLD = 64 << 20  # bigger blobs go up in parts of this size
@@ -204,7 +204,7 @@ class S3Store:
 
     def initialize(self) -> None:
         if not self.exists():
-            self.create(MARKER, b'{"format": "lorabay-registry", "layout": 1}\n')
+            self.create(MARKER, MARKER_CONTENT)
             self._exists = True
 
     # -- small objects ---------------------------------------------------------------
