@@ -278,7 +278,11 @@ def track_slot_writes(model_manager) -> None:
         return
 
     def activate_adapter(self, lora_id: int) -> bool:
-        stacks = list(_module_stacks(self.modules.values()))
+        if lora_id in self._active_adapters:  # in a slot already: vLLM writes nothing
+            return stock(self, lora_id)  # (it is asked for every request of every step)
+        stacks = self.__dict__.get("_lorabay_stacks")
+        if stacks is None:  # the modules and their stacks are made once, with the manager
+            stacks = self._lorabay_stacks = list(_module_stacks(self.modules.values()))
         before = [stack._version for stack in stacks]
         activated = stock(self, lora_id)
         if activated:

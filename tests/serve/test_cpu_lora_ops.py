@@ -222,10 +222,12 @@ def test_the_hook_logs_the_slot_each_activation_writes():
         def __init__(self):
             self.modules = {"layer": Module()}
             self.lora_index_to_id = [None] * SLOTS
+            self._active_adapters = {}
 
         def activate_adapter(self, lora_id: int) -> bool:
-            if lora_id in self.lora_index_to_id:
+            if lora_id in self._active_adapters:
                 return False
+            self._active_adapters[lora_id] = None
             slot = self.lora_index_to_id.index(None)
             self.lora_index_to_id[slot] = lora_id
             a[slot] = 1.0
