@@ -11,9 +11,9 @@ command with its own error (:class:`~lorabay.serve.errors.EngineStartFailed`) an
 nothing left running.
 
 Connections are bounded (:func:`bounded_protocol`): a client has
-``HEADER_TIMEOUT_SECONDS`` to send its request line and headers (408, then the
-connection closes) and an idle keep-alive connection closes after
-``KEEP_ALIVE_SECONDS``; the gateway bounds the body itself (408 after
+``HEADER_TIMEOUT_SECONDS`` to send a request line and headers once it has started
+(a new connection: at once; 408, then the connection closes) and an idle keep-alive
+connection closes after ``KEEP_ALIVE_SECONDS``; the gateway bounds the body itself (408 after
 ``BODY_IDLE_SECONDS`` without a byte). ``--metrics-port`` opens a second listener
 that serves ``/metrics`` and nothing else, while the API listener never serves it.
 """
@@ -38,7 +38,10 @@ __all__ = ["ServeOptions", "run_server"]
 log = logging.getLogger("lorabay.serve")
 
 HEADER_TIMEOUT_SECONDS = 10.0
-KEEP_ALIVE_SECONDS = 5
+# Longer than the idle time of the clients' connection pools (httpx, so the openai client,
+# 5 s; aiohttp 15 s): a server that closes an idle connection first races a client
+# sending on it (a ReadError now and then).
+KEEP_ALIVE_SECONDS = 30
 TIMEOUT_ANSWER = (
     b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
     b"connection: close\r\ncontent-length: %d\r\n\r\n%s"
@@ -257,8 +260,10 @@ class ByListener:
 
 def bounded_protocol(header_seconds: float = HEADER_TIMEOUT_SECONDS) -> type:
     """uvicorn's HTTP protocol (httptools, else h11) with a deadline for each request's
-    headers: a connection that sends nothing, or its headers byte by byte, is answered
-    408 and closed after ``header_seconds``, instead of holding a slot for ever."""
+    headers: a new connection that sends nothing, or headers byte by byte, is answered 408
+    and closed after ``header_seconds``, instead of holding a slot for ever. Between two
+    requests on one connection the clock is uvicorn's keep-alive instead; the next
+    request's first byte starts its header deadline."""
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
     body = json.dumps(
@@ -280,21 +285,33 @@ def bounded_protocol(header_seconds: float = HEADER_TIMEOUT_SECONDS) -> type:
             super().connection_made(transport)
             self._arm_header_deadline()
 
+        def data_received(self, data: bytes) -> None:
+            if self._header_deadline is None and self._between_requests():
+                self._arm_header_deadline()  # the next request on a kept-alive connection
+            super().data_received(data)
+
         def on_response_complete(self) -> None:
             super().on_response_complete()
-            if not self.transport.is_closing():
-                self._arm_header_deadline()  # the next request on this connection
+            # Idle now until the next request's first byte, for as long as uvicorn's
+            # keep-alive allows: a client's pool may hold the connection that long.
+            self._cancel_header_deadline()
 
         def connection_lost(self, exc) -> None:
-            if self._header_deadline is not None:
-                self._header_deadline.cancel()
+            self._cancel_header_deadline()
             super().connection_lost(exc)
 
+        def _between_requests(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
         def _arm_header_deadline(self) -> None:
-            if self._header_deadline is not None:
-                self._header_deadline.cancel()
+            self._cancel_header_deadline()
             self._waiting_for = self.cycle  # a new request replaces it once its headers are in
             self._header_deadline = self.loop.call_later(header_seconds, self._header_late)
+
+        def _cancel_header_deadline(self) -> None:
+            if self._header_deadline is not None:
+                self._header_deadline.cancel()
+                self._header_deadline = None
 
         def _header_late(self) -> None:
             self._header_deadline = None

@@ -87,10 +87,9 @@ def models() -> list[tuple[str, str | None]]:
 
 
 async def complete_all(url: str, jobs: list[tuple[str, list[int]]]) -> list[list[int]]:
-    # The openai client's own retries, as a user has them: its pool keeps an idle connection
-    # 5 s, as long as the gateway does (serve/server.py KEEP_ALIVE_SECONDS), so now and then
-    # a request goes out on a connection the gateway is closing (a ReadError, seen once in a
-    # two-worker suite run). Retries change no token: the ids are compared below.
+    # The openai client's own retries, as a user has them. Its pool keeps an idle connection
+    # 5 s; the gateway kept them as long (a ReadError once in a two-worker suite run) and
+    # now keeps them 30 s (serve/server.py KEEP_ALIVE_SECONDS). Retries change no token.
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=2, timeout=600)
     semaphore = asyncio.Semaphore(64)
 

@@ -419,7 +419,8 @@ def call_guard(path: str, method: str = "GET", token: str | None = "t0ken", kind
     from lorabay.serve.engine_guard import EngineGuard
 
     async def app(scope, receive, send):
-        await send({"type": "http.response.start", "status": 200, "headers": []})
+        headers = [(b"content-length", b"2")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": b"ok"})
 
     sent = []
@@ -671,3 +672,81 @@ def test_the_gateway_drops_idle_engine_connections_before_the_engine_does(tiny_b
     env = build_engine_env(EngineConfig.from_options(ServeOptions(base=str(tiny_base))), "t")
     limits = engine_gateway(lambda request: None).supervisor.limits
     assert limits.keepalive_expiry < float(env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"]) / 2
+
+
+# -- connections: the header deadline and keep-alive -------------------------------------
+
+
+@pytest.fixture
+def bounded_server():
+    """uvicorn with the gateway's protocol, a 0.5 s header deadline and a 2 s keep-alive,
+    serving 200 to everything, on 127.0.0.1; its (host, port)."""
+    import threading
+
+    import uvicorn
+
+    from lorabay.serve.server import bind_socket, bounded_protocol
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        headers = [(b"content-length", b"2")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    sock = bind_socket("127.0.0.1", 0)
+    config = uvicorn.Config(
+        app, http=bounded_protocol(0.5), timeout_keep_alive=2, lifespan="off", log_level="error"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            threading.Event().wait(0.01)
+        yield sock.getsockname()[:2]
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+REQUEST = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def answer_of(conn) -> bytes:
+    """One whole response (this app's: 2 bytes of body), or what came before a close."""
+    data = b""
+    while not (data.endswith(b"ok") or data.endswith(b"}")):
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_a_kept_alive_connection_idles_for_the_keep_alive_not_the_header_deadline(
+    bounded_server,
+):
+    """Between requests the clock is the keep-alive: a client may send its next request
+    after an idle longer than the header deadline (a pool reuses connections so); a new
+    connection that sends nothing, and a request whose headers stall, get 408."""
+    import socket
+    import time
+
+    with socket.create_connection(bounded_server, timeout=10) as conn:
+        conn.sendall(REQUEST)
+        assert answer_of(conn).startswith(b"HTTP/1.1 200")
+        time.sleep(1.0)  # idle past the 0.5 s header deadline, within the 2 s keep-alive
+        conn.sendall(REQUEST)
+        assert answer_of(conn).startswith(b"HTTP/1.1 200")
+        conn.sendall(b"GET / HTTP/1.1\r\nHost:")  # the next request starts, then stalls
+        assert answer_of(conn).startswith(b"HTTP/1.1 408")
+    with socket.create_connection(bounded_server, timeout=10) as conn:
+        conn.sendall(REQUEST)
+        assert answer_of(conn).startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        assert conn.recv(65536) == b""  # idle past the keep-alive: closed, nothing said
+        assert 1.5 < time.monotonic() - started < 5
+    with socket.create_connection(bounded_server, timeout=10) as conn:
+        assert answer_of(conn).startswith(b"HTTP/1.1 408")  # said nothing from the start
