@@ -568,6 +568,8 @@ class OCIStore:
         if self.exists():
             return
         tags = self._tags(self.repo)
+        if tag_of(MARKER) in tags:  # another process made it a registry since exists() looked
+            return
         if tags:
             # Every key but the marker has a '/', spelled '__'; an image's tag (latest, v1.0)
             # has none. One tag's manifest is read too: ours name their key.

@@ -171,6 +171,19 @@ def test_credentials_come_from_the_docker_config(tmp_path, monkeypatch, lora):
 # -- the claim protocol ---------------------------------------------------------------------
 
 
+@pytest.mark.oci
+def test_a_registry_another_process_creates_meanwhile_is_not_foreign(oci_registry_url):
+    """Its marker may appear between the looks check_reachable takes (exists(), then the
+    tags): seen with eight processes pushing the first versions to a new repository."""
+    from lorabay.hub.store import open_store
+
+    creator, late = open_store(oci_registry_url), open_store(oci_registry_url)
+    creator.check_reachable()
+    creator.initialize()
+    late.exists = lambda: False  # it looked before the marker was there
+    late.check_reachable()
+
+
 def fresh_stores(url: str, count: int) -> list[OCIStore]:
     """Separate clients (own sessions), as separate processes would be."""
     from lorabay.hub.store import open_store
