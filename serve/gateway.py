@@ -61,6 +61,7 @@ class RequestTooLarge(InvalidRequest):
     """A request body over --max-body-bytes."""
 
     code = "request_too_large"
+    closes_connection = True  # the rest of the body is never read (responses.py)
 
     def __init__(self, message: str):
         super().__init__(message, http_status=413)
@@ -70,6 +71,7 @@ class RequestTimeout(InvalidRequest):
     """A request body that did not arrive in time (a stalled or very slow upload)."""
 
     code = "request_timeout"
+    closes_connection = True
 
     def __init__(self, message: str):
         super().__init__(message, http_status=408)

@@ -47,4 +47,11 @@ def error_response(status: int, message: str, code: str | None, param: str | Non
 
 
 def lorabay_error_response(error: LorabayError) -> JSONResponse:
-    return error_response(error.http_status, str(error), error.code, getattr(error, "param", None))
+    response = error_response(
+        error.http_status, str(error), error.code, getattr(error, "param", None)
+    )
+    if getattr(error, "closes_connection", False):
+        # The body was not read to its end (too large, stalled): what the client sends
+        # next on this connection is not a request. Closed after this answer.
+        response.headers["connection"] = "close"
+    return response
