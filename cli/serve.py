@@ -39,7 +39,8 @@ DEFAULTS = ServeOptions(base="")
     type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
     default=DEFAULTS.dtype,
     show_default=True,
-    help="Activations: auto is vLLM's choice (bfloat16 on a CPU that has it; nf4 needs 16 bits).",
+    help="Activations: auto is the base's own dtype, but float32 for a bfloat16 base on a CPU "
+    "without bfloat16 arithmetic (AVX2-only: emulated, 5-11x slower); nf4 needs 16 bits.",
 )
 @click.option(
     "--registry",
