@@ -68,3 +68,18 @@ def test_all_linear_is_saved_as_leaf_names(tiny_base, tmp_path):
     assert config["inference_mode"] is True
     reloaded = load_adapter(load_base(tiny_base)[0], saved, trainable=False)
     assert len([n for n, _ in reloaded.named_modules() if n.endswith("lora_A.default")]) == 14
+
+
+def test_auto_precision_is_bf16_for_a_bf16_base_unless_the_cpu_emulates_it(tmp_path, monkeypatch):
+    import json
+
+    from lorabay.hub import machine
+    from lorabay.train.model import compute_dtype
+
+    (tmp_path / "config.json").write_text(json.dumps({"dtype": "bfloat16"}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(machine, "bf16_is_emulated", lambda: False)  # AVX512-BF16, AMX
+    assert compute_dtype(tmp_path, "auto") == torch.bfloat16
+    monkeypatch.setattr(machine, "bf16_is_emulated", lambda: True)  # an AVX2-only CPU
+    assert compute_dtype(tmp_path, "auto") == torch.float32
+    assert compute_dtype(tmp_path, "bf16") == torch.bfloat16  # asked for: as asked
