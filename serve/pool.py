@@ -182,8 +182,9 @@ class AdapterPool:
         release_folder(getattr(self._loaded.pop(key, None), "folder", None))
 
     def reset(self) -> None:
-        """The engine went down or restarted: nothing is loaded (loads in flight went to the
-        dead engine: a new generation, so they are not recorded)."""
+        """The engine went down or restarted: nothing is loaded. A load in flight went to
+        the dead engine; one that ends after the restart (a new generation) is not
+        recorded, one that ends before it is forgotten by the restart's reset."""
         for entry in self._loaded.values():
             release_folder(entry.folder)
         self._loaded.clear()
