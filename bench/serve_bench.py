@@ -28,7 +28,11 @@ adapters registered with a Zipf popularity (exponent 1: a few hot, a long tail);
 warm-up draws from the same popularity with another seed, so the measured run meets
 tail adapters the server has not seen (loads in the middle of traffic), and (b) has no
 cell there. Every (count, server) cell is warmed up first (the same adapters, 4 tokens
-each) and measured ``--rounds`` times, servers alternating; the best round is kept.
+each) and measured once per round, servers alternating; a round measures every column
+in turn, and each ratio is taken within a round (runs minutes apart, not a whole run
+apart); the table gives its median over ``--rounds`` rounds and their range (the rounds
+of one cell differed by up to 25% on a 2-core machine, where the servers, the client
+and the engine share the cores). Each round has its own prompts and Zipf draw.
 All three servers are up through the whole run, so a busy machine weighs on each alike;
 ratios within one run are what count.
 
@@ -49,6 +53,7 @@ import os
 import platform
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -90,6 +95,7 @@ class Cell:
     p99_ttft_ms: float
     duration_s: float
     load_average: float  # 1-minute load average when it ended
+    round: int = 0
     loads: int = 0  # adapter loads the gateway did during the run ((a) only)
     unloads: int = 0
     errors: list[str] = field(default_factory=list)  # the first few failures, verbatim
@@ -445,8 +451,10 @@ def bench_one_base(base_name: str, args) -> dict:
         }
         for target in targets.values():
             target.update(served=base.name, tokenizer=str(base))
-        for count, zipf in columns:
-            cells += bench_column(count, zipf, manifests, targets, lorabay, args, log)
+        for round_ in range(args.rounds):
+            print(f"round {round_ + 1} of {args.rounds}", flush=True)
+            for count, zipf in columns:
+                cells += bench_column(count, zipf, round_, manifests, targets, lorabay, args, log)
     finally:
         if plain is not None:
             plain.stop()
@@ -462,14 +470,19 @@ def bench_one_base(base_name: str, args) -> dict:
     }
 
 
-def bench_column(count, zipf, manifests, targets, lorabay, args, log) -> list[Cell]:
-    """Warm each server up for this column, then measure them alternating, best round kept."""
+def bench_column(count, zipf, round_, manifests, targets, lorabay, args, log) -> list[Cell]:
+    """Warm each server up for this column, then measure each once (in turn, the order
+    reversed every other round). Each round has its own prompts and Zipf draw, and the
+    warm-up other prompts than the measured run, so no run meets a prefix cached before."""
+    seed = args.seed + 1000 * round_
+    measured = argparse.Namespace(**{**vars(args), "seed": seed})
+    warm = argparse.Namespace(**{**vars(args), "seed": seed + 500})
     if count == 0:
         indices: list[int] = []
         warm_indices: list[int] = []
     elif zipf:
-        indices = zipf_sequence(count, args.requests, args.seed)
-        warm_indices = zipf_sequence(count, args.requests, args.seed + 1)
+        indices = zipf_sequence(count, args.requests, seed)
+        warm_indices = zipf_sequence(count, args.requests, seed + 1)
     else:
         indices = warm_indices = list(range(count))
     names = {
@@ -484,7 +497,7 @@ def bench_column(count, zipf, manifests, targets, lorabay, args, log) -> list[Ce
     servers = [s for s in SERVERS if s in args.servers]
     for server in servers:
         if server in warm_names:
-            warm_up(targets[server], warm_names[server], args, log)
+            warm_up(targets[server], warm_names[server], warm, log)
     if "engine" in servers and count:
         missing = set(names["engine"]) - lorabay.engine_adapters()
         if zipf or missing:
@@ -492,23 +505,33 @@ def bench_column(count, zipf, manifests, targets, lorabay, args, log) -> list[Ce
             why = "Zipf tail not loaded" if zipf else f"{len(missing)} not loaded"
             print(f"  {column_name(count, zipf):>10}  engine   - ({why})", flush=True)
             servers.remove("engine")
-    best: dict[str, Cell] = {}
-    for round_ in range(args.rounds):
-        order = servers if round_ % 2 == 0 else servers[::-1]
-        for server in order:
-            gateway = lorabay if server == "lorabay" else None
-            cell = measure(targets[server], names[server], count, zipf, args, log, gateway)
-            if server not in best or cell.tok_s > best[server].tok_s:
-                best[server] = cell
-    return list(best.values())
+    cells = []
+    for server in servers if round_ % 2 == 0 else servers[::-1]:
+        gateway = lorabay if server == "lorabay" else None
+        cell = measure(targets[server], names[server], count, zipf, measured, log, gateway)
+        cell.round = round_
+        cells.append(cell)
+    return cells
 
 
 # -- report ----------------------------------------------------------------------------
 
 
+def paired_ratio(ours: list[Cell], theirs: list[Cell]) -> str:
+    """The median over rounds of ours / theirs within each round, with the rounds' range."""
+    by_round = {c.round: c.tok_s for c in theirs if c.tok_s}
+    ratios = sorted(c.tok_s / by_round[c.round] for c in ours if c.round in by_round)
+    if not ratios:
+        return "-"
+    text = f"{statistics.median(ratios):.2f}x"
+    return text if len(ratios) == 1 else f"{text} ({ratios[0]:.2f}-{ratios[-1]:.2f})"
+
+
 def report(result: dict, args, command: str) -> str:
     cells = [Cell(**{k: v for k, v in c.items() if k != "column"}) for c in result["cells"]]
-    by = {(c.server, c.column): c for c in cells}
+    by: dict[tuple[str, str], list[Cell]] = {}
+    for cell in cells:
+        by.setdefault((cell.server, cell.column), []).append(cell)
     columns = result["columns"]
     servers = [s for s in SERVERS if s in args.servers]
     lines = [
@@ -520,28 +543,30 @@ def report(result: dict, args, command: str) -> str:
         + ", ".join(f"{k}={v}" for k, v in result["engine_env"].items() if v is not None)
         + f"; (c) gets the same. {args.requests} requests, {args.concurrency} concurrent, "
         f"{args.input_len} prompt tokens, {args.output_len} new tokens (ignore_eos), "
-        f"best of {args.rounds} round(s).",
+        f"{args.rounds} round(s), each measuring every column and server once in turn.",
         "",
-        "tok/s (ratio to the same server's base-only run):",
+        "tok/s, median of the rounds / ratio to the same server's base-only run in the same "
+        "round (median, and the rounds' range):",
         "",
         "| server | " + " | ".join(columns) + " |",
         "|---|" + "---:|" * len(columns),
     ]
     for server in servers:
-        base_only = by.get((server, "base only"))
+        base_only = by.get((server, "base only"), [])
         row = []
         for column in columns:
-            cell = by.get((server, column))
-            if cell is None:
+            runs = by.get((server, column))
+            if not runs:
                 row.append("-")
-            elif column == "base only" or not base_only or not base_only.tok_s:
-                row.append(f"{cell.tok_s:.0f}")
-            else:
-                row.append(f"{cell.tok_s:.0f} ({cell.tok_s / base_only.tok_s:.2f}x)")
+                continue
+            text = f"{statistics.median(c.tok_s for c in runs):.0f}"
+            if column != "base only" and base_only:
+                text += f" / {paired_ratio(runs, base_only)}"
+            row.append(text)
         lines.append(f"| {LABELS[server]} | " + " | ".join(row) + " |")
     lines += [
         "",
-        "failed requests / p99 TTFT (ms):",
+        "failed requests (all rounds) / p99 TTFT (ms, median of the rounds):",
         "",
         "| server | " + " | ".join(columns) + " |",
         "|---|" + "---:|" * len(columns),
@@ -549,22 +574,31 @@ def report(result: dict, args, command: str) -> str:
     for server in servers:
         row = []
         for column in columns:
-            cell = by.get((server, column))
-            row.append("-" if cell is None else f"{cell.failed} / {cell.p99_ttft_ms:.0f}")
+            runs = by.get((server, column))
+            if not runs:
+                row.append("-")
+                continue
+            failed = sum(c.failed for c in runs)
+            row.append(f"{failed} / {statistics.median(c.p99_ttft_ms for c in runs):.0f}")
         lines.append(f"| {LABELS[server]} | " + " | ".join(row) + " |")
     lines += ["", "| | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for label, other in (("lorabay / engine", "engine"), ("lorabay / plain vLLM", "vllm")):
-        row = []
-        for column in columns:
-            ours, theirs = by.get(("lorabay", column)), by.get((other, column))
-            ok = ours and theirs and theirs.tok_s
-            row.append(f"{ours.tok_s / theirs.tok_s:.2f}x" if ok else "-")
-        lines.append(f"| {label} | " + " | ".join(row) + " |")
+        if other not in servers:
+            continue
+        row = [
+            paired_ratio(by.get(("lorabay", column), []), by.get((other, column), []))
+            for column in columns
+        ]
+        lines.append(f"| {label} (same round) | " + " | ".join(row) + " |")
     row = []
     for column in columns:
-        cell = by.get(("lorabay", column))
-        row.append("-" if cell is None else f"{cell.loads} / {cell.unloads}")
-    lines.append("| gateway loads / unloads while measured | " + " | ".join(row) + " |")
+        runs = by.get(("lorabay", column))
+        row.append(
+            "-" if not runs else f"{sum(c.loads for c in runs)} / {sum(c.unloads for c in runs)}"
+        )
+    lines.append(
+        "| gateway loads / unloads while measured (all rounds) | " + " | ".join(row) + " |"
+    )
     failures = [f"{c.server} {c.column}: {e}" for c in cells for e in c.errors]
     if failures:
         lines += ["", "First failures:", *(f"- {f}" for f in failures[:9])]
@@ -596,11 +630,11 @@ def plot(results: list[dict], args, path: Path) -> None:
     for axis, result in zip(axes[0], results, strict=True):
         columns = result["columns"]
         for server in (s for s in SERVERS if s in args.servers):
-            points = [
-                (columns.index(c["column"]), c["tok_s"])
-                for c in result["cells"]
-                if c["server"] == server
-            ]
+            runs: dict[str, list[float]] = {}
+            for c in result["cells"]:
+                if c["server"] == server:
+                    runs.setdefault(c["column"], []).append(c["tok_s"])
+            points = [(columns.index(k), statistics.median(v)) for k, v in runs.items()]
             if points:
                 points.sort()
                 axis.plot(*zip(*points, strict=True), marker="o", label=LABELS[server])
@@ -638,7 +672,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--input-len", type=int, default=64, help="prompt tokens")
     parser.add_argument("--output-len", type=int, default=32, help="new tokens per request")
     parser.add_argument(
-        "--rounds", type=int, default=2, help="measured rounds per cell (best kept)"
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds, each measuring every column and server once (medians reported)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
