@@ -28,6 +28,8 @@ from pathlib import Path
 
 from benchbase import BASES, bench_base, describe, load_average
 
+from lorabay.hub.machine import bf16_is_emulated
+
 OUT = Path(__file__).resolve().parent / "out"
 REQUESTS = 128
 NEW_TOKENS = 32
@@ -94,7 +96,7 @@ def run_config(job: dict) -> dict:
         )
     llm = LLM(
         job["base"],
-        dtype="bfloat16",
+        dtype=job["dtype"],
         max_model_len=256,
         max_num_seqs=MAX_NUM_SEQS,
         seed=0,
@@ -166,6 +168,7 @@ def main() -> None:
         return
 
     base = bench_base(args.base, OUT)
+    dtype = "float32" if bf16_is_emulated() else "bfloat16"  # as `lorabay serve`'s auto
     most = max(args.adapters + [args.profile or 0])
     paths = [
         str(write_random_adapter(base, OUT / f"adapters-{args.base}" / f"a{k}", seed=k))
@@ -187,6 +190,7 @@ def main() -> None:
             "base": str(base),
             "paths": paths,
             "adapters": args.profile,
+            "dtype": dtype,
             "repeats": 1,
             "profile": True,
             "label": "profile",
@@ -197,12 +201,25 @@ def main() -> None:
     rows = []
     load_before = os.getloadavg()
     base_only = spawn(
-        {"base": str(base), "paths": [], "adapters": 0, "repeats": args.repeats, "label": "base"},
+        {
+            "base": str(base),
+            "paths": [],
+            "adapters": 0,
+            "dtype": dtype,
+            "repeats": args.repeats,
+            "label": "base",
+        },
         common,
     )
     rows.append(("base only", 0, base_only["tok_s"], None))
     for n in args.adapters:
-        job = {"base": str(base), "paths": paths, "adapters": n, "repeats": args.repeats}
+        job = {
+            "base": str(base),
+            "paths": paths,
+            "adapters": n,
+            "dtype": dtype,
+            "repeats": args.repeats,
+        }
         s = spawn({**job, "label": f"stock-{n}"}, {**common, **stock})
         g = spawn({**job, "label": f"grouped-{n}"}, {**common, **grouped})
         rows.append(("stock", n, s["tok_s"], None))
@@ -214,7 +231,7 @@ def main() -> None:
 
     ref = base_only["tok_s"]
     print(
-        f"\n{describe(args.base)}, {REQUESTS} requests x {NEW_TOKENS} new tokens, rank-{RANK} q/v adapters,"
+        f"\n{describe(args.base)} computed in {dtype}, {REQUESTS} requests x {NEW_TOKENS} new tokens, rank-{RANK} q/v adapters,"
         f" {os.cpu_count()} cores, {platform.processor() or platform.machine()};"
         f" {load_average(load_before)}\n"
     )
