@@ -21,14 +21,12 @@ batch of matrix-vector products whose cost is reading every slot's weights. Two
 things made that slow: vLLM's slots are ``--max-lora-rank`` wide (16 by default)
 whatever the adapters' rank, zero-padded; and PyTorch's bfloat16 ``bmm`` at these
 shapes runs at a fraction of float32's speed. So blocks up to
-:data:`COMPACT_MAX_WIDTH` cells per slot run on :class:`LayerWeights`' float32 copy
-of the layer's live slices, each cut to the highest rank any slot uses (a rank-8
-adapter in a rank-16 slot reads half), and where it pays fused into one LoRA (q and v
-of a q/v adapter: one shrink, one expand, one add), updated only in the slots vLLM
-writes; wider blocks (prefills) run in the weights' dtype on the stacks themselves,
-slice by slice, where bfloat16 is the faster. Results go back with one gather into
-batch order and a dense add: ``index_add_`` into a column slice of the output was
-slower than the matmuls.
+:data:`COMPACT_MAX_WIDTH` cells per slot run on :class:`SliceWeights`' float32 copy
+of each live slice, cut to the highest rank any slot uses (a rank-8 adapter in a
+rank-16 slot reads half), rebuilt only when vLLM writes the stack; wider blocks
+(prefills) run in the weights' dtype on the stacks themselves, where bfloat16 is
+the faster. Results go back with one gather into batch order and a dense add:
+``index_add_`` into a column slice of the output was slower than the matmuls.
 
 Turned on by lorabay's vLLM plugin (serve/vllm_plugin.py), which names
 :class:`GroupedPunicaWrapperCPU` to vLLM on the CPU platform and tested vLLM versions;
@@ -40,7 +38,7 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
@@ -57,11 +55,6 @@ BLOCK_SLACK = 64
 # 64 rows, 2.6x slower at 1,024 on this VM's AVX-512/AMX cores).
 COMPACT_MAX_WIDTH = 16
 COMPACT_MAX_GROUP = 128
-# A layer's live slices share one expand when the zeros that adds (each slice's rows
-# times the other slices' columns) are at most this many per slot: at one token per
-# slot on 32 slots, q/v of the real base (9,216 zeros) took 159 us instead of 204 and
-# q/k/v (15,360) 181 instead of 270, but gate/up (24,576) 319 instead of 232.
-FUSE_MAX_ZEROS = 16_384
 # A large group whose rows are not contiguous (a prefill and decodes of one adapter)
 # is added back as up to this many contiguous runs; index_add_ is the slow way.
 MAX_RUNS = 8
@@ -160,10 +153,6 @@ def contiguous_runs(rows: list[int]) -> tuple[tuple[slice, slice], ...] | None:
     return tuple(found)
 
 
-def _count(rows: torch.Tensor | slice) -> int:
-    return rows.stop - rows.start if isinstance(rows, slice) else rows.numel()
-
-
 def _stacked(weights: torch.Tensor) -> torch.Tensor:
     """vLLM stacks adapter weights as ``[slots, 1, out, in]``; drop the 1 (a view)."""
     return weights[:, 0] if weights.dim() == 4 else weights
@@ -236,8 +225,7 @@ def add_rows(
 
 class SlotWrites:
     """Which slots vLLM wrote in each stacked LoRA weight, so that what is worked out from
-    a stack (:class:`SliceWeights`, :class:`LayerWeights`, the zero check) is redone for
-    those slots only.
+    a stack (:class:`SliceWeights`, the zero check) is redone for those slots only.
 
     vLLM writes the stacks when it activates an adapter into a slot: every LoRA module's
     slot is set or zeroed (``LoRAModelManager.activate_adapter``), so every stack's
@@ -348,24 +336,47 @@ def _all_zero(weights: torch.Tensor, cache: dict) -> bool:
 
 @dataclass
 class SliceWeights:
-    """The highest rank each slot of one stacked LoRA slice (A ``[slots, 1, R, in]``, B
-    ``[slots, 1, out, R]``) uses, kept up to date slot by slot as vLLM writes it
-    (:class:`SlotWrites`)."""
+    """What one stacked LoRA slice (A ``[slots, 1, R, in]``, B ``[slots, 1, out, R]``)
+    holds, kept up to date slot by slot as vLLM writes it (:class:`SlotWrites`): the
+    highest rank each slot uses, and (made on first use) float32 copies cut to the
+    highest of those, A as ``[slots, rank, in]`` and B transposed to ``[slots, rank,
+    out]``, for the decode-sized blocks."""
 
     key: tuple  # the stacks' storage and write counters it is up to date with
     ranks: torch.Tensor  # [slots]: ranks 0 .. ranks[s]-1 of slot s are used (0: empty)
     rank: int  # the highest of ranks; 0: the slice is all zero
+    a: torch.Tensor | None = None
+    b: torch.Tensor | None = None
 
     @property
     def live(self) -> bool:
         return self.rank > 0
 
+    def compact(self, a_stack: torch.Tensor, b_stack: torch.Tensor):
+        if self.a is None:
+            a3, b3 = _stacked(a_stack), _stacked(b_stack)
+            self.a = _float_copy(a3[:, : self.rank])  # copies: never the stacks themselves
+            self.b = _float_copy(b3[:, :, : self.rank].transpose(1, 2))
+        return self.a, self.b
+
     def rewrite(self, a_stack: torch.Tensor, b_stack: torch.Tensor, slots, key: tuple) -> None:
         """vLLM wrote ``slots`` of the stacks (now at ``key``): work those out again."""
+        a3, b3 = _stacked(a_stack), _stacked(b_stack)
         index = torch.tensor(sorted(slots), dtype=torch.long)
-        self.ranks[index] = _slot_ranks(_stacked(a_stack)[index], _stacked(b_stack)[index])
+        self.ranks[index] = _slot_ranks(a3[index], b3[index])
         self.rank = int(self.ranks.max())
+        if self.a is not None:
+            width = self.a.shape[1]
+            if self.rank > width:  # a wider adapter came in: copy everything again
+                self.a = self.b = None
+            else:
+                self.a[index] = a3[index, :width].float()
+                self.b[index] = b3[index, :, :width].transpose(1, 2).float()
         self.key = key
+
+
+def _float_copy(weights: torch.Tensor) -> torch.Tensor:
+    return weights.to(torch.float32, copy=True, memory_format=torch.contiguous_format)
 
 
 def _slot_ranks(a3: torch.Tensor, b3: torch.Tensor) -> torch.Tensor:
@@ -396,115 +407,6 @@ def slice_weights(a: torch.Tensor, b: torch.Tensor, cache: dict) -> SliceWeights
     return hit
 
 
-class Part(NamedTuple):
-    """One expand of a :class:`LayerWeights`: ranks ``ranks`` of the shrink's result
-    times ``b`` (``[slots, width, size]``) give output columns ``columns``."""
-
-    ranks: slice
-    columns: slice
-    b: torch.Tensor
-
-
-@dataclass
-class LayerWeights:
-    """One LoRA layer's slices as float32 copies for the decode-sized matmuls, each live
-    slice cut to the highest rank any slot uses. A of every live slice is stacked along
-    the rank, ``[slots, sum(widths), in]``: one shrink for all of them. B (transposed)
-    is one ``[slots, sum(widths), out]`` matrix, each slice's rows at its own output
-    columns and zero elsewhere, when those zeros are at most FUSE_MAX_ZEROS per slot: one
-    expand and one add then write every slice (q and v of a q/v adapter); else one
-    ``[slots, width, size]`` per slice (``parts``). Kept up to date slot by slot as vLLM
-    writes the stacks (:class:`SlotWrites`); made again when a slice needs more ranks
-    than were copied or the log cannot say."""
-
-    keys: tuple  # per slice, its SliceWeights key (the stacks' storage and write counters)
-    widths: tuple[int, ...]  # per slice, the ranks copied (0: none)
-    a: torch.Tensor
-    parts: tuple[Part, ...]  # one covering every column (fused), or one per live slice
-    slice_b: tuple  # per slice, where its B is copied to (None: not live)
-
-    @classmethod
-    def make(cls, a_stacks, b_stacks, slices: list[SliceWeights], sizes) -> LayerWeights:
-        widths = tuple(weights.rank for weights in slices)
-        a3 = _stacked(a_stacks[0])
-        rank, out = sum(widths), sum(sizes)
-        a = torch.empty((a3.shape[0], rank, a3.shape[-1]), dtype=torch.float32)
-        spans = list(zip(_spans(widths), _spans(sizes), strict=True))
-        zeros = rank * out - sum(w * size for w, size in zip(widths, sizes, strict=True))
-        if zeros <= FUSE_MAX_ZEROS:
-            b = torch.zeros((a3.shape[0], rank, out), dtype=torch.float32)
-            parts = (Part(slice(None), slice(None), b),)
-            slice_b = tuple(
-                b[:, ranks, columns] if w else None
-                for w, (ranks, columns) in zip(widths, spans, strict=True)
-            )
-        else:
-            slice_b = tuple(
-                torch.empty((a3.shape[0], w, size), dtype=torch.float32) if w else None
-                for w, size in zip(widths, sizes, strict=True)
-            )
-            parts = tuple(
-                Part(ranks, columns, b)
-                for (ranks, columns), b in zip(spans, slice_b, strict=True)
-                if b is not None
-            )
-        made = cls(tuple(weights.key for weights in slices), widths, a, parts, slice_b)
-        made.copy_slots(a_stacks, b_stacks, slice(None))
-        return made
-
-    def copy_slots(self, a_stacks, b_stacks, index) -> None:
-        """Copy ``index`` (slots) of every slice from the stacks."""
-        for a, b, width, ranks, b_copy in zip(
-            a_stacks, b_stacks, self.widths, _spans(self.widths), self.slice_b, strict=True
-        ):
-            if width:
-                self.a[index, ranks] = _stacked(a)[index, :width]
-                b_copy[index] = _stacked(b)[index, :, :width].transpose(1, 2)
-
-
-def _spans(sizes) -> list[slice]:
-    """Consecutive ``sizes`` as slices: (3, 0, 2) -> 0:3, 3:3, 3:5."""
-    ends = [sum(sizes[: i + 1]) for i in range(len(sizes))]
-    return [slice(end - size, end) for end, size in zip(ends, sizes, strict=True)]
-
-
-def layer_weights(a_stacks, b_stacks, slices: list[SliceWeights], sizes, cache) -> LayerWeights:
-    """The :class:`LayerWeights` of one layer's stacks, kept in ``cache``: as they were,
-    the slots vLLM wrote since copied again, or made anew."""
-    keys = tuple(weights.key for weights in slices)
-    hit = cache.get(id(a_stacks[0]))
-    if hit is not None and hit.keys == keys:
-        return hit
-    if hit is not None and all(
-        weights.rank <= width for weights, width in zip(slices, hit.widths, strict=True)
-    ):
-        slots = _written_since(a_stacks, b_stacks, hit.keys, keys)
-        if slots is not None:
-            if slots:
-                index = torch.tensor(sorted(slots), dtype=torch.long)
-                hit.copy_slots(a_stacks, b_stacks, index)
-            hit.keys = keys
-            return hit
-    made = cache[id(a_stacks[0])] = LayerWeights.make(a_stacks, b_stacks, slices, sizes)
-    return made
-
-
-def _written_since(a_stacks, b_stacks, old_keys, new_keys) -> set[int] | None:
-    """The slots written in any of the stacks between two sets of keys; None: unknown."""
-    slots: set[int] = set()
-    for a, b, old, new in zip(a_stacks, b_stacks, old_keys, new_keys, strict=True):
-        if old == new:
-            continue
-        if (old[0], old[2]) != (new[0], new[2]):
-            return None  # new storage
-        for stack, version in ((a, old[1]), (b, old[3])):
-            written = SLOT_WRITES.since(stack, version)
-            if written is None:
-                return None
-            slots |= written
-    return slots
-
-
 def _import_base():
     from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
@@ -520,7 +422,6 @@ class GroupedPunicaWrapperCPU(_import_base()):
         self._sampler_plan = StepPlan()
         self._zero_cache: dict = {}
         self._slice_cache: dict = {}
-        self._layer_cache: dict = {}
 
     def update_metadata(self, *args: Any, **kwargs: Any) -> None:
         super().update_metadata(*args, **kwargs)
@@ -575,88 +476,74 @@ class GroupedPunicaWrapperCPU(_import_base()):
         buffer=None,
         **kwargs: Any,
     ) -> None:
-        """``y[t, slice_i] += x[t] @ A_i.T @ B_i.T * scale``, shrink and expand fused; with
-        ``add_inputs=False`` y gets the LoRA result alone (zero for rows without an
-        adapter: vLLM's aux-stream path, which passes zeros)."""
+        """``y[t, slice_i] += x[t] @ A_i.T @ B_i.T * scale``, shrink and expand fused per slice."""
         plan = self._token_plan
         if plan.empty:
             return
-        target = y[:, : sum(output_slices)]
-        if not kwargs.get("add_inputs", True):
-            target.zero_()
+        add_inputs = kwargs.get("add_inputs", True)
         x = x.view(-1, x.shape[-1])
-        stacks = list(zip(lora_a_stacked, lora_b_stacked, strict=True))
-        slices = [slice_weights(a, b, self._slice_cache) for a, b in stacks]
-        if not any(weights.live for weights in slices):
-            return
-        decode = plan.span and plan.width <= COMPACT_MAX_WIDTH
-        layer = None
-        if decode or any(_count(rows) <= COMPACT_MAX_GROUP for _, rows in plan.big):
-            layer = layer_weights(
-                lora_a_stacked, lora_b_stacked, slices, output_slices, self._layer_cache
-            )
         blocks: dict = {}  # the gathered activations, made once for every slice
-        if decode:  # every slice at once, on the float32 copies
-            self._add_block(plan, target, x, layer.a, layer.parts, scale, blocks)
-        elif plan.span:  # prefill-sized: slice by slice, on the stacks in their dtype
-            for (a, b), weights, columns in zip(stacks, slices, _spans(output_slices), strict=True):
-                if weights.live:
-                    part = Part(slice(None), columns, _stacked(b).transpose(1, 2))
-                    self._add_block(plan, target, x, _stacked(a), (part,), scale, blocks)
-        big = [
-            self._big_group(slot, rows, x, layer, stacks, slices, output_slices, scale)
-            for slot, rows in plan.big
-        ]
-        add_rows(plan, target, None, big)
+        offset = 0
+        for a, b, size in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
+            weights = slice_weights(a, b, self._slice_cache)
+            target = y[:, offset : offset + size]
+            offset += size
+            if not weights.live:
+                if not add_inputs:
+                    target.zero_()
+                continue
+            block = self._block(plan, x, a, b, weights, scale, blocks) if plan.span else None
+            big = self._big_groups(plan, x, a, b, weights, scale)
+            if add_inputs:
+                if block is not None:  # every row's result in batch order: one dense add
+                    target.add_(block.index_select(0, plan.row_cells))  # cast as it adds
+                add_rows(plan, target, None, big)
+            else:
+                small = None if block is None else block.index_select(0, plan.cells)
+                add_rows(plan, target, small, big, add_inputs=False)
 
     @staticmethod
-    def _add_block(plan: StepPlan, target, x, a, parts, scale: float, blocks: dict) -> None:
-        """Add the padded block's results to ``target`` (every row: the block's results
-        gathered into batch order, with a zero row for rows outside it, in one dense add per
-        part). ``a``: ``[slots, rank, in]``; each part's ``b``: ``[slots, width, size]``."""
+    def _block(plan: StepPlan, x, a, b, weights: SliceWeights, scale: float, blocks: dict):
+        """The padded block's results, ``[span * width + 1, out]``: one row per cell, then
+        a zero row (what ``row_cells`` gives rows outside the block)."""
         first, last = plan.first_slot, plan.first_slot + plan.span
-        dtype = a.dtype
+        if plan.width <= COMPACT_MAX_WIDTH:
+            a_compact, b_compact = weights.compact(a, b)
+            a_block = a_compact[first:last].transpose(1, 2)  # [span, in, rank]
+            b_block = b_compact[first:last]  # [span, rank, out]
+        else:  # prefill-sized: the stacks themselves, in their dtype
+            a_block = _stacked(a)[first:last].transpose(1, 2)  # [span, in, R]
+            b_block = _stacked(b)[first:last].transpose(1, 2)  # [span, R, out]
+        dtype = a_block.dtype
         x_block = blocks.get(dtype)
         if x_block is None:
             x_block = x.index_select(0, plan.gather).to(dtype)
             x_block = blocks[dtype] = x_block.view(plan.span, plan.width, x.shape[-1])
-        hidden = torch.bmm(x_block, a[first:last].transpose(1, 2))  # [span, width, rank]
+        hidden = torch.bmm(x_block, a_block)  # [span, width, rank]
         if scale != 1.0:
             hidden.mul_(scale)
         cells = plan.span * plan.width
-        for part in parts:
-            out = torch.empty((cells + 1, part.b.shape[-1]), dtype=dtype)
-            view = out[:cells].view(plan.span, plan.width, -1)
-            torch.bmm(hidden[..., part.ranks], part.b[first:last], out=view)
-            out[cells].zero_()
-            target[:, part.columns].add_(out.index_select(0, plan.row_cells))  # cast as it adds
+        out = torch.empty((cells + 1, b_block.shape[-1]), dtype=dtype)
+        torch.bmm(hidden, b_block, out=out[:cells].view(plan.span, plan.width, -1))
+        out[cells].zero_()
+        return out
 
     @staticmethod
-    def _big_group(slot, rows, x, layer, stacks, slices, sizes, scale: float):
-        """One group outside the block, every slice: ``[rows_g, out]``. Up to
-        COMPACT_MAX_GROUP rows on the float32 copies, larger ones slice by slice on the
-        stacks."""
-        x_group = x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
-        if x_group.shape[0] <= COMPACT_MAX_GROUP:
-            hidden = x_group.to(layer.a.dtype) @ layer.a[slot].T  # [rows_g, rank]
+    def _big_groups(plan: StepPlan, x, a, b, weights: SliceWeights, scale: float):
+        """One matmul pair per group outside the block: ``[rows_g, out]`` each."""
+        big = []
+        for slot, rows in plan.big:
+            x_group = x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
+            if x_group.shape[0] <= COMPACT_MAX_GROUP:
+                a_compact, b_compact = weights.compact(a, b)
+                a_slot, b_slot = a_compact[slot].T, b_compact[slot]  # [in, rank], [rank, out]
+            else:
+                a_slot, b_slot = _stacked(a)[slot].T, _stacked(b)[slot].T  # [in, R], [R, out]
+            hidden = x_group.to(a_slot.dtype) @ a_slot
             if scale != 1.0:
                 hidden.mul_(scale)
-            if len(layer.parts) == 1 and layer.parts[0].columns == slice(None):
-                return hidden @ layer.parts[0].b[slot]
-            out = torch.zeros((x_group.shape[0], sum(sizes)), dtype=hidden.dtype)
-            for part in layer.parts:
-                out[:, part.columns] = hidden[:, part.ranks] @ part.b[slot]
-            return out
-        dtype = _stacked(stacks[0][0]).dtype
-        out = torch.zeros((x_group.shape[0], sum(sizes)), dtype=dtype)
-        x_group = x_group.to(dtype)
-        for (a, b), weights, columns in zip(stacks, slices, _spans(sizes), strict=True):
-            if weights.live:
-                hidden = x_group @ _stacked(a)[slot].T  # [rows_g, R]
-                if scale != 1.0:
-                    hidden.mul_(scale)
-                out[:, columns] = hidden @ _stacked(b)[slot].T
-        return out
+            big.append(hidden @ b_slot)
+        return big
 
     @staticmethod
     def _shrink_expand(plan: StepPlan, x, a, b, scale: float):

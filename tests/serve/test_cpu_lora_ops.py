@@ -69,11 +69,9 @@ CASES = {
 @pytest.mark.parametrize("name", CASES)
 @pytest.mark.parametrize("small_max", [16, 1_000])
 @pytest.mark.parametrize("compact_max", [16, 0, 1_000])  # decode-sized, always stacks, always
-@pytest.mark.parametrize("fuse_max", [16_384, 0])  # q and v share an expand, or not
-def test_add_lora_linear_matches_reference(name, small_max, compact_max, fuse_max, monkeypatch):
+def test_add_lora_linear_matches_reference(name, small_max, compact_max, monkeypatch):
     monkeypatch.setattr(cpu_lora, "SMALL_GROUP_MAX_TOKENS", small_max)
     monkeypatch.setattr(cpu_lora, "COMPACT_MAX_WIDTH", compact_max)
-    monkeypatch.setattr(cpu_lora, "FUSE_MAX_ZEROS", fuse_max)
     indices = CASES[name]
     a, b = stacks([48, 16, 16], zero_slices=(1,))  # q, k (no adapter touches it), v
     x = torch.randn(len(indices), HIDDEN)
@@ -123,54 +121,14 @@ def test_slots_wider_than_the_adapters_are_cut_to_the_rank_in_use():
     wrapper = make_wrapper(indices)
     wrapper.add_lora_linear(y, x, a, b, 1.0, (24,))
     torch.testing.assert_close(y, reference_lora(torch.zeros_like(y), x, indices, a, b))
-    (weights,), (layer,) = wrapper._slice_cache.values(), wrapper._layer_cache.values()
-    assert weights.rank == 3 and layer.a.shape == (SLOTS, 3, HIDDEN)
+    (weights,) = wrapper._slice_cache.values()
+    assert weights.rank == 3 and weights.a.shape == (SLOTS, 3, HIDDEN)
     a[0][5, 0, 6].normal_()
     b[0][5, 0, :, 6].normal_()  # a rank-7 adapter lands in slot 5
     y = torch.zeros_like(y)
     wrapper.add_lora_linear(y, x, a, b, 1.0, (24,))
     torch.testing.assert_close(y, reference_lora(torch.zeros_like(y), x, indices, a, b))
     assert next(iter(wrapper._slice_cache.values())).rank == 7
-    assert next(iter(wrapper._layer_cache.values())).a.shape == (SLOTS, 7, HIDDEN)
-
-
-def test_live_slices_of_a_layer_are_one_lora(monkeypatch):
-    """q and v of a q/v adapter (k all zero) go through one matmul pair: A stacked along
-    the rank, B at each slice's output columns and zero elsewhere; past FUSE_MAX_ZEROS
-    one shrink and an expand per slice."""
-    indices = CASES["decode, every slot, some base rows"]
-    a, b = stacks([48, 16, 16], zero_slices=(1,))
-    wrapper = make_wrapper(indices)
-    wrapper.add_lora_linear(
-        torch.zeros(len(indices), 80), torch.randn(len(indices), HIDDEN), a, b, 1.0, (48, 16, 16)
-    )
-    (layer,) = wrapper._layer_cache.values()
-    assert layer.widths == (RANK, 0, RANK) and layer.a.shape == (SLOTS, 2 * RANK, HIDDEN)
-    ((_, columns, fused),) = layer.parts
-    assert columns == slice(None) and fused.shape == (SLOTS, 2 * RANK, 80)
-    assert not fused[:, :RANK, 48:].any() and not fused[:, RANK:, :64].any()
-    torch.testing.assert_close(fused[:, RANK:, 64:], b[2][:, 0].transpose(1, 2), rtol=0, atol=0)
-
-    zeros = 2 * RANK * 80 - RANK * (48 + 16)  # what fusing q and v adds per slot
-    monkeypatch.setattr(cpu_lora, "FUSE_MAX_ZEROS", zeros - 1)
-    wrapper._layer_cache.clear()
-    wrapper.add_lora_linear(
-        torch.zeros(len(indices), 80), torch.randn(len(indices), HIDDEN), a, b, 1.0, (48, 16, 16)
-    )
-    (layer,) = wrapper._layer_cache.values()
-    assert [(p.columns, p.b.shape) for p in layer.parts] == [
-        (slice(0, 48), (SLOTS, RANK, 48)),
-        (slice(64, 80), (SLOTS, RANK, 16)),
-    ]
-
-
-def test_without_add_inputs_y_gets_the_lora_result_alone():
-    indices = CASES["a prefill and decodes of one adapter"]
-    a, b = stacks([48, 16, 16], zero_slices=(1,))
-    x, y = torch.randn(len(indices), HIDDEN), torch.randn(len(indices), 80)
-    want = reference_lora(torch.zeros_like(y), x, indices, a, b, scale=0.5)
-    make_wrapper(indices).add_lora_linear(y, x, a, b, 0.5, (48, 16, 16), add_inputs=False)
-    torch.testing.assert_close(y, want, **SUMMATION_ORDER)
 
 
 def test_equal_prefills_share_one_block_and_mixed_ones_do_not():
@@ -214,52 +172,34 @@ def logged_activation(a: torch.Tensor, b: torch.Tensor, slot: int, rank: int) ->
     cpu_lora.SLOT_WRITES.note(b, before[1], slot)
 
 
-@pytest.mark.parametrize("fuse_max", [16_384, 0])
-def test_logged_activations_are_worked_out_for_their_slots_only(fuse_max, monkeypatch):
-    """After activations the hook logged, the kept SliceWeights and LayerWeights are the
-    same objects, brought up to date slot by slot, and equal what a fresh look at the
-    stacks finds; a write the log does not explain makes them look at everything again."""
-    monkeypatch.setattr(cpu_lora, "FUSE_MAX_ZEROS", fuse_max)
-    a, b = stacks([24, 16])
-    for a_i, b_i in zip(a, b, strict=True):
-        a_i[:, :, 5:].zero_()
-        b_i[..., 5:].zero_()  # every slot: rank 5
-    sizes = (24, 16)
-
-    def looked(cache: dict, layers: dict):
-        slices = [cpu_lora.slice_weights(a_i, b_i, cache) for a_i, b_i in zip(a, b, strict=True)]
-        return slices, cpu_lora.layer_weights(a, b, slices, sizes, layers)
-
-    cache, layers = {}, {}
-    kept, kept_layer = looked(cache, layers)
+def test_logged_activations_are_worked_out_for_their_slots_only():
+    """After activations the hook logged, the kept SliceWeights is the same object, brought
+    up to date slot by slot, and equals what a fresh look at the stacks finds; a write the
+    log does not explain makes it look at everything again."""
+    (a,), (b,) = stacks([24])
+    a[:, :, 5:].zero_()
+    b[:, :, :, 5:].zero_()  # every slot: rank 5
+    cache: dict = {}
+    kept = cpu_lora.slice_weights(a, b, cache)
+    kept.compact(a, b)
     for slot, rank in ((1, 3), (4, 5), (2, 0), (1, 2)):
-        for a_i, b_i in zip(a, b, strict=True):
-            logged_activation(a_i, b_i, slot, rank)
-    slices, layer = looked(cache, layers)
-    assert slices == kept and slices[0] is kept[0] and layer is kept_layer
-    fresh, fresh_layer = looked({}, {})
-    assert kept[0].ranks.tolist() == fresh[0].ranks.tolist() == [5, 2, 0, 5, 5, 5]
-    assert kept[0].rank == fresh[0].rank == 5
-    assert layer.widths == fresh_layer.widths == (5, 5)
-    torch.testing.assert_close(layer.a, fresh_layer.a, rtol=0, atol=0)
-    assert len(layer.parts) == (1 if fuse_max else 2)
-    for part, fresh_part in zip(layer.parts, fresh_layer.parts, strict=True):
-        torch.testing.assert_close(part.b, fresh_part.b, rtol=0, atol=0)
+        logged_activation(a, b, slot, rank)
+    assert cpu_lora.slice_weights(a, b, cache) is kept
+    fresh = cpu_lora.slice_weights(a, b, {})
+    fresh.compact(a, b)
+    assert kept.ranks.tolist() == fresh.ranks.tolist() == [5, 2, 0, 5, 5, 5]
+    assert kept.rank == fresh.rank == 5
+    torch.testing.assert_close(kept.a, fresh.a, rtol=0, atol=0)
+    torch.testing.assert_close(kept.b, fresh.b, rtol=0, atol=0)
 
-    logged_activation(a[1], b[1], 3, 8)  # wider than the copies: they are made again
-    slices, layer = looked(cache, layers)
-    assert slices[1] is kept[1] and slices[1].rank == 8
-    assert layer is not kept_layer and layer.widths == (5, 8)
-    kept, kept_layer = slices, layer
-    a[0][0, 0, 0, 0] += 1.0  # a write no activation logged
-    slices, layer = looked(cache, layers)
-    assert slices[0] is not kept[0] and layer is not kept_layer
-    kept, kept_layer = slices, layer
-    a[0][5, 0, 0, 0] += 1.0  # unlogged again, then a logged activation of another slot
-    logged_activation(a[0], b[0], 2, 1)
-    slices, layer = looked(cache, layers)
-    assert slices[0] is not kept[0] and layer is not kept_layer
-    torch.testing.assert_close(layer.a, looked({}, {})[1].a, rtol=0, atol=0)
+    logged_activation(a, b, 3, 8)  # wider than the copies: they are made again
+    assert cpu_lora.slice_weights(a, b, cache) is kept and kept.a is None and kept.rank == 8
+    a[0, 0, 0, 0] += 1.0  # a write no activation logged
+    assert cpu_lora.slice_weights(a, b, cache) is not kept
+    kept = cpu_lora.slice_weights(a, b, cache)
+    a[5, 0, 0, 0] += 1.0  # unlogged again, then a logged activation of another slot
+    logged_activation(a, b, 2, 1)
+    assert cpu_lora.slice_weights(a, b, cache) is not kept
 
 
 def test_the_zero_check_follows_logged_activations():
