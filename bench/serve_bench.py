@@ -96,6 +96,7 @@ class Cell:
     duration_s: float
     load_average: float  # 1-minute load average when it ended
     round: int = 0
+    gateway_cpu_s: float = 0.0  # the gateway process's own CPU time during the run ((a) only)
     loads: int = 0  # adapter loads the gateway did during the run ((a) only)
     unloads: int = 0
     errors: list[str] = field(default_factory=list)  # the first few failures, verbatim
@@ -246,12 +247,21 @@ class Lorabay(Child):
         with httpx.Client(transport=transport, base_url="http://engine", headers=headers) as c:
             return {card["id"] for card in c.get("/v1/models").json()["data"] if card.get("parent")}
 
+    def cpu_seconds(self) -> float:
+        """The gateway process's own CPU time so far (user + system, not its engine's)."""
+        import psutil
+
+        times = psutil.Process(self.process.pid).cpu_times()
+        return times.user + times.system
+
     def counters(self) -> tuple[int, int]:
         """(adapter loads, unloads) the gateway has done so far (its /metrics)."""
         import httpx
 
         loads = unloads = 0.0
-        for line in httpx.get(f"{self.metrics_url}/metrics", timeout=30).text.splitlines():
+        response = httpx.get(self.metrics_url, timeout=30)  # its logged URL ends in /metrics
+        response.raise_for_status()
+        for line in response.text.splitlines():
             if line.startswith("lorabay_adapter_loads_total{"):
                 loads += float(line.rsplit(" ", 1)[1])
             elif line.startswith("lorabay_adapter_unloads_total{"):
@@ -361,7 +371,9 @@ def measure(
     target: dict, models: list[str], count: int, zipf: bool, args, log: Path, gateway=None
 ) -> Cell:
     before = gateway.counters() if gateway else (0, 0)
+    cpu_before = gateway.cpu_seconds() if gateway else 0.0
     result = run_client(target, models, args, args.output_len, log)
+    cpu = gateway.cpu_seconds() - cpu_before if gateway else 0.0
     after = gateway.counters() if gateway else (0, 0)
     errors = [e.strip().splitlines()[-1][:300] for e in result.get("errors", []) if e][:3]
     cell = Cell(
@@ -377,6 +389,7 @@ def measure(
         load_average=os.getloadavg()[0],
         loads=after[0] - before[0],
         unloads=after[1] - before[1],
+        gateway_cpu_s=cpu,
         errors=errors,
     )
     print(
@@ -599,6 +612,12 @@ def report(result: dict, args, command: str) -> str:
     lines.append(
         "| gateway loads / unloads while measured (all rounds) | " + " | ".join(row) + " |"
     )
+    row = []
+    for column in columns:
+        runs = by.get(("lorabay", column)) or []
+        per_k = [1000 * c.gateway_cpu_s / (c.tok_s * c.duration_s) for c in runs if c.tok_s]
+        row.append(f"{statistics.median(per_k):.2f}" if per_k else "-")
+    lines.append("| gateway CPU s per 1,000 tokens (median) | " + " | ".join(row) + " |")
     failures = [f"{c.server} {c.column}: {e}" for c in cells for e in c.errors]
     if failures:
         lines += ["", "First failures:", *(f"- {f}" for f in failures[:9])]
