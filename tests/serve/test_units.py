@@ -567,7 +567,8 @@ def test_engine_args_cannot_move_the_engine_off_its_socket(tiny_base):
             check_options(ServeOptions(base=str(tiny_base), engine_args=(flag,)))
 
 
-def test_a_cancelled_socket_wait_woken_late_logs_nothing_other_errors_still_do(caplog):
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_cancelled_socket_wait_woken_late_logs_nothing_other_errors_still_do(loop, caplog):
     """anyio's socket wait (``add_reader(sock, future.set_result, None)``) cancelled in the
     loop turn its socket becomes readable: asyncio logged InvalidStateError with a
     traceback in the gateway's output (seen in CI's test_hostile_inputs...). The gateway's
@@ -577,7 +578,7 @@ def test_a_cancelled_socket_wait_woken_late_logs_nothing_other_errors_still_do(c
     import socket
     from asyncio import InvalidStateError
 
-    from lorabay.serve.server import ignore_cancelled_socket_waits
+    from lorabay.serve.server import ignore_cancelled_socket_waits, new_event_loop
 
     async def race() -> None:
         loop = asyncio.get_running_loop()
@@ -602,8 +603,13 @@ def test_a_cancelled_socket_wait_woken_late_logs_nothing_other_errors_still_do(c
         left.close()
         right.close()
 
-    with caplog.at_level(logging.ERROR, logger="asyncio"):
-        asyncio.run(race())
+    factory = new_event_loop if loop == "uvloop" else asyncio.new_event_loop
+    with (
+        caplog.at_level(logging.ERROR, logger="asyncio"),
+        asyncio.Runner(loop_factory=factory) as runner,
+    ):
+        assert type(runner.get_loop()).__module__.split(".")[0] == loop
+        runner.run(race())
     messages = [r.getMessage() + str(r.exc_info) for r in caplog.records]
     assert not [m for m in messages if "InvalidStateError" in m], messages
     assert [m for m in messages if "ZeroDivisionError" in m], messages
