@@ -29,13 +29,12 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
-import httpx
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from lorabay.hub.errors import LorabayError
 from lorabay.serve.engine import engine_answer
-from lorabay.serve.gateway import ClientGone, Gateway, engine_down
+from lorabay.serve.gateway import ClientGone, EngineResponse, Gateway, engine_down
 from lorabay.serve.metrics import GatewayMetrics
 from lorabay.serve.peers import BUSY
 from lorabay.serve.responses import (
@@ -300,7 +299,7 @@ def read_usage(event: bytes) -> dict | None:
 
 
 async def relay_events(
-    response: httpx.Response,
+    response: EngineResponse,
     client_wants_usage: bool,
     on_first: Callable[[], None],
     on_usage: Callable[[dict], None],

@@ -48,7 +48,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
 
 from lorabay.hub.errors import InvalidAdapter
 from lorabay.hub.verifier import VerifierSpec, read_verifier_spec
@@ -276,7 +276,7 @@ async def engine_json(gateway, endpoint: str, body: dict) -> dict:
     response = await gateway.send(endpoint, body)
     try:
         content = await response.aread()
-    except httpx.HTTPError as error:
+    except aiohttp.ClientError as error:
         gateway.supervisor.mark_down()
         raise engine_down(type(error).__name__) from None
     finally:

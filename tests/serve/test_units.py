@@ -615,69 +615,141 @@ def test_a_cancelled_socket_wait_woken_late_logs_nothing_other_errors_still_do(l
     assert [m for m in messages if "ZeroDivisionError" in m], messages
 
 
-def engine_gateway(handler, answers_health: bool = True):
-    """A Gateway whose engine is ``handler`` (an httpx MockTransport), no vLLM."""
+def engine_gateway(socket_path, answers_health: bool = True):
+    """A Gateway whose engine is the HTTP server on ``socket_path``, no vLLM; /health
+    answers 200, or 500 without ``answers_health``."""
     import httpx
 
+    from lorabay.serve.engine import EngineSupervisor
     from lorabay.serve.gateway import Gateway
 
     class Supervisor:
         ready = True
         downs = 0
+        headers: dict = {}
+        session = EngineSupervisor.session  # the real aiohttp session, on socket_path
 
         def client(self, limits, timeout):
+            def health(request):
+                return httpx.Response(200 if answers_health else 500)
+
             self.limits = limits
-
-            def route(request):
-                if request.url.path == "/health":
-                    return httpx.Response(200 if answers_health else 500)
-                return handler(request)
-
-            return httpx.AsyncClient(transport=httpx.MockTransport(route), base_url="http://e")
+            return httpx.AsyncClient(transport=httpx.MockTransport(health), base_url="http://e")
 
         def mark_down(self):
             self.downs += 1
 
+    Supervisor.socket_path = socket_path
     return Gateway(
         supervisor=Supervisor(), resolver=None, keys=None, max_loaded=4,
         max_body_bytes=1 << 20, spill_at=8,
     )  # fmt: skip
 
 
-def test_a_connection_the_engine_closed_unanswered_is_sent_again_while_the_engine_answers():
+async def unix_server(socket_path, handler):
+    """An aiohttp server of ``handler`` on ``socket_path``; its runner (call cleanup)."""
+    from aiohttp import web
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.UnixSite(runner, str(socket_path)).start()
+    return runner
+
+
+def test_a_connection_the_engine_closed_unanswered_is_sent_again_while_the_engine_answers(
+    tmp_path,
+):
     import asyncio
 
-    import httpx
+    from aiohttp import web
 
+    socket_path = tmp_path / "engine.sock"
     sent = []
 
-    def closing_first(request):
-        sent.append(request.url.path)
+    async def closing_first(request):
+        sent.append(request.path)
         if len(sent) == 1:  # a kept-alive connection the engine was closing
-            raise httpx.RemoteProtocolError("Server disconnected without sending a response")
-        return httpx.Response(200, json={"ok": True})
+            request.transport.close()
+            return web.Response()
+        return web.json_response({"ok": True})
 
     async def run(gateway):
-        response = await gateway.send("completions", {"model": "m", "prompt": "hi"})
-        return response.status_code
+        runner = await unix_server(socket_path, closing_first)
+        try:
+            response = await gateway.send("completions", {"model": "m", "prompt": "hi"})
+            body = await response.aread()
+            await response.aclose()
+            return response.status_code, json.loads(body)
+        finally:
+            await gateway.close()
+            await runner.cleanup()
 
-    gateway = engine_gateway(closing_first)
-    assert asyncio.run(run(gateway)) == 200
+    gateway = engine_gateway(socket_path)
+    assert asyncio.run(run(gateway)) == (200, {"ok": True})
     assert sent == ["/v1/completions", "/v1/completions"] and gateway.supervisor.downs == 0
 
     sent.clear()  # an engine that does not answer /health either is down: no second try
-    gateway = engine_gateway(closing_first, answers_health=False)
+    gateway = engine_gateway(socket_path, answers_health=False)
     with pytest.raises(Exception, match="the engine is not available"):
         asyncio.run(run(gateway))
     assert sent == ["/v1/completions"] and gateway.supervisor.downs == 1
 
 
+def test_a_stream_closed_midway_closes_its_engine_connection_and_a_whole_one_is_reused(
+    tmp_path,
+):
+    """Closing an answer before its end must close the connection (the engine aborts the
+    generation only then); an answer read to its end leaves it for the next request."""
+    import asyncio
+
+    from aiohttp import web
+
+    socket_path = tmp_path / "engine.sock"
+    peers, lost = [], asyncio.Event()
+
+    async def streaming(request):
+        peers.append(request.transport)
+        answer = web.StreamResponse()
+        await answer.prepare(request)
+        try:
+            for _ in range(2 if request.query.get("short") else 100):
+                await answer.write(b"data: {}\n\n")
+                await asyncio.sleep(0.05)
+        except (ConnectionError, asyncio.CancelledError):
+            lost.set()
+            raise
+        await answer.write_eof()
+        return answer
+
+    async def run(gateway):
+        runner = await unix_server(socket_path, streaming)
+        try:
+            whole = await gateway.send("completions?short=1", {})
+            assert [c async for c in whole.aiter_raw()]
+            await whole.aclose()
+            again = await gateway.send("completions", {})
+            first = await anext(again.aiter_raw())
+            await again.aclose()  # the client went away
+            await asyncio.wait_for(lost.wait(), 5)
+            return first
+        finally:
+            await gateway.close()
+            await runner.cleanup()
+
+    assert asyncio.run(run(engine_gateway(socket_path))) == b"data: {}\n\n"
+    assert len(peers) == 2 and peers[0] is peers[1]  # one connection, kept, then closed
+
+
 def test_the_gateway_drops_idle_engine_connections_before_the_engine_does(tiny_base):
     from lorabay.serve.engine import EngineConfig, build_engine_env
+    from lorabay.serve.gateway import ENGINE_IDLE_SECONDS
 
     env = build_engine_env(EngineConfig.from_options(ServeOptions(base=str(tiny_base))), "t")
-    limits = engine_gateway(lambda request: None).supervisor.limits
-    assert limits.keepalive_expiry < float(env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"]) / 2
+    limits = engine_gateway("unused").supervisor.limits
+    assert limits.keepalive_expiry == ENGINE_IDLE_SECONDS  # httpx; aiohttp gets the same
+    assert ENGINE_IDLE_SECONDS < float(env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"]) / 2
 
 
 # -- connections: the header deadline and keep-alive -------------------------------------
