@@ -37,9 +37,10 @@ All three servers are up through the whole run, so a busy machine weighs on each
 ratios within one run are what count.
 
 Prints, per base: tok/s with the ratio to the same server's base-only run, failed
-requests and p99 TTFT per cell, lorabay / engine and lorabay / plain vLLM per count, the
-adapter loads and unloads the gateway did while measuring, the command, the machine and
-the load average; writes a PNG of tok/s against adapters (``--plot``) and the raw
+requests and p99 TTFT per cell, lorabay / engine and lorabay / plain vLLM per count,
+lorabay / engine over every paired cell (the gateway's cost, one number), the adapter
+loads and unloads and the CPU time of the gateway while measuring, the command, the
+machine and the load average; writes a PNG of tok/s against adapters (``--plot``) and the raw
 results (``--json``).
 """
 
@@ -618,10 +619,32 @@ def report(result: dict, args, command: str) -> str:
         per_k = [1000 * c.gateway_cpu_s / (c.tok_s * c.duration_s) for c in runs if c.tok_s]
         row.append(f"{statistics.median(per_k):.2f}" if per_k else "-")
     lines.append("| gateway CPU s per 1,000 tokens (median) | " + " | ".join(row) + " |")
+    if "engine" in servers:
+        lines += ["", pooled_ratio(by, columns)]
     failures = [f"{c.server} {c.column}: {e}" for c in cells for e in c.errors]
     if failures:
         lines += ["", "First failures:", *(f"- {f}" for f in failures[:9])]
     return "\n".join(lines)
+
+
+def pooled_ratio(by: dict, columns: list[str]) -> str:
+    """lorabay / engine over every cell the two measured in the same round, all columns
+    together: what the gateway costs does not depend on how many adapters the engine
+    holds, and one cell's ratio swings by +-10% on a 2-core machine."""
+    ratios = []
+    for column in columns:
+        theirs = {c.round: c.tok_s for c in by.get(("engine", column), []) if c.tok_s}
+        ratios += [
+            c.tok_s / theirs[c.round] for c in by.get(("lorabay", column), []) if c.round in theirs
+        ]
+    if not ratios:
+        return "lorabay / engine: no cell measured both."
+    text = f"lorabay / engine over all {len(ratios)} cells paired within a round: median "
+    text += f"{statistics.median(ratios):.2f}x"
+    if len(ratios) >= 4:
+        low, _, high = statistics.quantiles(ratios, n=4)
+        text += f", quartiles {low:.2f}-{high:.2f}x"
+    return text + f", geometric mean {statistics.geometric_mean(ratios):.2f}x."
 
 
 def machine() -> str:
