@@ -708,7 +708,7 @@ def cpu_seconds(pid: int) -> float:
 
 def engine_answer(response) -> str:
     """The message of an engine's error answer (vLLM's JSON error, or its text): an
-    httpx.Response, or a gateway EngineResponse whose body was read."""
+    httpx.Response, or a gateway StreamedAnswer whose body was read."""
     try:
         error = response.json().get("error")
         return error.get("message", str(error)) if isinstance(error, dict) else str(error)

@@ -4,8 +4,8 @@ The gateway talks to the engine over its private Unix socket (with the token the
 engine's guard wants): generation requests through an aiohttp session (a streamed
 answer costs the gateway ~10x less CPU than through httpx, on the cores the engine
 computes on), everything else (adapter loads, health, the model list) through an
-``httpx.AsyncClient``; another httpx client, only with ``--peers``, talks to the other
-gateways.
+``httpx.AsyncClient``. With ``--peers``, another aiohttp session forwards requests to
+the other gateways, for the same reason.
 What one request does with these parts, in order, is serve/generate.py.
 
 The gateway trusts only engine state it made (STYLE 14): an adapter is loaded from
@@ -103,7 +103,6 @@ class Gateway:
     peers: Peers | None = None  # --peers: adapter affinity across gateways (peers.py)
     peer_secret: bytes | None = None  # --peer-secret-file: proves a request came from a peer
     engine: httpx.AsyncClient | None = None
-    peer_client: httpx.AsyncClient | None = None
     pool: AdapterPool | None = None
 
     def __post_init__(self) -> None:
@@ -116,9 +115,9 @@ class Gateway:
         )
         timeout = httpx.Timeout(None, connect=ENGINE_CONNECT_SECONDS)
         self.engine = self.supervisor.client(limits=limits, timeout=timeout)
-        self._generation_session: aiohttp.ClientSession | None = None  # made in the loop
-        if self.peers is not None:
-            self.peer_client = httpx.AsyncClient(limits=limits, timeout=timeout)
+        # aiohttp sessions are made in the running loop, on first use
+        self._generation_session: aiohttp.ClientSession | None = None
+        self._peer_session: aiohttp.ClientSession | None = None
         # Each key's prefix-cache salt: another key's prompts never warm its cache.
         self._salt_key = secrets.token_bytes(32)
         self.pool = AdapterPool(
@@ -229,11 +228,10 @@ class Gateway:
 
     async def close(self) -> None:
         await self.pool.drain()
-        if self._generation_session is not None:
-            await self._generation_session.close()
+        for session in (self._generation_session, self._peer_session):
+            if session is not None:
+                await session.close()
         await self.engine.aclose()
-        if self.peer_client is not None:
-            await self.peer_client.aclose()
 
     # -- requests --------------------------------------------------------------------
     def authenticate(self, authorization: str | None) -> KeyGrant:
@@ -323,18 +321,18 @@ class Gateway:
             return None  # answered here, with the reference's own error
         return await self.peers.home(name)
 
-    async def forward(self, peer: str, path: str, raw: bytes, headers) -> httpx.Response | None:
+    async def forward(self, peer: str, path: str, raw: bytes, headers) -> StreamedAnswer | None:
         """Send the request as it came to ``peer``, signed; its response (streamed), or None
         when the peer cannot answer it (unreachable, or its engine down: 503); then the peer
         is skipped for a while and this gateway answers."""
         sent = {k: v for k, v in headers.items() if k.lower() in FORWARDED_HEADERS}
         sent[FORWARDED] = sign_forward(self.peer_secret, path, raw)
-        request = self.peer_client.build_request("POST", f"{peer}{path}", content=raw, headers=sent)
         try:
-            response = await self.peer_client.send(request, stream=True)
-        except httpx.TransportError as error:
+            answer = await self.peer_session().post(f"{peer}{path}", data=raw, headers=sent)
+        except aiohttp.ClientError as error:
             self.peers.mark_down(peer, f"unreachable ({type(error).__name__})")
             return None
+        response = StreamedAnswer(answer)
         if response.status_code == 503:
             await response.aclose()
             self.peers.mark_down(peer, "its engine is not available (503)")
@@ -350,6 +348,20 @@ class Gateway:
         more than --spill-at others are in flight here."""
         return forwarded and self.metrics.active - 1 >= self.spill_at
 
+    def peer_session(self) -> aiohttp.ClientSession:
+        if self._peer_session is None or self._peer_session.closed:
+            connector = aiohttp.TCPConnector(
+                limit=ENGINE_CONNECTIONS, keepalive_timeout=ENGINE_IDLE_SECONDS
+            )
+            self._peer_session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=ENGINE_CONNECT_SECONDS),
+                auto_decompress=False,
+                # The request goes on as the client sent it: no headers of aiohttp's own.
+                skip_auto_headers=("content-type", "accept-encoding", "user-agent"),
+            )
+        return self._peer_session
+
     def generation_session(self) -> aiohttp.ClientSession:
         if self._generation_session is None or self._generation_session.closed:
             self._generation_session = self.supervisor.session(
@@ -357,7 +369,7 @@ class Gateway:
             )
         return self._generation_session
 
-    async def send(self, endpoint: str, body: dict) -> EngineResponse:
+    async def send(self, endpoint: str, body: dict) -> StreamedAnswer:
         """Send a generation request to the engine; its response, streamed (the caller
         reads it and closes it)."""
         data = json.dumps(body, separators=(",", ":")).encode()
@@ -366,7 +378,7 @@ class Gateway:
                 answer = await self.generation_session().post(
                     f"/v1/{endpoint}", data=data, headers=JSON
                 )
-                return EngineResponse(answer)
+                return StreamedAnswer(answer)
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as error:
                 # The engine closed the connection without an answer: a kept-alive one it
                 # was closing as the request went out, or the engine dying. Alive: once
@@ -381,9 +393,10 @@ class Gateway:
             raise engine_down(type(failure).__name__) from None
 
 
-class EngineResponse:
-    """The engine's answer to one generation request, its body not yet read: what the
-    gateway reads of it (the names are httpx.Response's: engine_answer reads both)."""
+class StreamedAnswer:
+    """The engine's answer to a generation request, or a peer gateway's to a forwarded
+    one, its body not yet read: what the gateway reads of it (the names are
+    httpx.Response's: engine_answer reads both)."""
 
     def __init__(self, answer: aiohttp.ClientResponse):
         self._answer = answer
@@ -408,7 +421,7 @@ class EngineResponse:
 
     async def aclose(self) -> None:
         """Read to its end, the connection is kept for the next request; otherwise it is
-        closed, and the engine, seeing that, aborts the generation."""
+        closed, and the engine (or the peer), seeing that, aborts the generation."""
         if self._answer.content.at_eof():
             self._answer.release()
         else:

@@ -34,7 +34,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from lorabay.hub.errors import LorabayError
 from lorabay.serve.engine import engine_answer
-from lorabay.serve.gateway import ClientGone, EngineResponse, Gateway, engine_down
+from lorabay.serve.gateway import ClientGone, Gateway, StreamedAnswer, engine_down
 from lorabay.serve.metrics import GatewayMetrics
 from lorabay.serve.peers import BUSY
 from lorabay.serve.responses import (
@@ -299,7 +299,7 @@ def read_usage(event: bytes) -> dict | None:
 
 
 async def relay_events(
-    response: EngineResponse,
+    response: StreamedAnswer,
     client_wants_usage: bool,
     on_first: Callable[[], None],
     on_usage: Callable[[dict], None],

@@ -157,7 +157,7 @@ def test_two_gateways_send_each_adapter_to_its_home(tiny_base, make_lora, tmp_pa
         answer = ask(other)
         assert answer.status_code == 200, answer.text
         assert logged(a, f"adapter loaded: {other}@")
-        assert logged(a, f"peer {urls[1]}: unreachable (ConnectError)")
+        assert logged(a, f"peer {urls[1]}: unreachable (ClientConnectorError)")
     finally:
         for gateway in gateways:
             gateway.stop(signal.SIGTERM)
