@@ -707,21 +707,24 @@ def test_a_stream_closed_midway_closes_its_engine_connection_and_a_whole_one_is_
     from aiohttp import web
 
     socket_path = tmp_path / "engine.sock"
-    peers, lost = [], asyncio.Event()
+    peers, closed, lost = [], asyncio.Event(), asyncio.Event()
 
     async def streaming(request):
         peers.append(request.transport)
         answer = web.StreamResponse()
         await answer.prepare(request)
+        await answer.write(b"data: {}\n\n")
+        if request.query.get("short"):
+            await answer.write_eof()
+            return answer
+        await closed.wait()  # the gateway has closed this answer: go on generating
         try:
-            for _ in range(2 if request.query.get("short") else 100):
+            while True:  # until a write finds the connection gone
                 await answer.write(b"data: {}\n\n")
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0)
         except (ConnectionError, asyncio.CancelledError):
             lost.set()
             raise
-        await answer.write_eof()
-        return answer
 
     async def run(gateway):
         runner = await unix_server(socket_path, streaming)
@@ -732,6 +735,7 @@ def test_a_stream_closed_midway_closes_its_engine_connection_and_a_whole_one_is_
             again = await gateway.send("completions", {})
             first = await anext(again.aiter_raw())
             await again.aclose()  # the client went away
+            closed.set()
             await asyncio.wait_for(lost.wait(), 5)
             return first
         finally:
